@@ -1,0 +1,25 @@
+# Set-up and entry points. `make demo` and `make test` each work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch, as tested. On a GPU machine install the CUDA build of your choice first
+# (see README) and run `make install TORCH=torch`.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -c .ci/constraints.txt -e ".[test,reference]"
+	touch $@
+
+# The whole DAG on the offline demo (tiny Qwen3 + generated pairs), CPU, as a DVC experiment.
+demo: install
+	$(BIN)/python -m pipeline.demo --name demo-$$(date +%Y%m%d-%H%M%S)
+
+# Unit tests plus the end-to-end DVC runs on the offline demo.
+test: install
+	$(BIN)/python -m pytest

@@ -1,0 +1,79 @@
+"""Models and devices: load policy and reference, pick the device and precision, score batches.
+
+CUDA runs the forward under bf16 autocast with fp32 master weights; the CPU runs plain fp32.
+The reference is the same weights, frozen and in eval mode, run under the same autocast so that
+at step 1 policy and reference produce bit-identical log-probs (loss exactly ln 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pipeline.batching import PairBatch
+from pipeline.dpo import sequence_logps
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(device: Literal["auto", "cpu", "cuda"]) -> Runtime:
+    """`auto`: CUDA (bf16 autocast where supported) when present, else CPU fp32."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device/eval.device is cuda but no CUDA device is available")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return Runtime(torch.device("cpu"), None)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that autocast leaves: use TF32
+    torch.backends.cudnn.allow_tf32 = True
+    bf16 = torch.cuda.is_bf16_supported()
+    return Runtime(torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16)
+
+
+def attention_implementation(runtime: Runtime) -> str:
+    """flash_attention_2 on CUDA when the package is installed, else PyTorch SDPA."""
+    if runtime.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(path: Path, runtime: Runtime, trust_remote_code: bool) -> PreTrainedModel:
+    """Load fp32 weights (safetensors only) on the runtime's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+        attn_implementation=attention_implementation(runtime),
+    )
+    return model.to(runtime.device)
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Reference model: eval mode (no dropout), no gradients, never in an optimizer."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def assert_frozen(model: PreTrainedModel) -> None:
+    if model.training or any(p.requires_grad for p in model.parameters()):
+        raise AssertionError("the reference model must stay in eval mode with no gradients")
+
+
+def batch_logps(model: PreTrainedModel, batch: PairBatch, runtime: Runtime) -> torch.Tensor:
+    """Summed completion log-probs of every row of `batch`, shape (2B,), fp32."""
+    with runtime.autocast():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       use_cache=False).logits
+    return sequence_logps(logits, batch.input_ids, batch.completion_mask)

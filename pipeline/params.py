@@ -1,0 +1,275 @@
+"""Typed, frozen view of params.yaml, parsed once and strictly.
+
+Every section of params.yaml maps to one frozen dataclass below. Parsing rejects, before any work
+starts and naming the offending key: unknown keys, missing keys, wrong types and out-of-range
+values. Numbers are accepted in any YAML spelling: `dvc exp run -S train.lr=1e-6` writes `1e-06`
+back to params.yaml, which PyYAML's safe_load returns as the *string* "1e-06".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEMO_MODEL = "demo:tiny-qwen3"
+DEMO_DATASET = "demo:stack-exchange-paired"
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem; the message names the key."""
+
+
+def _check(predicate: Callable[[Any], bool], text: str) -> dict[str, Any]:
+    """Field metadata: a range check and the wording used when it fails."""
+    return {"check": predicate, "check_text": text}
+
+
+def positive() -> dict[str, Any]:
+    return _check(lambda v: v > 0, "must be > 0")
+
+
+def non_negative() -> dict[str, Any]:
+    return _check(lambda v: v >= 0, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    # Hub id ("Qwen/Qwen3-0.6B"), a local HF directory, or "demo:tiny-qwen3" (built offline).
+    name: str
+    # Hub revision (branch, tag or commit sha); ignored for local directories.
+    revision: str
+    # Run model code shipped with the checkpoint. Off: Qwen3 is built into transformers.
+    trust_remote_code: bool
+    # Accept pickle (.bin/.pt) weights when no safetensors exist. Off: pickle can run code.
+    allow_pickle_weights: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    # Hub dataset id, a local dir in the hub layout, local parquet/jsonl file(s), or
+    # "demo:stack-exchange-paired" (generated offline in the exact source schema).
+    dataset: str
+    # Hub revision of the dataset repository.
+    revision: str
+    # Folder of the repository holding the train pairs (every file there is named train-*).
+    train_dir: str
+    # Folder of the repository holding the held-out pairs.
+    eval_dir: str
+    # Share of the train folder's pairs to use, in (0, 1].
+    fraction: float = dataclasses.field(
+        metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]")
+    )
+    # Number of held-out pairs (whole questions are kept together, so it is a lower bound).
+    eval_size: int = dataclasses.field(metadata=positive())
+    # Seed of the subsample.
+    seed: int = dataclasses.field(metadata=non_negative())
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeParams:
+    # Prompt template; {question} is replaced by the question text.
+    template: str = dataclasses.field(
+        metadata=_check(lambda v: "{question}" in v, "must contain {question}")
+    )
+    # Use the tokenizer's chat template (user turn + generation prompt) instead of `template`.
+    use_chat_template: bool
+    # Longest prompt + completion, in tokens.
+    max_length: int = dataclasses.field(metadata=_check(lambda v: v >= 16, "must be >= 16"))
+    # Longest prompt, in tokens (the start is kept); must leave room for the answer.
+    max_prompt_length: int = dataclasses.field(metadata=positive())
+    # Fail the stage when more than this share of a split's pairs is dropped.
+    max_drop_share: float = dataclasses.field(
+        metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    )
+    # Worker processes for tokenization.
+    num_proc: int = dataclasses.field(metadata=positive())
+    # Pairs per Arrow shard written to disk (at least one shard per split).
+    pairs_per_shard: int = dataclasses.field(metadata=positive())
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ParamsError(
+                "tokenize.max_prompt_length must be < tokenize.max_length "
+                f"({self.max_prompt_length} >= {self.max_length}): no room is left for the answer"
+            )
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    # Peak learning rate of AdamW (reached after warmup, then linear decay to 0).
+    lr: float = dataclasses.field(metadata=positive())
+    # Passes over the train pairs.
+    epochs: int = dataclasses.field(metadata=positive())
+    # Pairs per optimizer micro-step (each pair is two sequences: chosen and rejected).
+    batch_size: int = dataclasses.field(metadata=positive())
+    # Micro-steps accumulated per optimizer step.
+    grad_accum: int = dataclasses.field(metadata=positive())
+    # DPO temperature: strength of the pull towards the reference model.
+    beta: float = dataclasses.field(metadata=positive())
+    # Share of optimizer steps spent in linear warmup.
+    warmup_ratio: float = dataclasses.field(
+        metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+    )
+    # AdamW decoupled weight decay.
+    weight_decay: float = dataclasses.field(metadata=non_negative())
+    # Gradient clipping threshold on the global L2 norm.
+    max_grad_norm: float = dataclasses.field(metadata=positive())
+    # Stop after this many optimizer steps; 0 means the epochs decide.
+    max_steps: int = dataclasses.field(metadata=non_negative())
+    # Seed of weight-independent randomness (shuffling, dropout).
+    seed: int = dataclasses.field(metadata=non_negative())
+    # "auto": CUDA with bf16 autocast when present, else CPU fp32.
+    device: Device
+    # Optimizer steps between metric lines (tqdm postfix, plots/train.csv).
+    log_every: int = dataclasses.field(metadata=positive())
+    # Optimizer steps between resumable checkpoints.
+    save_every: int = dataclasses.field(metadata=positive())
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalParams:
+    # Pairs per forward pass (no gradients, so larger than train.batch_size is fine).
+    batch_size: int = dataclasses.field(metadata=positive())
+    # Same meaning as train.device.
+    device: Device
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """All of params.yaml. Stages validate the whole file, then use their sections."""
+
+    model: ModelParams
+    data: DataParams
+    tokenize: TokenizeParams
+    train: TrainParams
+    eval: EvalParams
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert one YAML value to the field's type, or raise ParamsError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ParamsError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(key, value, args[0])
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ParamsError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ParamsError(f"{key} must be an integer, got {value!r}") from None
+    if hint is float:
+        # "1e-06" arrives as a str: YAML 1.1 floats need a dot, DVC does not write one.
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ParamsError(f"{key} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ParamsError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ParamsError(f"{key} must be finite, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params type {hint!r} for {key}")
+
+
+def parse_section(name: str, raw: Any, cls: type) -> Any:
+    """Build the frozen dataclass `cls` from the mapping `raw` found under `name`."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{name} must be a mapping of settings, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
+    missing = [k for k in fields if k not in raw]
+    if missing:
+        raise ParamsError(f"missing key {name}.{missing[0]}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, field in fields.items():
+        value = _coerce(f"{name}.{key}", raw[key], hints[key])
+        check = field.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ParamsError(f"{name}.{key} {field.metadata['check_text']}, got {raw[key]!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Parse and validate every section of the params file; unknown sections are errors."""
+    raw = read_yaml(path)
+    sections = {f.name: f.type for f in dataclasses.fields(Params)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ParamsError(f"unknown section {unknown[0]} in {path} (known: {', '.join(sections)})")
+    hints = typing.get_type_hints(Params)
+    values = {}
+    for name in sections:
+        if name not in raw:
+            raise ParamsError(f"missing section {name} in {path}")
+        values[name] = parse_section(name, raw[name], hints[name])
+    return Params(**values)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections")
+    return raw
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """Plain dict of a params dataclass, for saving beside artifacts."""
+    return dataclasses.asdict(params)
+
+
+def stage_param_keys(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
+    """The params keys dvc.yaml lists for `stage` (sections or dotted keys): one source of truth."""
+    stages = read_yaml(dvc_file).get("stages", {})
+    if stage not in stages:
+        raise KeyError(f"no stage {stage!r} in {dvc_file}")
+    return [key for key in stages[stage].get("params", []) if isinstance(key, str)]
+
+
+def resolve_keys(params: Params, keys: list[str]) -> dict[str, Any]:
+    """Nested dict of the values behind `keys` ("train" or "train.lr")."""
+    resolved: dict[str, Any] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        value = dataclasses.asdict(getattr(params, section))
+        if name:
+            resolved.setdefault(section, {})[name] = value[name]
+        else:
+            resolved[section] = value
+    return resolved
+
+
+def save_resolved(params: Params, folder: str | Path, stage: str) -> None:
+    """Write, beside an artifact, the params its stage read (the keys dvc.yaml lists)."""
+    from pipeline.atomic import write_json_atomic
+    from pipeline.paths import RESOLVED_PARAMS
+
+    resolved = resolve_keys(params, stage_param_keys(stage))
+    write_json_atomic(Path(folder) / RESOLVED_PARAMS, resolved)

@@ -1,0 +1,200 @@
+"""The DPO training loop: AdamW, linear warmup/decay, accumulation, clipping, resumable.
+
+Per optimizer step: for each micro-batch, one forward of the policy over `[chosen; rejected]`,
+one no-grad forward of the frozen reference, the DPO loss summed over pairs and divided by the
+pairs of the whole step (so accumulation gives the same gradient as one large batch), backward;
+then clip, step, schedule. Metrics are averaged over the pairs of each logging window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from pipeline import checkpoint
+from pipeline.batching import PairBatch, collate_pairs, epoch_order, optimizer_steps
+from pipeline.checkpoint import Progress
+from pipeline.dpo import STEP_METRIC_KEYS, dpo_loss, split_concatenated, step_metrics
+from pipeline.modeling import Runtime, assert_frozen, batch_logps
+from pipeline.params import TrainParams
+
+# Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
+LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
+LogCallback = Callable[[dict[str, float]], None]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    log: list[dict[str, float]]
+    epoch_losses: list[float]
+    train_seconds: float  # wall time of the steps run by this process (not a resumed prefix)
+    pairs_per_s: float
+    tokens_per_s: float
+
+
+@dataclasses.dataclass
+class Window:
+    """Sums over the steps since the last log row."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    pairs: int = 0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, metrics: dict[str, float], pairs: int, grad_norm: float, tokens: int,
+            seconds: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * pairs
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm
+        self.pairs, self.steps = self.pairs + pairs, self.steps + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def row(self, step: int, epoch: float, lr: float) -> dict[str, float]:
+        row: dict[str, float] = {"step": step, "epoch": epoch}
+        row.update({k: self.sums[k] / self.pairs for k in STEP_METRIC_KEYS})
+        row["grad_norm"] = self.sums["grad_norm"] / self.steps
+        row["lr"] = lr
+        row["tokens/s"] = self.tokens / self.seconds
+        row["pairs/s"] = self.pairs / self.seconds
+        return row
+
+
+def total_steps(params: TrainParams, n_pairs: int) -> int:
+    micro_batches = math.ceil(n_pairs / params.batch_size)
+    per_epoch = math.ceil(micro_batches / params.grad_accum)
+    planned = per_epoch * params.epochs
+    return min(planned, params.max_steps) if params.max_steps else planned
+
+
+def pair_forward(policy: PreTrainedModel, reference: PreTrainedModel, batch: PairBatch,
+                 runtime: Runtime, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-pair DPO losses (B,) with grad, and the batch's metric means."""
+    policy_logps = batch_logps(policy, batch, runtime)
+    with torch.no_grad():
+        reference_logps = batch_logps(reference, batch, runtime)
+    policy_chosen, policy_rejected = split_concatenated(policy_logps, batch.n_pairs)
+    ref_chosen, ref_rejected = split_concatenated(reference_logps, batch.n_pairs)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    metrics = step_metrics(losses.detach(), chosen_rewards, rejected_rewards,
+                           policy_chosen.detach(), policy_rejected.detach())
+    return losses, metrics
+
+
+def optimizer_step(policy: PreTrainedModel, reference: PreTrainedModel, dataset: Any,
+                   micro_batches: list[Any], ctx: TrainContext) -> tuple[dict[str, float], float, int, int]:
+    """One optimizer step over its micro-batches -> (metric means, grad norm, pairs, tokens)."""
+    step_pairs = sum(len(m) for m in micro_batches)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for indices in micro_batches:
+        batch = collate_pairs(dataset[indices.tolist()], ctx.pad_token_id).to(ctx.runtime.device)
+        losses, metrics = pair_forward(policy, reference, batch, ctx.runtime, ctx.params.beta)
+        loss = losses.sum() / step_pairs
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite DPO loss at step {ctx.progress.step + 1}: {loss}")
+        loss.backward()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * batch.n_pairs
+        tokens += batch.real_tokens
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), ctx.params.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLoss(f"non-finite gradient norm at step {ctx.progress.step + 1}")
+    ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return {k: v / step_pairs for k, v in sums.items()}, grad_norm, step_pairs, tokens
+
+
+@dataclasses.dataclass
+class TrainContext:
+    params: TrainParams
+    runtime: Runtime
+    pad_token_id: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    progress: Progress
+    log: list[dict[str, float]]
+
+
+def make_context(policy: PreTrainedModel, params: TrainParams, runtime: Runtime,
+                 pad_token_id: int, n_pairs: int) -> TrainContext:
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=params.lr,
+                                  weight_decay=params.weight_decay)
+    steps = total_steps(params, n_pairs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * steps), steps)
+    return TrainContext(params, runtime, pad_token_id, optimizer, scheduler, Progress(), [])
+
+
+def train_policy(
+    policy: PreTrainedModel, reference: PreTrainedModel, dataset: Any, params: TrainParams,
+    runtime: Runtime, pad_token_id: int, checkpoint_dir: Path, run_key: str,
+    on_log: LogCallback | None = None,
+) -> TrainResult:
+    """Train `policy` in place on the tokenized `dataset`, resuming from `checkpoint_dir`."""
+    assert_frozen(reference)
+    torch.manual_seed(params.seed)
+    ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
+    found = checkpoint.latest(checkpoint_dir, run_key)
+    if found is not None:
+        ctx.progress, ctx.log = checkpoint.restore(found, policy, ctx.optimizer, ctx.scheduler)
+        print(f"resuming from {found} (step {ctx.progress.step})")
+    policy.train()
+    started, pairs_run, tokens_run = time.perf_counter(), 0, 0
+    last = total_steps(params, len(dataset))
+    bar = tqdm(total=last, initial=ctx.progress.step, desc="train", unit="step")
+    window = Window()
+    while ctx.progress.step < last:
+        steps = optimizer_steps(epoch_order(len(dataset), params.seed, ctx.progress.epoch),
+                                params.batch_size, params.grad_accum)
+        t0 = time.perf_counter()
+        metrics, grad_norm, pairs, tokens = optimizer_step(
+            policy, reference, dataset, steps[ctx.progress.step_in_epoch], ctx)
+        window.add(metrics, pairs, grad_norm, tokens, time.perf_counter() - t0)
+        pairs_run, tokens_run = pairs_run + pairs, tokens_run + tokens
+        epoch = ctx.progress.epoch + (ctx.progress.step_in_epoch + 1) / len(steps)
+        _advance(ctx.progress, metrics["loss"], pairs, len(steps))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}")
+        if ctx.progress.step % params.log_every == 0 or ctx.progress.step == last \
+                or ctx.progress.step_in_epoch == 0:
+            ctx.log.append(window.row(ctx.progress.step, epoch, ctx.scheduler.get_last_lr()[0]))
+            window = Window()
+            if on_log is not None:
+                on_log(ctx.log[-1])
+        if ctx.progress.step % params.save_every == 0 or ctx.progress.step == last:
+            checkpoint.save(checkpoint_dir, policy, ctx.optimizer, ctx.scheduler, ctx.progress,
+                            ctx.log, run_key)
+    bar.close()
+    assert_frozen(reference)
+    seconds = time.perf_counter() - started
+    return TrainResult(ctx.progress.step, ctx.log, ctx.progress.epoch_losses, seconds,
+                       pairs_run / max(seconds, 1e-9), tokens_run / max(seconds, 1e-9))
+
+
+def _advance(progress: Progress, loss: float, pairs: int, steps_in_epoch: int) -> None:
+    progress.step += 1
+    progress.step_in_epoch += 1
+    progress.epoch_loss_sum += loss * pairs
+    progress.epoch_pairs += pairs
+    if progress.step_in_epoch == steps_in_epoch:
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        average = progress.epoch_loss_sum / progress.epoch_pairs
+        progress.epoch_losses.append(average)
+        progress.epoch_loss_sum, progress.epoch_pairs = 0.0, 0
+        tqdm.write(f"Epoch {progress.epoch} DPO Loss (Avg): {average:.4f}")

@@ -1,0 +1,18 @@
+"""download_model: params model.* -> models/base/ (config, safetensors, tokenizer)."""
+
+from pipeline.atomic import atomic_dir
+from pipeline.fetch_model import fetch_model
+from pipeline.params import load_params, save_resolved
+from pipeline.paths import MODEL_BASE, asset_cache_dir
+
+
+def main() -> None:
+    params = load_params()
+    with atomic_dir(MODEL_BASE) as tmp:
+        fetch_model(params.model, tmp, asset_cache_dir())
+        save_resolved(params, tmp, "download_model")
+    print(f"model {params.model.name} -> {MODEL_BASE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""evaluate: models/base + models/policy + data/tokenized/eval -> metrics/eval.json (policy and
+reference), plots/eval_margins.csv (reward-margin histogram)."""
+
+import datasets
+from transformers import AutoTokenizer
+
+from pipeline.atomic import write_json_atomic
+from pipeline.csvlog import write_csv_atomic
+from pipeline.evaluation import margin_histogram, reward_metrics, score_pairs
+from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
+from pipeline.params import load_params
+from pipeline.paths import DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
+
+
+def main() -> None:
+    params = load_params()
+    runtime = resolve_runtime(params.eval.device)
+    trust = params.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_POLICY, trust_remote_code=trust)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "eval"))
+    scored = {}
+    for name, path in (("reference", MODEL_BASE), ("policy", MODEL_POLICY)):
+        model = freeze(load_causal_lm(path, runtime, trust))
+        scored[name] = score_pairs(model, dataset, params.eval.batch_size, runtime, pad, name)
+        del model
+    beta = params.train.beta
+    metrics = reward_metrics(scored["policy"], scored["reference"], beta, dataset)
+    # The reference judged against itself: every reward is 0, so win rate is exactly 0.5.
+    metrics["reference"] = reward_metrics(scored["reference"], scored["reference"], beta, dataset)
+    write_json_atomic(METRICS / "eval.json", metrics)
+    write_csv_atomic(PLOTS / "eval_margins.csv",
+                     margin_histogram(scored["policy"], scored["reference"], beta),
+                     ("margin", "pairs"))
+    print(f"win_rate {metrics['win_rate']:.4f} (reference {metrics['reference']['win_rate']:.4f}), "
+          f"kendall_tau {metrics['kendall_tau']:.4f} over {metrics['kendall_questions']} questions")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""subsample: data/raw -> data/subsampled/{train,eval}/ and reports/subsample.json (counts)."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.fetch_data import read_split
+from pipeline.params import load_params, save_resolved
+from pipeline.paths import DATA_RAW, DATA_SUBSAMPLED, REPORTS
+from pipeline.subsample import subsample
+
+
+def main() -> None:
+    params = load_params()
+    manifest = json.loads((DATA_RAW / "train" / "manifest.json").read_text())
+    train, evaluation, counts = subsample(
+        read_split(DATA_RAW / "train"), read_split(DATA_RAW / "eval"),
+        fraction=params.data.fraction, source_train_rows=manifest["source_rows"],
+        eval_size=params.data.eval_size, seed=params.data.seed,
+    )
+    with atomic_dir(DATA_SUBSAMPLED) as tmp:
+        for split, table in (("train", train), ("eval", evaluation)):
+            (tmp / split).mkdir()
+            pq.write_table(table, tmp / split / "data.parquet")
+        save_resolved(params, tmp, "subsample")
+    write_json_atomic(REPORTS / "subsample.json", counts)
+    print(", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

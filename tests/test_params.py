@@ -1,0 +1,100 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params, resolve_keys, stage_param_keys
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def edit(path: Path, section: str, key: str, value: object) -> None:
+    tree = yaml.safe_load(path.read_text())
+    tree[section][key] = value
+    path.write_text(yaml.safe_dump(tree))
+
+
+def test_committed_params_are_the_real_run() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.model.name == "Qwen/Qwen3-0.6B"
+    assert params.data.dataset == "lvwerra/stack-exchange-paired"
+    assert (params.data.train_dir, params.data.eval_dir) == ("data/rl", "data/evaluation")
+    assert params.data.fraction == 0.01 and params.data.seed == 42
+    assert params.tokenize.max_length == 512
+    assert (params.train.lr, params.train.epochs, params.train.batch_size) == (5e-6, 3, 8)
+    assert params.train.beta == 0.1 and params.train.seed == 42
+    assert params.model.trust_remote_code is False
+
+
+def test_dvc_writes_lr_back_as_a_string_and_it_is_read_as_a_float(params_file: Path) -> None:
+    # What `dvc exp run -S train.lr=1e-6` leaves in params.yaml.
+    text = params_file.read_text().replace("lr: 5e-6", "lr: 1e-06")
+    params_file.write_text(text)
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-06"  # PyYAML's view: a string
+    lr = load_params(params_file).train.lr
+    assert isinstance(lr, float) and lr == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("data", "fraction", 0.0, "data.fraction must be in (0, 1]"),
+        ("data", "fraction", 1.5, "data.fraction must be in (0, 1]"),
+        ("train", "lr", 0, "train.lr must be > 0"),
+        ("train", "lr", -1e-5, "train.lr must be > 0"),
+        ("train", "lr", "fast", "train.lr must be a number"),
+        ("train", "lr", float("nan"), "train.lr must be finite"),
+        ("tokenize", "max_length", 8, "tokenize.max_length must be >= 16"),
+        ("train", "epochs", 2.5, "train.epochs must be an integer"),
+        ("train", "epochs", True, "train.epochs must be an integer"),
+        ("model", "trust_remote_code", "yes", "model.trust_remote_code must be true or false"),
+        ("train", "device", "tpu", "train.device must be one of"),
+        ("tokenize", "template", "Q: {q}", "tokenize.template must contain {question}"),
+        ("tokenize", "max_prompt_length", 600, "tokenize.max_prompt_length must be <"),
+    ],
+)
+def test_bad_values_name_the_key(params_file: Path, section: str, key: str, value: object,
+                                 message: str) -> None:
+    edit(params_file, section, key, value)
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(params_file)
+
+
+def test_unknown_and_missing_keys_are_named(params_file: Path) -> None:
+    edit(params_file, "train", "learning_rate", 1e-5)
+    with pytest.raises(ParamsError, match="unknown key train.learning_rate"):
+        load_params(params_file)
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    del tree["data"]["seed"]
+    params_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ParamsError, match="missing key data.seed"):
+        load_params(params_file)
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    tree["optimiser"] = {"lr": 1}
+    params_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ParamsError, match="unknown section optimiser"):
+        load_params(params_file)
+
+
+def test_params_are_frozen() -> None:
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(AttributeError):
+        params.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_resolved_params_follow_dvc_yaml() -> None:
+    params = load_params(REPO / "params.yaml")
+    keys = stage_param_keys("subsample", REPO / "dvc.yaml")
+    assert keys == ["data.fraction", "data.eval_size", "data.seed"]
+    assert resolve_keys(params, keys) == {"data": {"fraction": 0.01, "eval_size": 2000, "seed": 42}}
+    assert resolve_keys(params, ["eval"])["eval"]["batch_size"] == params.eval.batch_size
+
+
+def test_demo_overrides_are_valid_params(params_file: Path) -> None:
+    from pipeline.demo import apply_overrides, demo_overrides
+
+    apply_overrides(params_file, demo_overrides(REPO / "demo" / "params.yaml"))
+    params = load_params(params_file)
+    assert params.model.name == "demo:tiny-qwen3"
+    assert params.train.lr == 1e-3
