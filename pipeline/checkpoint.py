@@ -46,7 +46,8 @@ def fingerprint(config: dict[str, Any], *folders: Path) -> str:
 
 
 def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, position: Progress, log_rows: list[dict[str, float]], key: str) -> Path:
+         scheduler: Any, position: Progress, log_rows: list[dict[str, float]], key: str,
+         extra: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `folder/step-N` atomically, then remove older ones."""
     target = folder / f"{PREFIX}{position.step:08d}"
     with atomic_dir(target) as tmp:
@@ -54,7 +55,7 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / "state.pt")
         write_json_atomic(tmp / "meta.json", {"fingerprint": key, "log": log_rows,
-                                              **dataclasses.asdict(position)})
+                                              "extra": extra or {}, **dataclasses.asdict(position)})
     for old in folder.glob(f"{PREFIX}*"):
         if old != target and old.is_dir():
             shutil.rmtree(old)
@@ -69,6 +70,11 @@ def latest(folder: Path, key: str) -> Path | None:
         if meta.is_file() and json.loads(meta.read_text())["fingerprint"] == key:
             return path
     return None
+
+
+def read_extra(path: Path) -> dict[str, Any]:
+    """What the caller stored with the checkpoint (e.g. the MLflow run id to continue)."""
+    return json.loads((path / "meta.json").read_text()).get("extra", {})
 
 
 def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

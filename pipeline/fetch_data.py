@@ -21,7 +21,6 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json_atomic
-from pipeline.demo_assets import ensure_demo_dataset
 from pipeline.params import DEMO_DATASET, DataParams
 from pipeline.schema import SOURCE_SCHEMA, SchemaError, check_schema, conform
 
@@ -38,6 +37,8 @@ class Shard:
 def open_dataset(dataset: str, revision: str, cache_dir: Path) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve `data.dataset` to (filesystem, root folder of the repository layout)."""
     if dataset == DEMO_DATASET:
+        from pipeline.demo_assets import ensure_demo_dataset  # builds with torch: import only when asked
+
         return LocalFileSystem(), str(ensure_demo_dataset(cache_dir))
     local = Path(dataset).expanduser()
     if local.is_dir():

@@ -11,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.demo_assets import ensure_demo_model
 from pipeline.params import DEMO_MODEL, ModelParams
 
 # What a causal LM folder needs; anything else in a hub repo (ONNX, GGUF, images) is skipped.
@@ -22,6 +21,8 @@ PICKLE_FILES = ["*.bin", "*.pt", "*.pth"]
 def resolve_model_dir(params: ModelParams, cache_dir: Path) -> Path:
     """A local folder holding the model named by `model.name`."""
     if params.name == DEMO_MODEL:
+        from pipeline.demo_assets import ensure_demo_model  # builds with torch: import only when asked
+
         return ensure_demo_model(cache_dir)
     local = Path(params.name).expanduser()
     if local.is_dir():

@@ -145,6 +145,18 @@ class EvalParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegisterParams:
+    # MLflow experiment that holds one run per trained policy.
+    experiment: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    # Registered model name in the MLflow Model Registry.
+    model_name: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    # Alias moved to a new version only when it beats the current holder's win rate.
+    champion_alias: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    # Alias given to a new version that does not beat the champion.
+    challenger_alias: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """All of params.yaml. Stages validate the whole file, then use their sections."""
 
@@ -153,6 +165,7 @@ class Params:
     tokenize: TokenizeParams
     train: TrainParams
     eval: EvalParams
+    register: RegisterParams
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -23,3 +23,4 @@ def asset_cache_dir() -> Path:
     default = Path.home() / ".cache" / "dpo-qwen3"
     return Path(os.environ.get("DPO_QWEN3_CACHE", default))
 CHECKPOINTS = Path("checkpoints/train")
+REGISTRY = Path("registry")

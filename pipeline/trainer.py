@@ -143,9 +143,13 @@ def make_context(policy: PreTrainedModel, params: TrainParams, runtime: Runtime,
 def train_policy(
     policy: PreTrainedModel, reference: PreTrainedModel, dataset: Any, params: TrainParams,
     runtime: Runtime, pad_token_id: int, checkpoint_dir: Path, run_key: str,
-    on_log: LogCallback | None = None,
+    on_log: LogCallback | None = None, extra: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train `policy` in place on the tokenized `dataset`, resuming from `checkpoint_dir`."""
+    """Train `policy` in place on the tokenized `dataset`, resuming from `checkpoint_dir`.
+
+    `run_key` fingerprints the inputs (a checkpoint with another key is ignored); `on_log` gets
+    every log row; `extra` is stored with each checkpoint (see checkpoint.read_extra).
+    """
     assert_frozen(reference)
     torch.manual_seed(params.seed)
     ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
@@ -178,7 +182,7 @@ def train_policy(
                 on_log(ctx.log[-1])
         if ctx.progress.step % params.save_every == 0 or ctx.progress.step == last:
             checkpoint.save(checkpoint_dir, policy, ctx.optimizer, ctx.scheduler, ctx.progress,
-                            ctx.log, run_key)
+                            ctx.log, run_key, extra)
     bar.close()
     assert_frozen(reference)
     seconds = time.perf_counter() - started

@@ -2,8 +2,10 @@
 reference), plots/eval_margins.csv (reward-margin histogram)."""
 
 import datasets
+import mlflow
 from transformers import AutoTokenizer
 
+from pipeline import tracking
 from pipeline.atomic import write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.evaluation import margin_histogram, reward_metrics, score_pairs
@@ -29,6 +31,10 @@ def main() -> None:
     # The reference judged against itself: every reward is 0, so win rate is exactly 0.5.
     metrics["reference"] = reward_metrics(scored["reference"], scored["reference"], beta, dataset)
     write_json_atomic(METRICS / "eval.json", metrics)
+    tracking.configure()
+    with mlflow.start_run(run_id=tracking.read_run_id(MODEL_POLICY)):
+        tracking.log_flat_metrics({k: v for k, v in metrics.items() if k != "reference"}, "eval/")
+        tracking.log_flat_metrics(metrics["reference"], "eval_reference/")
     write_csv_atomic(PLOTS / "eval_margins.csv",
                      margin_histogram(scored["policy"], scored["reference"], beta),
                      ("margin", "pairs"))

@@ -1,0 +1,63 @@
+"""The data half of the DAG run by DVC on the offline demo, in a throwaway copy of the repo."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from pipeline.demo import apply_overrides, demo_overrides
+from pipeline.schema import TOKENIZED_SCHEMA
+from tests.e2e import copy_repo, environment, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_repo(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
+    repo = copy_repo(tmp_path_factory.mktemp("data-dag"))
+    apply_overrides(repo / "params.yaml", demo_overrides(repo / "demo" / "params.yaml"))
+    env = environment(asset_cache)
+    output = run(repo, env, sys.executable, "-m", "dvc", "repro", "tokenize")
+    return repo, env, output
+
+
+def test_repro_tokenize_writes_loadable_arrow_shards(data_repo) -> None:
+    repo, _, output = data_repo
+    for stage in ("download_model", "download_data", "subsample", "tokenize"):
+        assert f"Running stage '{stage}'" in output
+    for split in ("train", "eval"):
+        shards = datasets.load_from_disk(str(repo / "data" / "tokenized" / split))
+        assert len(shards) > 0
+        assert set(shards.column_names) == set(TOKENIZED_SCHEMA.names)
+    report = json.loads((repo / "reports" / "tokenize.json").read_text())
+    assert report["train"]["shards"] > 1  # several Arrow shards, as the contract says
+    assert len(list((repo / "data/tokenized/train").glob("data-*.arrow"))) == report["train"]["shards"]
+    assert (repo / "models/base/model.safetensors").is_file()
+    assert not list((repo / "models/base").glob("*.bin"))
+    resolved = json.loads((repo / "data/tokenized/resolved_params.json").read_text())
+    assert resolved["tokenize"]["max_length"] == 192
+
+
+def test_no_question_is_in_both_splits(data_repo) -> None:
+    repo, _, _ = data_repo
+    train = datasets.load_from_disk(str(repo / "data/tokenized/train"))
+    evaluation = datasets.load_from_disk(str(repo / "data/tokenized/eval"))
+    assert not set(train["question_id"]) & set(evaluation["question_id"])
+    counts = json.loads((repo / "reports/subsample.json").read_text())
+    assert counts["train_removed_eval_overlap"] > 0  # the demo data plants an overlap
+
+
+def test_changing_the_fraction_reruns_only_what_depends_on_it(data_repo) -> None:
+    repo, env, _ = data_repo
+    output = run(repo, env, sys.executable, "-m", "dvc", "exp", "run", "-S", "data.fraction=0.5",
+                 "tokenize")
+    assert "Running stage 'download_model'" not in output
+    for stage in ("download_data", "subsample", "tokenize"):
+        assert f"Running stage '{stage}'" in output
+    counts = json.loads((repo / "reports/subsample.json").read_text())
+    manifest = json.loads((repo / "data/raw/train/manifest.json").read_text())
+    assert counts["train_target"] == math.ceil(0.5 * manifest["source_rows"])
+    assert manifest["rows_fetched"] < manifest["source_rows"]  # not every shard was fetched

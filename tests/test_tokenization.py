@@ -1,0 +1,112 @@
+import dataclasses
+
+import datasets
+import pytest
+
+from pipeline.params import TokenizeParams
+from pipeline.schema import SUBSAMPLED_SCHEMA
+from pipeline.subsample import with_ids
+from pipeline.tokenization import (TooManyDropped, encode_completion, render_prompt,
+                                   tokenize_dataset, tokenize_pair)
+from tests.helpers import source_rows, table
+
+PARAMS = TokenizeParams(template="Question: {question}\n\nAnswer: ", use_chat_template=False,
+                        max_length=64, max_prompt_length=32, max_drop_share=1.0, num_proc=1,
+                        pairs_per_shard=100)
+
+
+def test_prompt_and_completion_round_trip_at_the_boundary(demo_tokenizer) -> None:
+    question, answer = "Why does `x=[]` leak?", "Because the default\nis shared:\n```py\nf()\n```"
+    pair = tokenize_pair(demo_tokenizer, question, answer, "no", PARAMS)
+    assert pair.drop_reason == ""
+    assert demo_tokenizer.decode(pair.prompt) == render_prompt(demo_tokenizer, question, PARAMS)
+    assert pair.chosen[-1] == demo_tokenizer.eos_token_id
+    assert demo_tokenizer.decode(pair.chosen[:-1]) == answer
+    # Separate tokenization: the concatenation decodes to exactly prompt text + answer text.
+    assert demo_tokenizer.decode(pair.prompt + pair.chosen[:-1]) == f"Question: {question}\n\nAnswer: {answer}"
+
+
+def test_eos_is_appended_exactly_once(demo_tokenizer) -> None:
+    eos = demo_tokenizer.eos_token_id
+    plain = encode_completion(demo_tokenizer, "Use a set.")
+    already = encode_completion(demo_tokenizer, "Use a set." + demo_tokenizer.eos_token)
+    assert plain == already and plain.count(eos) == 1 and plain[-1] == eos
+
+
+def test_no_special_tokens_are_added(demo_tokenizer) -> None:
+    pair = tokenize_pair(demo_tokenizer, "What is a list?", "A sequence.", "Nothing.", PARAMS)
+    specials = set(demo_tokenizer.all_special_ids)
+    assert not specials & set(pair.prompt)  # no BOS, no template markers in the plain template
+    assert [t for t in pair.chosen if t in specials] == [demo_tokenizer.eos_token_id]
+
+
+def test_chat_template_markers_appear_once(demo_tokenizer) -> None:
+    params = dataclasses.replace(PARAMS, use_chat_template=True)
+    pair = tokenize_pair(demo_tokenizer, "What is a list?", "A sequence.", "Nothing.", params)
+    start = demo_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert pair.prompt.count(start) == 2  # the user turn and the assistant header, nothing doubled
+    text = demo_tokenizer.decode(pair.prompt)
+    assert text.startswith("<|im_start|>user\nWhat is a list?")
+    assert text.rstrip().endswith("assistant")
+
+
+def test_long_question_is_cut_but_the_template_tail_survives(demo_tokenizer) -> None:
+    question = "word " * 200
+    pair = tokenize_pair(demo_tokenizer, question, "Fine.", "Bad.", PARAMS)
+    assert len(pair.prompt) <= PARAMS.max_prompt_length and pair.truncated[0]
+    assert demo_tokenizer.decode(pair.prompt).endswith("\n\nAnswer: ")
+
+
+def test_long_completions_keep_their_start(demo_tokenizer) -> None:
+    long_answer = "alpha beta gamma " * 100
+    pair = tokenize_pair(demo_tokenizer, "Q?", long_answer, "short", PARAMS)
+    assert len(pair.prompt) + len(pair.chosen) == PARAMS.max_length
+    assert pair.truncated == (False, True, False)
+    assert long_answer.startswith(demo_tokenizer.decode(pair.chosen))
+
+
+@pytest.mark.parametrize(("chosen", "rejected", "reason"), [
+    ("", "an answer", "empty_completion"),
+    ("an answer", "   \n", "empty_completion"),
+    (None, "an answer", "empty_completion"),
+    ("same answer", "same answer", "identical_completions"),
+])
+def test_bad_pairs_are_dropped_with_a_reason(demo_tokenizer, chosen, rejected, reason) -> None:
+    assert tokenize_pair(demo_tokenizer, "Q?", chosen, rejected, PARAMS).drop_reason == reason
+
+
+def test_prompt_leaving_no_room_is_dropped(demo_tokenizer) -> None:
+    params = dataclasses.replace(PARAMS, max_length=33, max_prompt_length=32)
+    pair = tokenize_pair(demo_tokenizer, "word " * 100, "Fine.", "Bad.", params)
+    assert pair.drop_reason == "no_room_for_answer"
+
+
+def test_identical_after_truncation_is_dropped(demo_tokenizer) -> None:
+    shared = "the same long start " * 40
+    pair = tokenize_pair(demo_tokenizer, "Q?", shared + "good end", shared + "bad end", PARAMS)
+    assert pair.drop_reason == "identical_completions"
+
+
+def crafted_dataset() -> datasets.Dataset:
+    rows = source_rows(6, 1)
+    rows[0]["response_j"] = ""  # empty
+    rows[1]["response_k"] = rows[1]["response_j"]  # identical
+    rows[2]["response_j"] = "long " * 300  # truncated
+    return datasets.Dataset(with_ids(table(rows)).cast(SUBSAMPLED_SCHEMA))
+
+
+def test_dataset_report_counts_drops_and_truncations(demo_tokenizer) -> None:
+    kept, report = tokenize_dataset(crafted_dataset(), demo_tokenizer, PARAMS, "train")
+    assert report["pairs_in"] == 6 and report["pairs_kept"] == 4 == len(kept)
+    assert report["dropped"] == {"empty_completion": 1, "identical_completions": 1,
+                                 "no_room_for_answer": 0}
+    assert report["truncated"] == {"prompt": 0, "chosen": 1, "rejected": 0}
+    assert report["lengths"]["pair_total"]["max"] <= PARAMS.max_length
+    assert kept.column_names == ["question_id", "pair_id", "prompt_input_ids",
+                                 "chosen_input_ids", "rejected_input_ids"]
+
+
+def test_too_many_drops_fail_loudly(demo_tokenizer) -> None:
+    params = dataclasses.replace(PARAMS, max_drop_share=0.2)
+    with pytest.raises(TooManyDropped, match=r"tokenize train: dropped 33.3% .*empty_completion"):
+        tokenize_dataset(crafted_dataset(), demo_tokenizer, params, "train")

@@ -1,0 +1,129 @@
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.batching import collate_pairs, epoch_order, optimizer_steps
+from pipeline.modeling import Runtime, assert_frozen, batch_logps, freeze
+from pipeline.params import TrainParams
+from pipeline.trainer import NonFiniteLoss, train_policy
+from tests.helpers import random_pairs, tiny_qwen3
+
+CPU = Runtime(torch.device("cpu"), None)
+PARAMS = TrainParams(lr=1e-3, epochs=2, batch_size=4, grad_accum=1, beta=0.1, warmup_ratio=0.0,
+                     weight_decay=0.0, max_grad_norm=1.0, max_steps=0, seed=7, device="cpu",
+                     log_every=1, save_every=2)
+
+
+def run(tmp_path: Path, params: TrainParams = PARAMS, n_pairs: int = 16, on_log=None,
+        ckpt: str = "ckpt"):
+    policy = tiny_qwen3()
+    reference = freeze(tiny_qwen3())
+    result = train_policy(policy, reference, random_pairs(n_pairs), params, CPU, 0,
+                          tmp_path / ckpt, "key", on_log=on_log)
+    return policy, reference, result
+
+
+def test_step_one_loss_is_ln2(tmp_path: Path) -> None:
+    _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=1))
+    assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_lowers_the_loss_and_leaves_the_reference_alone(tmp_path: Path) -> None:
+    before = copy.deepcopy(tiny_qwen3().state_dict())
+    policy, reference, result = run(tmp_path, dataclasses.replace(PARAMS, epochs=4))
+    assert result.log[-1]["loss"] < math.log(2) - 0.05
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    assert_frozen(reference)
+    assert len(result.epoch_losses) == 4
+
+
+def test_reference_must_be_frozen() -> None:
+    with pytest.raises(AssertionError, match="reference"):
+        assert_frozen(tiny_qwen3().train())
+
+
+def test_concatenated_forward_equals_separate_forwards() -> None:
+    model, data = tiny_qwen3(), random_pairs(3)
+    rows = data[:]
+    both = batch_logps(model, collate_pairs(rows, 0), CPU)
+    for side, half in (("chosen", both[:3]), ("rejected", both[3:])):
+        alone = {"prompt_input_ids": rows["prompt_input_ids"], "chosen_input_ids": rows[f"{side}_input_ids"],
+                 "rejected_input_ids": rows[f"{side}_input_ids"]}
+        separate = batch_logps(model, collate_pairs(alone, 0), CPU)[:3]
+        torch.testing.assert_close(half, separate, atol=1e-5, rtol=0)
+
+
+def test_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
+    one_step = dataclasses.replace(PARAMS, batch_size=4, grad_accum=1, max_steps=1)
+    accumulated = dataclasses.replace(PARAMS, batch_size=1, grad_accum=4, max_steps=1)
+    big, _, big_result = run(tmp_path, one_step, ckpt="a")
+    small, _, small_result = run(tmp_path, accumulated, ckpt="b")
+    assert big_result.log[0]["loss"] == pytest.approx(small_result.log[0]["loss"], abs=1e-6)
+    assert big_result.log[0]["grad_norm"] == pytest.approx(small_result.log[0]["grad_norm"], rel=1e-4)
+    for (name, a), (_, b) in zip(big.named_parameters(), small.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    params = dataclasses.replace(PARAMS, epochs=3, save_every=3)
+    whole, _, whole_result = run(tmp_path, params, ckpt="whole")
+
+    def kill_at_step_5(row: dict) -> None:
+        if row["step"] == 5:
+            raise Killed
+    with pytest.raises(Killed):
+        run(tmp_path, params, on_log=kill_at_step_5, ckpt="resumed")
+    assert [p.name for p in (tmp_path / "resumed").iterdir()] == ["step-00000003"]
+    resumed, _, resumed_result = run(tmp_path, params, ckpt="resumed")
+    assert resumed_result.log[-1]["loss"] == pytest.approx(whole_result.log[-1]["loss"], abs=1e-4)
+    assert [r["step"] for r in resumed_result.log] == [r["step"] for r in whole_result.log]
+    assert resumed_result.epoch_losses == pytest.approx(whole_result.epoch_losses, abs=1e-4)
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path: Path) -> None:
+    run(tmp_path, dataclasses.replace(PARAMS, max_steps=2), ckpt="c")
+    policy, reference = tiny_qwen3(), freeze(tiny_qwen3())
+    result = train_policy(policy, reference, random_pairs(16), dataclasses.replace(PARAMS, max_steps=2),
+                          CPU, 0, tmp_path / "c", "other-key")
+    assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # started afresh
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    policy, reference = tiny_qwen3(), freeze(tiny_qwen3())
+
+    def poison_after_step_2(row: dict) -> None:
+        if row["step"] == 2:
+            with torch.no_grad():
+                policy.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        train_policy(policy, reference, random_pairs(16), PARAMS, CPU, 0, tmp_path / "n", "key",
+                     on_log=poison_after_step_2)
+    assert [p.name for p in (tmp_path / "n").iterdir()] == ["step-00000002"]
+
+
+def test_epoch_order_is_seeded_and_steps_cover_every_pair() -> None:
+    assert (epoch_order(10, 1, 0) == epoch_order(10, 1, 0)).all()
+    assert not (epoch_order(10, 1, 0) == epoch_order(10, 1, 1)).all()
+    steps = optimizer_steps(epoch_order(10, 1, 0), batch_size=3, grad_accum=2)
+    assert [[len(m) for m in s] for s in steps] == [[3, 3], [3, 1]]
+    assert sorted(int(i) for s in steps for m in s for i in m) == list(range(10))
+
+
+def test_log_rows_have_every_metric(tmp_path: Path) -> None:
+    from pipeline.trainer import LOG_KEYS
+
+    _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=2))
+    assert all(tuple(row) == LOG_KEYS for row in result.log)
+    assert all(math.isfinite(v) for row in result.log for v in row.values())
