@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,3 +63,50 @@ def optimizer_steps(order: np.ndarray, batch_size: int, grad_accum: int) -> list
     """
     micro = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]
+
+
+def pair_lengths(dataset: Any) -> np.ndarray:
+    """(N, 2) token lengths of prompt + chosen and prompt + rejected for every pair."""
+    prompt = np.array([len(x) for x in dataset["prompt_input_ids"]])
+    chosen = np.array([len(x) for x in dataset["chosen_input_ids"]])
+    rejected = np.array([len(x) for x in dataset["rejected_input_ids"]])
+    return np.stack([prompt + chosen, prompt + rejected], axis=1)
+
+
+def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                         group_batches: int = 32) -> np.ndarray:
+    """A permutation whose consecutive `batch_size` chunks hold pairs of similar length.
+
+    `lengths` is (N, 2) from `pair_lengths`. Shuffle, cut into groups of `group_batches`
+    micro-batches, sort each group by the pair's longer row, cut it into micro-batches, then
+    shuffle the micro-batches: padding shrinks while the batch order, and which pairs meet, stay
+    random. Leftovers of the groups form the last batches. A function of (seed, epoch) only.
+    """
+    longest = lengths.max(axis=1)
+    rng = np.random.default_rng([seed, epoch, 1])
+    order = rng.permutation(len(longest))
+    group = batch_size * group_batches
+    full, leftover = [], []
+    for start in range(0, len(order), group):
+        members = order[start : start + group]
+        members = members[np.argsort(-longest[members], kind="stable")]
+        cut = len(members) - len(members) % batch_size
+        full += [members[i : i + batch_size] for i in range(0, cut, batch_size)]
+        leftover.append(members[cut:])
+    tail = np.concatenate(leftover) if leftover else order[:0]
+    tail = tail[np.argsort(-longest[tail], kind="stable")]
+    batches = [full[i] for i in rng.permutation(len(full))]
+    return np.concatenate(batches + [tail])
+
+
+def padded_share(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> float:
+    """Share of padding among all positions when `order` is cut into micro-batches.
+
+    `lengths` is (N, 2) from `pair_lengths`; a micro-batch pads its 2B rows to its longest row.
+    """
+    padded = real = 0
+    for start in range(0, len(order), batch_size):
+        rows = lengths[order[start : start + batch_size]]
+        padded += rows.size * int(rows.max())
+        real += int(rows.sum())
+    return 1.0 - real / padded if padded else 0.0

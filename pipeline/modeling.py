@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pipeline.batching import PairBatch
 from pipeline.dpo import sequence_logps
+from pipeline.scoring import CompletionScorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,21 +60,32 @@ def load_causal_lm(path: Path, runtime: Runtime, trust_remote_code: bool) -> Pre
     return model.to(runtime.device)
 
 
-def freeze(model: PreTrainedModel) -> PreTrainedModel:
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Reference model: eval mode (no dropout), no gradients, never in an optimizer."""
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def assert_frozen(model: PreTrainedModel) -> None:
+def assert_frozen(model: torch.nn.Module) -> None:
     if model.training or any(p.requires_grad for p in model.parameters()):
         raise AssertionError("the reference model must stay in eval mode with no gradients")
 
 
-def batch_logps(model: PreTrainedModel, batch: PairBatch, runtime: Runtime) -> torch.Tensor:
-    """Summed completion log-probs of every row of `batch`, shape (2B,), fp32."""
+def batch_logps(model: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> torch.Tensor:
+    """Summed completion log-probs of every row of `batch`, shape (2B,), fp32.
+
+    `model` is a CompletionScorer (possibly DDP/FSDP-wrapped), which never builds full logits,
+    or a plain causal LM, scored from its full logits (the simple reference path).
+    """
     with runtime.autocast():
+        if isinstance(_unwrap(model), CompletionScorer):
+            return model(batch.input_ids, batch.attention_mask, batch.completion_mask).float()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        use_cache=False).logits
     return sequence_logps(logits, batch.input_ids, batch.completion_mask)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (FSDP2 wraps in place and needs no unwrapping)."""
+    return getattr(model, "module", model)

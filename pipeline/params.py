@@ -128,6 +128,8 @@ class TrainParams:
     max_steps: int = dataclasses.field(metadata=non_negative())
     # Seed of weight-independent randomness (shuffling, dropout).
     seed: int = dataclasses.field(metadata=non_negative())
+    # Batch pairs of similar length (seeded, batch order still random): less padding.
+    length_grouping: bool
     # "auto": CUDA with bf16 autocast when present, else CPU fp32.
     device: Device
     # Optimizer steps between metric lines (tqdm postfix, plots/train.csv).

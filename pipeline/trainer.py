@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from pipeline import checkpoint
-from pipeline.batching import PairBatch, collate_pairs, epoch_order, optimizer_steps
+from pipeline.batching import (PairBatch, collate_pairs, epoch_order, length_grouped_order,
+                               optimizer_steps, pair_lengths, padded_share)
 from pipeline.checkpoint import Progress
 from pipeline.dpo import STEP_METRIC_KEYS, dpo_loss, split_concatenated, step_metrics
 from pipeline.modeling import Runtime, assert_frozen, batch_logps
@@ -43,6 +44,7 @@ class TrainResult:
     train_seconds: float  # wall time of the steps run by this process (not a resumed prefix)
     pairs_per_s: float
     tokens_per_s: float
+    padding: dict[str, float]  # padded-token share, configured vs random batching
 
 
 @dataclasses.dataclass
@@ -71,6 +73,22 @@ class Window:
         row["tokens/s"] = self.tokens / self.seconds
         row["pairs/s"] = self.pairs / self.seconds
         return row
+
+
+def epoch_plan(lengths: Any, params: TrainParams, epoch: int) -> Any:
+    """The epoch's pair order: length-grouped or plain random, both a function of (seed, epoch)."""
+    if params.length_grouping:
+        return length_grouped_order(lengths, params.batch_size, params.seed, epoch)
+    return epoch_order(len(lengths), params.seed, epoch)
+
+
+def padding_report(lengths: Any, params: TrainParams) -> dict[str, float]:
+    """Padded-token share of the first epoch with the configured and with random batching."""
+    return {
+        "padded_share": padded_share(lengths, epoch_plan(lengths, params, 0), params.batch_size),
+        "padded_share_random": padded_share(lengths, epoch_order(len(lengths), params.seed, 0),
+                                            params.batch_size),
+    }
 
 
 def total_steps(params: TrainParams, n_pairs: int) -> int:
@@ -160,10 +178,11 @@ def train_policy(
     policy.train()
     started, pairs_run, tokens_run = time.perf_counter(), 0, 0
     last = total_steps(params, len(dataset))
+    lengths = pair_lengths(dataset)
     bar = tqdm(total=last, initial=ctx.progress.step, desc="train", unit="step")
     window = Window()
     while ctx.progress.step < last:
-        steps = optimizer_steps(epoch_order(len(dataset), params.seed, ctx.progress.epoch),
+        steps = optimizer_steps(epoch_plan(lengths, params, ctx.progress.epoch),
                                 params.batch_size, params.grad_accum)
         t0 = time.perf_counter()
         metrics, grad_norm, pairs, tokens = optimizer_step(
@@ -187,7 +206,8 @@ def train_policy(
     assert_frozen(reference)
     seconds = time.perf_counter() - started
     return TrainResult(ctx.progress.step, ctx.log, ctx.progress.epoch_losses, seconds,
-                       pairs_run / max(seconds, 1e-9), tokens_run / max(seconds, 1e-9))
+                       pairs_run / max(seconds, 1e-9), tokens_run / max(seconds, 1e-9),
+                       padding_report(lengths, params))
 
 
 def _advance(progress: Progress, loss: float, pairs: int, steps_in_epoch: int) -> None:

@@ -10,6 +10,7 @@ from pipeline.atomic import write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.evaluation import margin_histogram, reward_metrics, score_pairs
 from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
+from pipeline.scoring import CompletionScorer
 from pipeline.params import load_params
 from pipeline.paths import DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
 
@@ -23,7 +24,7 @@ def main() -> None:
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "eval"))
     scored = {}
     for name, path in (("reference", MODEL_BASE), ("policy", MODEL_POLICY)):
-        model = freeze(load_causal_lm(path, runtime, trust))
+        model = freeze(CompletionScorer(load_causal_lm(path, runtime, trust)))
         scored[name] = score_pairs(model, dataset, params.eval.batch_size, runtime, pad, name)
         del model
     beta = params.train.beta

@@ -14,7 +14,7 @@ from tests.helpers import random_pairs, tiny_qwen3
 
 CPU = Runtime(torch.device("cpu"), None)
 PARAMS = TrainParams(lr=1e-3, epochs=2, batch_size=4, grad_accum=1, beta=0.1, warmup_ratio=0.0,
-                     weight_decay=0.0, max_grad_norm=1.0, max_steps=0, seed=7, device="cpu",
+                     weight_decay=0.0, max_grad_norm=1.0, max_steps=0, seed=7, length_grouping=True, device="cpu",
                      log_every=1, save_every=2)
 
 
@@ -60,8 +60,11 @@ def test_concatenated_forward_equals_separate_forwards() -> None:
 
 
 def test_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
-    one_step = dataclasses.replace(PARAMS, batch_size=4, grad_accum=1, max_steps=1)
-    accumulated = dataclasses.replace(PARAMS, batch_size=1, grad_accum=4, max_steps=1)
+    # Random (not length-grouped) order: grouping depends on the micro-batch size by design.
+    one_step = dataclasses.replace(PARAMS, batch_size=4, grad_accum=1, max_steps=1,
+                                   length_grouping=False)
+    accumulated = dataclasses.replace(PARAMS, batch_size=1, grad_accum=4, max_steps=1,
+                                      length_grouping=False)
     big, _, big_result = run(tmp_path, one_step, ckpt="a")
     small, _, small_result = run(tmp_path, accumulated, ckpt="b")
     assert big_result.log[0]["loss"] == pytest.approx(small_result.log[0]["loss"], abs=1e-6)
@@ -127,3 +130,34 @@ def test_log_rows_have_every_metric(tmp_path: Path) -> None:
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=2))
     assert all(tuple(row) == LOG_KEYS for row in result.log)
     assert all(math.isfinite(v) for row in result.log for v in row.values())
+
+
+def test_length_grouping_is_a_seeded_permutation_with_less_padding() -> None:
+    import numpy as np
+
+    from pipeline.batching import length_grouped_order, padded_share
+
+    rng = np.random.default_rng(0)
+    # Answers of one pair have related lengths (same question), pairs differ widely.
+    lengths = rng.integers(10, 500, size=(1000, 1)) + rng.integers(0, 20, size=(1000, 2))
+    order = length_grouped_order(lengths, 8, seed=1, epoch=0)
+    assert sorted(order.tolist()) == list(range(1000))
+    assert (order == length_grouped_order(lengths, 8, seed=1, epoch=0)).all()
+    assert not (order == length_grouped_order(lengths, 8, seed=1, epoch=1)).all()
+    grouped = padded_share(lengths, order, 8)
+    random = padded_share(lengths, epoch_order(1000, 1, 0), 8)
+    assert grouped < random / 2
+    # Batch order stays random: the first batches are not simply the longest ones.
+    firsts = [lengths[order[i : i + 8]].max() for i in range(0, 80, 8)]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_padded_share_by_hand() -> None:
+    import numpy as np
+
+    from pipeline.batching import padded_share
+
+    lengths = np.array([[4, 2], [1, 1]])
+    # One micro-batch of both pairs: 4 rows padded to 4 -> 16 positions, 8 real.
+    assert padded_share(lengths, np.array([0, 1]), 2) == 0.5
+    assert padded_share(lengths, np.array([0, 1]), 1) == 1 - 8 / 10
