@@ -22,8 +22,12 @@ class PairBatch:
     n_pairs: int  # B
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         self.completion_mask.to(device), self.n_pairs)
+        return PairBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.n_pairs,
+        )
 
     @property
     def real_tokens(self) -> int:
@@ -73,8 +77,9 @@ def pair_lengths(dataset: Any) -> np.ndarray:
     return np.stack([prompt + chosen, prompt + rejected], axis=1)
 
 
-def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                         group_batches: int = 32) -> np.ndarray:
+def length_grouped_order(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_batches: int = 32
+) -> np.ndarray:
     """A permutation whose consecutive `batch_size` chunks hold pairs of similar length.
 
     `lengths` is (N, 2) from `pair_lengths`. Shuffle, cut into groups of `group_batches`

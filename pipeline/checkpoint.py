@@ -45,17 +45,37 @@ def fingerprint(config: dict[str, Any], *folders: Path) -> str:
     return digest.hexdigest()
 
 
-def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: Any, position: Progress, log_rows: list[dict[str, float]], key: str,
-         extra: dict[str, Any] | None = None) -> Path:
+def save(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    position: Progress,
+    log_rows: list[dict[str, float]],
+    key: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write checkpoint `folder/step-N` atomically, then remove older ones."""
     target = folder / f"{PREFIX}{position.step:08d}"
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "state.pt")
-        write_json_atomic(tmp / "meta.json", {"fingerprint": key, "log": log_rows,
-                                              "extra": extra or {}, **dataclasses.asdict(position)})
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        write_json_atomic(
+            tmp / "meta.json",
+            {
+                "fingerprint": key,
+                "log": log_rows,
+                "extra": extra or {},
+                **dataclasses.asdict(position),
+            },
+        )
     for old in folder.glob(f"{PREFIX}*"):
         if old != target and old.is_dir():
             shutil.rmtree(old)
@@ -77,8 +97,9 @@ def read_extra(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text()).get("extra", {})
 
 
-def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> tuple[Progress, list[dict[str, float]]]:
+def restore(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[Progress, list[dict[str, float]]]:
     """Load a checkpoint into the given objects; return the data position and the log so far."""
     load_model(model, str(path / "model.safetensors"), device=str(_device_of(model)))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

@@ -11,7 +11,9 @@ from typing import Any
 from pipeline.atomic import write_text_atomic
 
 
-def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+def write_csv_atomic(
+    path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
+) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()

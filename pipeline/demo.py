@@ -66,8 +66,14 @@ def venv_env() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", help="experiment name shown by `dvc exp show`")
-    parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra override on top of demo/params.yaml (repeatable)")
+    parser.add_argument(
+        "--set",
+        "-S",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override on top of demo/params.yaml (repeatable)",
+    )
     parser.add_argument("target", nargs="?", help="stage to run up to (default: all)")
     args = parser.parse_args(argv)
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_flags(demo_overrides())]

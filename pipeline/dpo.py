@@ -56,8 +56,10 @@ def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     logits lose no precision in the normalizer.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2] or mask.shape != labels.shape:
-        raise ValueError(f"expected logits (B, T, V) with labels and mask (B, T); got "
-                         f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected logits (B, T, V) with labels and mask (B, T); got "
+            f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}"
+        )
     scored = _scored_positions(mask)  # (B, T-1)
     rows = scored.nonzero(as_tuple=True)[0]  # (N,) row of each scored token
     selected = logits[:, :-1][scored]  # (N, V), completion positions only
@@ -81,9 +83,13 @@ def completion_token_counts(mask: Tensor) -> Tensor:
     return _scored_positions(mask).sum(dim=-1)
 
 
-def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-             beta: float) -> tuple[Tensor, Tensor, Tensor]:
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair sigmoid DPO loss and implicit rewards.
 
     Args:
@@ -101,8 +107,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     logsigmoid is evaluated stably for any margin; log(sigmoid(x)) would give -inf (and NaN
     gradients) once sigmoid(x) underflows, around x < -104 in float32.
     """
-    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps,
-                                       ref_chosen_logps, ref_rejected_logps)}
+    shapes = {
+        tuple(t.shape)
+        for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    }
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"dpo_loss expects four (B,) tensors of one shape; got {sorted(shapes)}")
     chosen_log_ratio = policy_chosen_logps - ref_chosen_logps
@@ -118,8 +126,13 @@ def split_concatenated(t: Tensor, n_pairs: int) -> tuple[Tensor, Tensor]:
     return t[:n_pairs], t[n_pairs:]
 
 
-def step_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
-                 policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict[str, float]:
+def step_metrics(
+    losses: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+) -> dict[str, float]:
     """Batch means of the training metrics, keyed by `STEP_METRIC_KEYS` in that order.
 
     Args:
@@ -142,5 +155,7 @@ def step_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tenso
         policy_rejected_logps,
     )
     # float() on a detached mean: metrics are plain numbers, they never carry the graph.
-    return {key: float(v.detach().double().mean()) for key, v in zip(STEP_METRIC_KEYS, values,
-                                                                     strict=True)}
+    return {
+        key: float(v.detach().double().mean())
+        for key, v in zip(STEP_METRIC_KEYS, values, strict=True)
+    }

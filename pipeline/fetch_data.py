@@ -18,10 +18,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from fsspec.callbacks import TqdmCallback
 from fsspec.implementations.local import LocalFileSystem
-from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json_atomic
 from pipeline.params import DEMO_DATASET, DataParams
+from pipeline.progress import bar
 from pipeline.schema import SOURCE_SCHEMA, SchemaError, check_schema, conform
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -34,10 +34,14 @@ class Shard:
     rows: int
 
 
-def open_dataset(dataset: str, revision: str, cache_dir: Path) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_dataset(
+    dataset: str, revision: str, cache_dir: Path
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve `data.dataset` to (filesystem, root folder of the repository layout)."""
     if dataset == DEMO_DATASET:
-        from pipeline.demo_assets import ensure_demo_dataset  # builds with torch: import only when asked
+        from pipeline.demo_assets import (
+            ensure_demo_dataset,  # builds with torch: import only when asked
+        )
 
         return LocalFileSystem(), str(ensure_demo_dataset(cache_dir))
     local = Path(dataset).expanduser()
@@ -50,7 +54,9 @@ def open_dataset(dataset: str, revision: str, cache_dir: Path) -> tuple[fsspec.A
         )
     if not HUB_ID.match(dataset):
         raise ValueError(f"data.dataset: {dataset!r} is neither a local folder nor a hub id")
-    from huggingface_hub import HfFileSystem  # imported late: only the hub path needs it
+    from huggingface_hub import (
+        HfFileSystem,  # imported late: only the hub path needs it
+    )
 
     return HfFileSystem(), f"datasets/{dataset}@{revision}"
 
@@ -60,7 +66,7 @@ def list_shards(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> list[S
     paths = sorted(p for p in fs.ls(f"{root}/{folder}", detail=False) if p.endswith(SHARD_SUFFIXES))
     if not paths:
         raise FileNotFoundError(f"no .parquet or .jsonl files in {root}/{folder}")
-    return [Shard(p, _count_rows(fs, p)) for p in tqdm(paths, desc=f"count {folder}", leave=False)]
+    return [Shard(p, _count_rows(fs, p)) for p in bar(paths, desc=f"count {folder}", leave=False)]
 
 
 def _count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
@@ -92,7 +98,7 @@ def fetch_split(
     """Copy the shards covering `rows_needed` rows into out_dir as validated parquet files."""
     chosen = shards_for(shards, rows_needed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for index, shard in enumerate(tqdm(chosen, desc=f"fetch {out_dir.name}", unit="shard")):
+    for index, shard in enumerate(bar(chosen, desc=f"fetch {out_dir.name}", unit="shard")):
         _fetch_shard(fs, shard, out_dir / f"part-{index:05d}.parquet")
     manifest = {
         "source_rows": sum(s.rows for s in shards),
@@ -112,8 +118,9 @@ def _fetch_shard(fs: fsspec.AbstractFileSystem, shard: Shard, dest: Path) -> Non
             table = pa_json.read_json(f)
         pq.write_table(conform(table, SOURCE_SCHEMA, origin), dest)
         return
-    callback = TqdmCallback(tqdm_kwargs={"desc": Path(shard.path).name, "unit": "B",
-                                         "unit_scale": True, "leave": False})
+    callback = TqdmCallback(
+        tqdm_kwargs={"desc": Path(shard.path).name, "unit": "B", "unit_scale": True, "leave": False}
+    )
     fs.get_file(shard.path, str(dest), callback=callback)
     schema = pq.read_schema(dest)
     check_schema(schema, SOURCE_SCHEMA, origin)
@@ -146,5 +153,12 @@ def read_split(folder: Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-__all__ = ["SchemaError", "Shard", "fetch_data", "list_shards", "open_dataset", "read_split",
-           "shards_for"]
+__all__ = [
+    "SchemaError",
+    "Shard",
+    "fetch_data",
+    "list_shards",
+    "open_dataset",
+    "read_split",
+    "shards_for",
+]

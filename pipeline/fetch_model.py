@@ -21,7 +21,9 @@ PICKLE_FILES = ["*.bin", "*.pt", "*.pth"]
 def resolve_model_dir(params: ModelParams, cache_dir: Path) -> Path:
     """A local folder holding the model named by `model.name`."""
     if params.name == DEMO_MODEL:
-        from pipeline.demo_assets import ensure_demo_model  # builds with torch: import only when asked
+        from pipeline.demo_assets import (
+            ensure_demo_model,  # builds with torch: import only when asked
+        )
 
         return ensure_demo_model(cache_dir)
     local = Path(params.name).expanduser()
@@ -32,8 +34,7 @@ def resolve_model_dir(params: ModelParams, cache_dir: Path) -> Path:
     from huggingface_hub import snapshot_download  # only the hub path needs it
 
     patterns = MODEL_FILES + (PICKLE_FILES if params.allow_pickle_weights else [])
-    return Path(snapshot_download(params.name, revision=params.revision,
-                                  allow_patterns=patterns))
+    return Path(snapshot_download(params.name, revision=params.revision, allow_patterns=patterns))
 
 
 def check_model_dir(source: Path, params: ModelParams) -> None:
@@ -81,7 +82,9 @@ def _convert_pickle(source: Path, dest: Path, params: ModelParams) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=params.trust_remote_code)
     model.save_pretrained(dest, safe_serialization=True)
-    AutoTokenizer.from_pretrained(source, trust_remote_code=params.trust_remote_code).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(
+        source, trust_remote_code=params.trust_remote_code
+    ).save_pretrained(dest)
 
 
 def _check_loads(folder: Path, params: ModelParams) -> None:

@@ -54,7 +54,10 @@ def attention_implementation(runtime: Runtime) -> str:
 def load_causal_lm(path: Path, runtime: Runtime, trust_remote_code: bool) -> PreTrainedModel:
     """Load fp32 weights (safetensors only) on the runtime's device."""
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+        path,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
         attn_implementation=attention_implementation(runtime),
     )
     return model.to(runtime.device)
@@ -81,8 +84,9 @@ def batch_logps(model: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> t
     with runtime.autocast():
         if isinstance(_unwrap(model), CompletionScorer):
             return model(batch.input_ids, batch.attention_mask, batch.completion_mask).float()
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False).logits
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).logits
     return sequence_logps(logits, batch.input_ids, batch.completion_mask)
 
 

@@ -63,9 +63,7 @@ class DataParams:
     # Folder of the repository holding the held-out pairs.
     eval_dir: str
     # Share of the train folder's pairs to use, in (0, 1].
-    fraction: float = dataclasses.field(
-        metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]")
-    )
+    fraction: float = dataclasses.field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # Number of held-out pairs (whole questions are kept together, so it is a lower bound).
     eval_size: int = dataclasses.field(metadata=positive())
     # Seed of the subsample.

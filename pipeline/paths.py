@@ -22,5 +22,7 @@ def asset_cache_dir() -> Path:
     """Cache for the locally built demo model and dataset (like the hub's download cache)."""
     default = Path.home() / ".cache" / "dpo-qwen3"
     return Path(os.environ.get("DPO_QWEN3_CACHE", default))
+
+
 CHECKPOINTS = Path("checkpoints/train")
 REGISTRY = Path("registry")

@@ -23,8 +23,9 @@ class KendallResult:
     questions: int  # how many questions the mean is over
 
 
-def _pair_rewards(chosen_rewards: ArrayLike, rejected_rewards: ArrayLike) -> tuple[np.ndarray,
-                                                                                   np.ndarray]:
+def _pair_rewards(
+    chosen_rewards: ArrayLike, rejected_rewards: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert to two float64 arrays of shape (N,), N >= 1, all finite.
 
     Non-finite rewards are an error rather than a silent loss: a NaN compares false both ways and
@@ -33,8 +34,10 @@ def _pair_rewards(chosen_rewards: ArrayLike, rejected_rewards: ArrayLike) -> tup
     chosen = np.asarray(chosen_rewards, dtype=np.float64)
     rejected = np.asarray(rejected_rewards, dtype=np.float64)
     if chosen.ndim != 1 or chosen.shape != rejected.shape:
-        raise ValueError(f"expected two 1-D reward arrays of one length; got shapes "
-                         f"{chosen.shape} and {rejected.shape}")
+        raise ValueError(
+            f"expected two 1-D reward arrays of one length; got shapes "
+            f"{chosen.shape} and {rejected.shape}"
+        )
     if chosen.size == 0:
         raise ValueError("no pairs: ranking metrics are undefined on empty input")
     if not (np.isfinite(chosen).all() and np.isfinite(rejected).all()):
@@ -71,17 +74,22 @@ class _Answer:
     rewards: list[float] = dataclasses.field(default_factory=list)  # one per appearance
 
 
-def _answers_by_question(question_ids: Sequence[Hashable], chosen_ids: Sequence[Hashable],
-                         rejected_ids: Sequence[Hashable], chosen: np.ndarray,
-                         rejected: np.ndarray) -> dict[Hashable, dict[Hashable, _Answer]]:
+def _answers_by_question(
+    question_ids: Sequence[Hashable],
+    chosen_ids: Sequence[Hashable],
+    rejected_ids: Sequence[Hashable],
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+) -> dict[Hashable, dict[Hashable, _Answer]]:
     """question -> answer id -> its label score and rewards.
 
     Answers are keyed within their question: the same answer id under two questions (say, two
     empty answers) is two answers.
     """
     table: dict[Hashable, dict[Hashable, _Answer]] = defaultdict(dict)
-    for q, a_w, a_l, r_w, r_l in zip(question_ids, chosen_ids, rejected_ids, chosen, rejected,
-                                     strict=True):
+    for q, a_w, a_l, r_w, r_l in zip(
+        question_ids, chosen_ids, rejected_ids, chosen, rejected, strict=True
+    ):
         winner = table[q].setdefault(a_w, _Answer())
         winner.score += 1
         winner.rewards.append(float(r_w))
@@ -105,8 +113,13 @@ def _question_tau(answers: dict[Hashable, _Answer]) -> float:
     return float(kendalltau(rewards, scores, variant="b").statistic)
 
 
-def kendall_tau(question_ids: ArrayLike, chosen_ids: ArrayLike, rejected_ids: ArrayLike,
-                chosen_rewards: ArrayLike, rejected_rewards: ArrayLike) -> KendallResult:
+def kendall_tau(
+    question_ids: ArrayLike,
+    chosen_ids: ArrayLike,
+    rejected_ids: ArrayLike,
+    chosen_rewards: ArrayLike,
+    rejected_rewards: ArrayLike,
+) -> KendallResult:
     """Per-question Kendall tau-b between the reward ranking and the labelled ranking, averaged.
 
     Args:

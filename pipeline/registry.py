@@ -40,11 +40,15 @@ def log_policy(run_id: str, policy_dir: Path) -> str:
     """Log the HF folder as a pyfunc text generator to `run_id`; return the model URI."""
     # Declared params let callers pass max_new_tokens to predict(); strings in, strings out.
     signature = mlflow.models.infer_signature(
-        ["Question: ...\n\nAnswer: "], ["..."], params={"max_new_tokens": MAX_NEW_TOKENS})
+        ["Question: ...\n\nAnswer: "], ["..."], params={"max_new_tokens": MAX_NEW_TOKENS}
+    )
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="policy", python_model=str(SERVING_CODE), artifacts={"policy": str(policy_dir)},
-            pip_requirements=pip_requirements(), signature=signature,
+            name="policy",
+            python_model=str(SERVING_CODE),
+            artifacts={"policy": str(policy_dir)},
+            pip_requirements=pip_requirements(),
+            signature=signature,
         )
     return info.model_uri
 
@@ -56,8 +60,14 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
-def register_policy(model_uri: str, run_id: str, name: str, champion_alias: str,
-                    challenger_alias: str, tags: dict[str, Any]) -> Registration:
+def register_policy(
+    model_uri: str,
+    run_id: str,
+    name: str,
+    champion_alias: str,
+    challenger_alias: str,
+    tags: dict[str, Any],
+) -> Registration:
     """Register a version of `name` and give it the champion or the challenger alias."""
     client = MlflowClient()
     version_ = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
@@ -68,5 +78,12 @@ def register_policy(model_uri: str, run_id: str, name: str, champion_alias: str,
     else:
         alias = challenger_alias
     client.set_registered_model_alias(name, alias, version_.version)
-    return Registration(name, str(version_.version), alias, run_id, model_uri,
-                        None if champion is None else str(champion.version), dict(tags))
+    return Registration(
+        name,
+        str(version_.version),
+        alias,
+        run_id,
+        model_uri,
+        None if champion is None else str(champion.version),
+        dict(tags),
+    )

@@ -17,16 +17,21 @@ from transformers import PreTrainedModel
 DEFAULT_CHUNK_TOKENS = 4096
 
 
-def chunk_token_logps(hidden: torch.Tensor, weight: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
+def chunk_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[targets] for one chunk: (K, H), (V, H), (K,) -> (K,) fp32."""
     logits = hidden @ weight.T  # bf16 under autocast, like the model's own lm_head
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
     """`chunk_token_logps` over (K, H) hidden states in chunks of `chunk_tokens` rows -> (K,)."""
     parts = []
     for start in range(0, hidden.shape[0], chunk_tokens):
@@ -54,15 +59,18 @@ class CompletionScorer(torch.nn.Module):
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
         """input_ids, attention_mask, completion_mask: (N, T) -> (N,) fp32 summed log-probs."""
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state  # (N, T, H)
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (N, T, H)
         scored = completion_mask[:, 1:].bool()  # the logit at t predicts token t+1
         rows = scored.nonzero(as_tuple=True)[0]
         weight = self.model.get_output_embeddings().weight
-        logps = token_logps(hidden[:, :-1][scored], weight, input_ids[:, 1:][scored],
-                            self.chunk_tokens)
+        logps = token_logps(
+            hidden[:, :-1][scored], weight, input_ids[:, 1:][scored], self.chunk_tokens
+        )
         totals = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
         return totals.index_add(0, rows, logps)

@@ -13,7 +13,6 @@ import mlflow
 import pandas as pd
 
 
-
 class PolicyTextGenerator(mlflow.pyfunc.PythonModel):
     """Greedy continuation of each prompt by the DPO-trained Qwen3 policy."""
 
@@ -27,7 +26,9 @@ class PolicyTextGenerator(mlflow.pyfunc.PythonModel):
         self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device)
         self.model.eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(
+        self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
+    ) -> list[str]:
         import torch
 
         prompts = _prompts(model_input)
@@ -38,14 +39,20 @@ class PolicyTextGenerator(mlflow.pyfunc.PythonModel):
             ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
             ids = ids.to(self.model.device)
             with torch.no_grad():
-                out = self.model.generate(**ids, max_new_tokens=max_new, do_sample=False,
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            answers.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
-                                                 skip_special_tokens=True))
+                out = self.model.generate(
+                    **ids,
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            answers.append(
+                self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
         return answers
 
 
 def _prompts(model_input: Any) -> list[str]:
+    # MLflow may hand over a DataFrame (one column of prompts) even for a list[str] signature.
     if isinstance(model_input, pd.DataFrame):
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
         return [str(v) for v in model_input[column]]

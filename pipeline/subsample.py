@@ -17,8 +17,10 @@ from pipeline.schema import SUBSAMPLED_SCHEMA, question_key
 
 def with_ids(table: pa.Table) -> pa.Table:
     """Append `question_id` (URL, else qid) and `pair_id` (row index in the fetched split)."""
-    keys = [question_key(q, m) for q, m in zip(table["qid"].to_pylist(),
-                                               table["metadata"].to_pylist(), strict=True)]
+    keys = [
+        question_key(q, m)
+        for q, m in zip(table["qid"].to_pylist(), table["metadata"].to_pylist(), strict=True)
+    ]
     table = table.append_column("question_id", pa.array(keys, pa.string()))
     table = table.append_column("pair_id", pa.array(np.arange(len(table)), pa.int64()))
     return table.cast(SUBSAMPLED_SCHEMA)
@@ -48,8 +50,12 @@ def sample_train(table: pa.Table, n_pairs: int, rng: np.random.Generator) -> pa.
 
 
 def subsample(
-    train: pa.Table, evaluation: pa.Table, fraction: float, source_train_rows: int,
-    eval_size: int, seed: int,
+    train: pa.Table,
+    evaluation: pa.Table,
+    fraction: float,
+    source_train_rows: int,
+    eval_size: int,
+    seed: int,
 ) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """Return (train, eval, counts). `fraction` applies to the whole source train folder."""
     rng = np.random.default_rng(seed)

@@ -38,7 +38,9 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, params: Tok
     # enable_thinking=False: Qwen3's template then opens an empty think block, which is what a
     # non-reasoning answer follows; templates without the flag ignore it.
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True,
+        [{"role": "user", "content": question}],
+        tokenize=False,
+        add_generation_prompt=True,
         enable_thinking=False,
     )
 
@@ -79,8 +81,11 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int
 
 
 def tokenize_pair(
-    tokenizer: PreTrainedTokenizerBase, question: str, chosen: str | None,
-    rejected: str | None, params: TokenizeParams,
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    chosen: str | None,
+    rejected: str | None,
+    params: TokenizeParams,
 ) -> TokenizedPair:
     """Tokenize one pair and decide whether it is kept (drop_reason == "")."""
     prompt, prompt_cut = encode_prompt(tokenizer, question or "", params)
@@ -116,8 +121,9 @@ def tokenize_batch(
     }
 
 
-def split_report(drop_reasons: list[str], truncated: list[list[bool]],
-                 lengths: dict[str, list[int]]) -> dict[str, Any]:
+def split_report(
+    drop_reasons: list[str], truncated: list[list[bool]], lengths: dict[str, list[int]]
+) -> dict[str, Any]:
     """Counts by drop reason, truncation counts and token-length percentiles of kept pairs."""
     dropped = Counter(r for r in drop_reasons if r)
     flags = np.array(truncated, dtype=bool).reshape(-1, 3)
@@ -125,8 +131,9 @@ def split_report(drop_reasons: list[str], truncated: list[list[bool]],
         "pairs_in": len(drop_reasons),
         "pairs_kept": len(drop_reasons) - sum(dropped.values()),
         "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
-        "truncated": {name: int(flags[:, i].sum()) for i, name in
-                      enumerate(("prompt", "chosen", "rejected"))},
+        "truncated": {
+            name: int(flags[:, i].sum()) for i, name in enumerate(("prompt", "chosen", "rejected"))
+        },
         "drop_share": sum(dropped.values()) / max(len(drop_reasons), 1),
     }
     report["lengths"] = {name: percentiles(values) for name, values in lengths.items()}
@@ -137,38 +144,59 @@ def percentiles(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     points = np.percentile(np.asarray(values), [50, 90, 99])
-    return {"p50": float(points[0]), "p90": float(points[1]), "p99": float(points[2]),
-            "max": float(max(values)), "mean": float(np.mean(values))}
+    return {
+        "p50": float(points[0]),
+        "p90": float(points[1]),
+        "p99": float(points[2]),
+        "max": float(max(values)),
+        "mean": float(np.mean(values)),
+    }
 
 
 class TooManyDropped(ValueError):
     """More of a split was dropped than tokenize.max_drop_share allows."""
 
 
-def tokenize_dataset(dataset: Any, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams,
-                     split: str) -> tuple[Any, dict[str, Any]]:
+def tokenize_dataset(
+    dataset: Any, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams, split: str
+) -> tuple[Any, dict[str, Any]]:
     """Tokenize a datasets.Dataset of subsampled rows; return (kept rows, report).
 
     Runs across `params.num_proc` processes; raises TooManyDropped naming the split and reasons.
     """
     import datasets  # heavy import, kept out of module import time
 
-    features = datasets.Features({
-        "question_id": datasets.Value("string"), "pair_id": datasets.Value("int64"),
-        **{c: datasets.List(datasets.Value("int32")) for c in
-           ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")},
-        "drop_reason": datasets.Value("string"), "truncated": datasets.List(datasets.Value("bool")),
-    })
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "pair_id": datasets.Value("int64"),
+            **{
+                c: datasets.List(datasets.Value("int32"))
+                for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+            },
+            "drop_reason": datasets.Value("string"),
+            "truncated": datasets.List(datasets.Value("bool")),
+        }
+    )
     tokenized = dataset.map(
-        tokenize_batch, batched=True, batch_size=256, num_proc=_procs(params, len(dataset)),
-        remove_columns=dataset.column_names, features=features,
-        fn_kwargs={"tokenizer": tokenizer, "params": params}, desc=f"tokenize {split}",
+        tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=_procs(params, len(dataset)),
+        remove_columns=dataset.column_names,
+        features=features,
+        fn_kwargs={"tokenizer": tokenizer, "params": params},
+        desc=f"tokenize {split}",
     )
     kept = tokenized.filter(lambda r: r == "", input_columns="drop_reason")
-    lengths = {name: [len(x) for x in kept[f"{name}_input_ids"]]
-               for name in ("prompt", "chosen", "rejected")}
-    lengths["pair_total"] = [p + max(c, r) for p, c, r in
-                             zip(lengths["prompt"], lengths["chosen"], lengths["rejected"])]
+    lengths = {
+        name: [len(x) for x in kept[f"{name}_input_ids"]]
+        for name in ("prompt", "chosen", "rejected")
+    }
+    lengths["pair_total"] = [
+        p + max(c, r)
+        for p, c, r in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"], strict=True)
+    ]
     report = split_report(tokenized["drop_reason"], tokenized["truncated"], lengths)
     if report["drop_share"] > params.max_drop_share:
         raise TooManyDropped(

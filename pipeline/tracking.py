@@ -32,9 +32,13 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def default_uri() -> str:
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
 def configure() -> str:
     """Point MLflow at the store and return its URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
     return uri
@@ -46,7 +50,8 @@ def experiment_id(name: str) -> str:
     if found is not None:
         return found.experiment_id
     location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
+    # Not an environment check: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI itself.
+    if mlflow.get_tracking_uri() == default_uri():
         location = (repo_root() / "mlartifacts").as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
@@ -66,8 +71,14 @@ def params_hash(params: Params) -> str:
 
 def git_commit(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -90,8 +101,11 @@ def start_training_run(params: Params, device: str, run_id: str | None) -> str:
     if run_id is not None:
         mlflow.start_run(run_id=run_id)
         return run_id
-    run = mlflow.start_run(experiment_id=experiment_id(params.register.experiment),
-                           run_name=os.environ.get("DVC_EXP_NAME"), tags=run_tags(params, device))
+    run = mlflow.start_run(
+        experiment_id=experiment_id(params.register.experiment),
+        run_name=os.environ.get("DVC_EXP_NAME"),
+        tags=run_tags(params, device),
+    )
     mlflow.log_params(flat_params(params))
     return run.info.run_id
 

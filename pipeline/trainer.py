@@ -20,12 +20,20 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from pipeline import checkpoint
-from pipeline.batching import (PairBatch, collate_pairs, epoch_order, length_grouped_order,
-                               optimizer_steps, pair_lengths, padded_share)
+from pipeline.batching import (
+    PairBatch,
+    collate_pairs,
+    epoch_order,
+    length_grouped_order,
+    optimizer_steps,
+    padded_share,
+    pair_lengths,
+)
 from pipeline.checkpoint import Progress
 from pipeline.dpo import STEP_METRIC_KEYS, dpo_loss, split_concatenated, step_metrics
 from pipeline.modeling import Runtime, assert_frozen, batch_logps
 from pipeline.params import TrainParams
+from pipeline.progress import bar
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
@@ -57,8 +65,9 @@ class Window:
     tokens: int = 0
     seconds: float = 0.0
 
-    def add(self, metrics: dict[str, float], pairs: int, grad_norm: float, tokens: int,
-            seconds: float) -> None:
+    def add(
+        self, metrics: dict[str, float], pairs: int, grad_norm: float, tokens: int, seconds: float
+    ) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value * pairs
         self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm
@@ -86,8 +95,9 @@ def padding_report(lengths: Any, params: TrainParams) -> dict[str, float]:
     """Padded-token share of the first epoch with the configured and with random batching."""
     return {
         "padded_share": padded_share(lengths, epoch_plan(lengths, params, 0), params.batch_size),
-        "padded_share_random": padded_share(lengths, epoch_order(len(lengths), params.seed, 0),
-                                            params.batch_size),
+        "padded_share_random": padded_share(
+            lengths, epoch_order(len(lengths), params.seed, 0), params.batch_size
+        ),
     }
 
 
@@ -98,8 +108,13 @@ def total_steps(params: TrainParams, n_pairs: int) -> int:
     return min(planned, params.max_steps) if params.max_steps else planned
 
 
-def pair_forward(policy: PreTrainedModel, reference: PreTrainedModel, batch: PairBatch,
-                 runtime: Runtime, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+def pair_forward(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    batch: PairBatch,
+    runtime: Runtime,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-pair DPO losses (B,) with grad, and the batch's metric means."""
     policy_logps = batch_logps(policy, batch, runtime)
     with torch.no_grad():
@@ -107,14 +122,25 @@ def pair_forward(policy: PreTrainedModel, reference: PreTrainedModel, batch: Pai
     policy_chosen, policy_rejected = split_concatenated(policy_logps, batch.n_pairs)
     ref_chosen, ref_rejected = split_concatenated(reference_logps, batch.n_pairs)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    metrics = step_metrics(losses.detach(), chosen_rewards, rejected_rewards,
-                           policy_chosen.detach(), policy_rejected.detach())
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
+    metrics = step_metrics(
+        losses.detach(),
+        chosen_rewards,
+        rejected_rewards,
+        policy_chosen.detach(),
+        policy_rejected.detach(),
+    )
     return losses, metrics
 
 
-def optimizer_step(policy: PreTrainedModel, reference: PreTrainedModel, dataset: Any,
-                   micro_batches: list[Any], ctx: TrainContext) -> tuple[dict[str, float], float, int, int]:
+def optimizer_step(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    dataset: Any,
+    micro_batches: list[Any],
+    ctx: TrainContext,
+) -> tuple[dict[str, float], float, int, int]:
     """One optimizer step over its micro-batches -> (metric means, grad norm, pairs, tokens)."""
     step_pairs = sum(len(m) for m in micro_batches)
     sums: dict[str, float] = {}
@@ -149,19 +175,28 @@ class TrainContext:
     log: list[dict[str, float]]
 
 
-def make_context(policy: PreTrainedModel, params: TrainParams, runtime: Runtime,
-                 pad_token_id: int, n_pairs: int) -> TrainContext:
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=params.lr,
-                                  weight_decay=params.weight_decay)
+def make_context(
+    policy: PreTrainedModel, params: TrainParams, runtime: Runtime, pad_token_id: int, n_pairs: int
+) -> TrainContext:
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=params.lr, weight_decay=params.weight_decay
+    )
     steps = total_steps(params, n_pairs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * steps), steps)
     return TrainContext(params, runtime, pad_token_id, optimizer, scheduler, Progress(), [])
 
 
 def train_policy(
-    policy: PreTrainedModel, reference: PreTrainedModel, dataset: Any, params: TrainParams,
-    runtime: Runtime, pad_token_id: int, checkpoint_dir: Path, run_key: str,
-    on_log: LogCallback | None = None, extra: dict[str, Any] | None = None,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    dataset: Any,
+    params: TrainParams,
+    runtime: Runtime,
+    pad_token_id: int,
+    checkpoint_dir: Path,
+    run_key: str,
+    on_log: LogCallback | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `policy` in place on the tokenized `dataset`, resuming from `checkpoint_dir`.
 
@@ -179,35 +214,56 @@ def train_policy(
     started, pairs_run, tokens_run = time.perf_counter(), 0, 0
     last = total_steps(params, len(dataset))
     lengths = pair_lengths(dataset)
-    bar = tqdm(total=last, initial=ctx.progress.step, desc="train", unit="step")
+    progress_bar = bar(total=last, initial=ctx.progress.step, desc="train", unit="step")
     window = Window()
     while ctx.progress.step < last:
-        steps = optimizer_steps(epoch_plan(lengths, params, ctx.progress.epoch),
-                                params.batch_size, params.grad_accum)
+        steps = optimizer_steps(
+            epoch_plan(lengths, params, ctx.progress.epoch), params.batch_size, params.grad_accum
+        )
         t0 = time.perf_counter()
         metrics, grad_norm, pairs, tokens = optimizer_step(
-            policy, reference, dataset, steps[ctx.progress.step_in_epoch], ctx)
+            policy, reference, dataset, steps[ctx.progress.step_in_epoch], ctx
+        )
         window.add(metrics, pairs, grad_norm, tokens, time.perf_counter() - t0)
         pairs_run, tokens_run = pairs_run + pairs, tokens_run + tokens
         epoch = ctx.progress.epoch + (ctx.progress.step_in_epoch + 1) / len(steps)
         _advance(ctx.progress, metrics["loss"], pairs, len(steps))
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}")
-        if ctx.progress.step % params.log_every == 0 or ctx.progress.step == last \
-                or ctx.progress.step_in_epoch == 0:
+        progress_bar.update(1)
+        progress_bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}"
+        )
+        if (
+            ctx.progress.step % params.log_every == 0
+            or ctx.progress.step == last
+            or ctx.progress.step_in_epoch == 0
+        ):
             ctx.log.append(window.row(ctx.progress.step, epoch, ctx.scheduler.get_last_lr()[0]))
             window = Window()
             if on_log is not None:
                 on_log(ctx.log[-1])
         if ctx.progress.step % params.save_every == 0 or ctx.progress.step == last:
-            checkpoint.save(checkpoint_dir, policy, ctx.optimizer, ctx.scheduler, ctx.progress,
-                            ctx.log, run_key, extra)
-    bar.close()
+            checkpoint.save(
+                checkpoint_dir,
+                policy,
+                ctx.optimizer,
+                ctx.scheduler,
+                ctx.progress,
+                ctx.log,
+                run_key,
+                extra,
+            )
+    progress_bar.close()
     assert_frozen(reference)
     seconds = time.perf_counter() - started
-    return TrainResult(ctx.progress.step, ctx.log, ctx.progress.epoch_losses, seconds,
-                       pairs_run / max(seconds, 1e-9), tokens_run / max(seconds, 1e-9),
-                       padding_report(lengths, params))
+    return TrainResult(
+        ctx.progress.step,
+        ctx.log,
+        ctx.progress.epoch_losses,
+        seconds,
+        pairs_run / max(seconds, 1e-9),
+        tokens_run / max(seconds, 1e-9),
+        padding_report(lengths, params),
+    )
 
 
 def _advance(progress: Progress, loss: float, pairs: int, steps_in_epoch: int) -> None:

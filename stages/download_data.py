@@ -12,8 +12,10 @@ def main() -> None:
         manifests = fetch_data(params.data, tmp, asset_cache_dir())
         save_resolved(params, tmp, "download_data")
     for split, manifest in manifests.items():
-        print(f"{split}: {manifest['rows_fetched']} rows from {len(manifest['shards'])} of "
-              f"{manifest['source_shards']} shards ({manifest['rows_needed']} needed)")
+        print(
+            f"{split}: {manifest['rows_fetched']} rows from {len(manifest['shards'])} of "
+            f"{manifest['source_shards']} shards ({manifest['rows_needed']} needed)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,17 @@ from pipeline.atomic import write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.evaluation import margin_histogram, reward_metrics, score_pairs
 from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
-from pipeline.scoring import CompletionScorer
 from pipeline.params import load_params
 from pipeline.paths import DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
+from pipeline.scoring import CompletionScorer
+
+
+def json_safe(metrics: dict) -> dict:
+    """NaN (e.g. tau when no question has 3 distinct answers) -> null: strict JSON for tools."""
+    return {
+        k: json_safe(v) if isinstance(v, dict) else (None if v != v else v)
+        for k, v in metrics.items()
+    }
 
 
 def main() -> None:
@@ -31,16 +39,20 @@ def main() -> None:
     metrics = reward_metrics(scored["policy"], scored["reference"], beta, dataset)
     # The reference judged against itself: every reward is 0, so win rate is exactly 0.5.
     metrics["reference"] = reward_metrics(scored["reference"], scored["reference"], beta, dataset)
-    write_json_atomic(METRICS / "eval.json", metrics)
+    write_json_atomic(METRICS / "eval.json", json_safe(metrics))
     tracking.configure()
     with mlflow.start_run(run_id=tracking.read_run_id(MODEL_POLICY)):
         tracking.log_flat_metrics({k: v for k, v in metrics.items() if k != "reference"}, "eval/")
         tracking.log_flat_metrics(metrics["reference"], "eval_reference/")
-    write_csv_atomic(PLOTS / "eval_margins.csv",
-                     margin_histogram(scored["policy"], scored["reference"], beta),
-                     ("margin", "pairs"))
-    print(f"win_rate {metrics['win_rate']:.4f} (reference {metrics['reference']['win_rate']:.4f}), "
-          f"kendall_tau {metrics['kendall_tau']:.4f} over {metrics['kendall_questions']} questions")
+    write_csv_atomic(
+        PLOTS / "eval_margins.csv",
+        margin_histogram(scored["policy"], scored["reference"], beta),
+        ("margin", "pairs"),
+    )
+    print(
+        f"win_rate {metrics['win_rate']:.4f} (reference {metrics['reference']['win_rate']:.4f}), "
+        f"kendall_tau {metrics['kendall_tau']:.4f} over {metrics['kendall_questions']} questions"
+    )
 
 
 if __name__ == "__main__":

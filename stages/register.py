@@ -20,18 +20,31 @@ def main() -> None:
     metrics = json.loads((METRICS / "eval.json").read_text())
     model_uri = log_policy(run_id, MODEL_POLICY)
     tags = {
-        "win_rate": metrics["win_rate"], "kendall_tau": metrics["kendall_tau"],
-        "eval_pairs": metrics["pairs"], "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
-        "git_commit": git_commit(Path.cwd()), "run_id": run_id,
+        "win_rate": metrics["win_rate"],
+        "kendall_tau": metrics["kendall_tau"],
+        "eval_pairs": metrics["pairs"],
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "git_commit": git_commit(Path.cwd()),
+        "run_id": run_id,
     }
-    reg = register_policy(model_uri, run_id, params.register.model_name,
-                          params.register.champion_alias, params.register.challenger_alias, tags)
+    reg = register_policy(
+        model_uri,
+        run_id,
+        params.register.model_name,
+        params.register.champion_alias,
+        params.register.challenger_alias,
+        tags,
+    )
     write_json_atomic(REGISTRY / "registered.json", dataclasses.asdict(reg))
-    beaten = f"beats champion v{reg.previous_champion}" if reg.previous_champion else "first version"
+    beaten = (
+        f"beats champion v{reg.previous_champion}" if reg.previous_champion else "first version"
+    )
     if reg.alias != params.register.champion_alias:
         beaten = f"does not beat champion v{reg.previous_champion}"
-    print(f"registered {reg.name} v{reg.version} as @{reg.alias} "
-          f"(win rate {metrics['win_rate']:.4f}, {beaten})")
+    print(
+        f"registered {reg.name} v{reg.version} as @{reg.alias} "
+        f"(win rate {metrics['win_rate']:.4f}, {beaten})"
+    )
 
 
 if __name__ == "__main__":

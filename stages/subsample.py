@@ -15,9 +15,12 @@ def main() -> None:
     params = load_params()
     manifest = json.loads((DATA_RAW / "train" / "manifest.json").read_text())
     train, evaluation, counts = subsample(
-        read_split(DATA_RAW / "train"), read_split(DATA_RAW / "eval"),
-        fraction=params.data.fraction, source_train_rows=manifest["source_rows"],
-        eval_size=params.data.eval_size, seed=params.data.seed,
+        read_split(DATA_RAW / "train"),
+        read_split(DATA_RAW / "eval"),
+        fraction=params.data.fraction,
+        source_train_rows=manifest["source_rows"],
+        eval_size=params.data.eval_size,
+        seed=params.data.seed,
     )
     with atomic_dir(DATA_SUBSAMPLED) as tmp:
         for split, table in (("train", train), ("eval", evaluation)):

@@ -20,22 +20,26 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     params = load_params()
     tokenizer = AutoTokenizer.from_pretrained(
-        MODEL_BASE, trust_remote_code=params.model.trust_remote_code)
+        MODEL_BASE, trust_remote_code=params.model.trust_remote_code
+    )
     report = {}
     with atomic_dir(DATA_TOKENIZED) as tmp:
         for split in ("train", "eval"):
             path = DATA_SUBSAMPLED / split / "data.parquet"
             table = conform(pq.read_table(path), SUBSAMPLED_SCHEMA, str(path))
             kept, report[split] = tokenize_dataset(
-                datasets.Dataset(table), tokenizer, params.tokenize, split)
+                datasets.Dataset(table), tokenizer, params.tokenize, split
+            )
             shards = max(1, math.ceil(len(kept) / params.tokenize.pairs_per_shard))
             kept.save_to_disk(str(tmp / split), num_shards=shards)
             report[split]["shards"] = shards
         save_resolved(params, tmp, "tokenize")
     write_json_atomic(REPORTS / "tokenize.json", report)
     for split, r in report.items():
-        print(f"{split}: kept {r['pairs_kept']}/{r['pairs_in']} pairs in {r['shards']} shards, "
-              f"dropped {r['dropped']}, truncated {r['truncated']}")
+        print(
+            f"{split}: kept {r['pairs_kept']}/{r['pairs_in']} pairs in {r['shards']} shards, "
+            f"dropped {r['dropped']}, truncated {r['truncated']}"
+        )
 
 
 if __name__ == "__main__":

@@ -13,10 +13,17 @@ from pipeline import checkpoint, tracking
 from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
-from pipeline.scoring import CompletionScorer
 from pipeline.params import load_params, save_resolved
-from pipeline.paths import (CHECKPOINTS, DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS,
-                            REPORTS)
+from pipeline.paths import (
+    CHECKPOINTS,
+    DATA_TOKENIZED,
+    METRICS,
+    MODEL_BASE,
+    MODEL_POLICY,
+    PLOTS,
+    REPORTS,
+)
+from pipeline.scoring import CompletionScorer
 from pipeline.trainer import LOG_KEYS, TrainResult, train_policy
 
 # Settings that do not change the maths; a checkpoint stays resumable when only these change.
@@ -43,7 +50,9 @@ def main() -> None:
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
     policy = load_causal_lm(MODEL_BASE, runtime, trust)
     reference = freeze(CompletionScorer(load_causal_lm(MODEL_BASE, runtime, trust)))
-    config = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT}
+    config = {
+        k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT
+    }
     run_key = checkpoint.fingerprint(config, MODEL_BASE, DATA_TOKENIZED / "train")
     found = checkpoint.latest(CHECKPOINTS, run_key)
     previous_run = checkpoint.read_extra(found).get("run_id") if found else None
@@ -51,11 +60,22 @@ def main() -> None:
     for name in ("tokenize", "subsample"):
         if (REPORTS / f"{name}.json").is_file():
             mlflow.log_artifact(str(REPORTS / f"{name}.json"), artifact_path="reports")
-    print(f"train: {len(dataset)} pairs on {runtime.device} (autocast {runtime.autocast_dtype}), "
-          f"{sum(p.numel() for p in policy.parameters()):,} params, MLflow run {run_id}")
-    result = train_policy(CompletionScorer(policy), reference, dataset,
-                          params.train, runtime, pad, CHECKPOINTS, run_key,
-                          on_log=tracking.log_step, extra={"run_id": run_id})
+    print(
+        f"train: {len(dataset)} pairs on {runtime.device} (autocast {runtime.autocast_dtype}), "
+        f"{sum(p.numel() for p in policy.parameters()):,} params, MLflow run {run_id}"
+    )
+    result = train_policy(
+        CompletionScorer(policy),
+        reference,
+        dataset,
+        params.train,
+        runtime,
+        pad,
+        CHECKPOINTS,
+        run_key,
+        on_log=tracking.log_step,
+        extra={"run_id": run_id},
+    )
     with atomic_dir(MODEL_POLICY) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -10,18 +10,23 @@ import pyarrow.parquet as pq
 from pipeline.schema import SOURCE_SCHEMA
 
 
-def source_rows(n_questions: int, pairs_per_question: int, site: str = "stackoverflow",
-                start: int = 0) -> list[dict]:
+def source_rows(
+    n_questions: int, pairs_per_question: int, site: str = "stackoverflow", start: int = 0
+) -> list[dict]:
     rows = []
     for q in range(start, start + n_questions):
         url = f"https://{site}.com/questions/{q}"
         for p in range(pairs_per_question):
-            rows.append({
-                "qid": q, "question": f"How do I sort list number {q}?", "date": "2015/01/02",
-                "metadata": [url, f"{url}/answer/{p}"],
-                "response_j": f"Use `sorted()`: good answer {p} to {q}.",
-                "response_k": f"No idea, answer {p} for {q}.",
-            })
+            rows.append(
+                {
+                    "qid": q,
+                    "question": f"How do I sort list number {q}?",
+                    "date": "2015/01/02",
+                    "metadata": [url, f"{url}/answer/{p}"],
+                    "response_j": f"Use `sorted()`: good answer {p} to {q}.",
+                    "response_k": f"No idea, answer {p} for {q}.",
+                }
+            )
     return rows
 
 
@@ -34,7 +39,9 @@ def hub_layout(root: Path, train: list[list[dict]], evaluation: list[list[dict]]
     for folder, shards in (("data/rl", train), ("data/evaluation", evaluation)):
         (root / folder).mkdir(parents=True)
         for i, rows in enumerate(shards):
-            pq.write_table(table(rows), root / folder / f"train-{i:05d}-of-{len(shards):05d}.parquet")
+            pq.write_table(
+                table(rows), root / folder / f"train-{i:05d}-of-{len(shards):05d}.parquet"
+            )
     return root
 
 
@@ -44,10 +51,18 @@ def tiny_qwen3(vocab_size: int = 96, seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, max_position_embeddings=128, tie_word_embeddings=True,
-                         attn_implementation="eager")
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
     return Qwen3ForCausalLM(config).eval()
 
 
@@ -61,9 +76,12 @@ def random_pairs(n: int, vocab_size: int = 96, seed: int = 0):
     def ids(lo: int, hi: int) -> list[int]:
         return rng.integers(1, vocab_size, size=int(rng.integers(lo, hi))).tolist()
 
-    return datasets.Dataset.from_dict({
-        "question_id": [f"q{i // 2}" for i in range(n)], "pair_id": list(range(n)),
-        "prompt_input_ids": [ids(3, 9) for _ in range(n)],
-        "chosen_input_ids": [ids(2, 12) for _ in range(n)],
-        "rejected_input_ids": [ids(2, 12) for _ in range(n)],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "question_id": [f"q{i // 2}" for i in range(n)],
+            "pair_id": list(range(n)),
+            "prompt_input_ids": [ids(3, 9) for _ in range(n)],
+            "chosen_input_ids": [ids(2, 12) for _ in range(n)],
+            "rejected_input_ids": [ids(2, 12) for _ in range(n)],
+        }
+    )

@@ -3,7 +3,6 @@
 import json
 import math
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
@@ -34,7 +33,9 @@ def test_repro_tokenize_writes_loadable_arrow_shards(data_repo) -> None:
         assert set(shards.column_names) == set(TOKENIZED_SCHEMA.names)
     report = json.loads((repo / "reports" / "tokenize.json").read_text())
     assert report["train"]["shards"] > 1  # several Arrow shards, as the contract says
-    assert len(list((repo / "data/tokenized/train").glob("data-*.arrow"))) == report["train"]["shards"]
+    assert (
+        len(list((repo / "data/tokenized/train").glob("data-*.arrow"))) == report["train"]["shards"]
+    )
     assert (repo / "models/base/model.safetensors").is_file()
     assert not list((repo / "models/base").glob("*.bin"))
     resolved = json.loads((repo / "data/tokenized/resolved_params.json").read_text())
@@ -52,8 +53,9 @@ def test_no_question_is_in_both_splits(data_repo) -> None:
 
 def test_changing_the_fraction_reruns_only_what_depends_on_it(data_repo) -> None:
     repo, env, _ = data_repo
-    output = run(repo, env, sys.executable, "-m", "dvc", "exp", "run", "-S", "data.fraction=0.5",
-                 "tokenize")
+    output = run(
+        repo, env, sys.executable, "-m", "dvc", "exp", "run", "-S", "data.fraction=0.5", "tokenize"
+    )
     assert "Running stage 'download_model'" not in output
     for stage in ("download_data", "subsample", "tokenize"):
         assert f"Running stage '{stage}'" in output

@@ -42,8 +42,9 @@ def test_dpo_loss_matches_hand_computed_values() -> None:
 def test_dpo_loss_is_ln2_when_policy_equals_reference(dtype: torch.dtype) -> None:
     logps = torch.tensor([-3.25, -120.0, 0.0, -7.5], dtype=dtype)
     other = torch.tensor([-1.0, -80.5, -2.0, -9.0], dtype=dtype)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(logps, other, logps.clone(), other.clone(),
-                                                        beta=0.3)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logps, other, logps.clone(), other.clone(), beta=0.3
+    )
     assert losses.tolist() == pytest.approx([math.log(2.0)] * 4, abs=1e-7)
     assert chosen_rewards.eq(0).all() and rejected_rewards.eq(0).all()
 
@@ -206,15 +207,18 @@ def test_step_metrics_keys_and_values_with_a_tie() -> None:
     got = step_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
     assert tuple(got) == STEP_METRIC_KEYS
     assert all(type(v) is float for v in got.values())
-    assert got == pytest.approx({
-        "loss": 1.25,
-        "rewards/chosen": 0.05,
-        "rewards/rejected": -0.375,
-        "rewards/margins": 0.425,
-        "rewards/accuracies": 0.625,  # (1 + 0.5 + 0 + 1) / 4
-        "logps/chosen": -25.0,
-        "logps/rejected": -3.0,
-    }, abs=1e-6)
+    assert got == pytest.approx(
+        {
+            "loss": 1.25,
+            "rewards/chosen": 0.05,
+            "rewards/rejected": -0.375,
+            "rewards/margins": 0.425,
+            "rewards/accuracies": 0.625,  # (1 + 0.5 + 0 + 1) / 4
+            "logps/chosen": -25.0,
+            "logps/rejected": -3.0,
+        },
+        abs=1e-6,
+    )
 
 
 def test_step_metrics_accuracy_is_half_at_step_one() -> None:

@@ -5,15 +5,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.fetch_data import fetch_data, list_shards, open_dataset, read_split, shards_for, Shard
+from pipeline.fetch_data import (
+    Shard,
+    fetch_data,
+    list_shards,
+    open_dataset,
+    read_split,
+    shards_for,
+)
 from pipeline.params import DataParams
 from pipeline.schema import SOURCE_SCHEMA, SchemaError
 from tests.helpers import hub_layout, source_rows, table
 
 
 def data_params(dataset: Path | str, fraction: float = 1.0, eval_size: int = 10) -> DataParams:
-    return DataParams(dataset=str(dataset), revision="main", train_dir="data/rl",
-                      eval_dir="data/evaluation", fraction=fraction, eval_size=eval_size, seed=0)
+    return DataParams(
+        dataset=str(dataset),
+        revision="main",
+        train_dir="data/rl",
+        eval_dir="data/evaluation",
+        fraction=fraction,
+        eval_size=eval_size,
+        seed=0,
+    )
 
 
 def test_only_the_shards_the_fraction_needs_are_fetched(tmp_path: Path) -> None:
@@ -24,7 +38,9 @@ def test_only_the_shards_the_fraction_needs_are_fetched(tmp_path: Path) -> None:
     assert train["source_rows"] == 80 and train["rows_needed"] == 24
     assert train["rows_fetched"] == 40 and len(train["shards"]) == 2  # 20 < 24 <= 40
     assert sorted(p.name for p in (tmp_path / "raw" / "train").glob("*.parquet")) == [
-        "part-00000.parquet", "part-00001.parquet"]
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
     assert json.loads((tmp_path / "raw" / "train" / "manifest.json").read_text()) == train
     fetched = read_split(tmp_path / "raw" / "train")
     assert fetched.schema.equals(SOURCE_SCHEMA) and len(fetched) == 40
@@ -50,9 +66,13 @@ def test_mistyped_column_is_named(tmp_path: Path) -> None:
     rows = source_rows(2, 1)
     for row in rows:
         row["qid"] = str(row["qid"])
-    schema = pa.schema([f if f.name != "qid" else pa.field("qid", pa.string()) for f in SOURCE_SCHEMA])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema),
-                   root / "data/evaluation/train-00000-of-00001.parquet")
+    schema = pa.schema(
+        [f if f.name != "qid" else pa.field("qid", pa.string()) for f in SOURCE_SCHEMA]
+    )
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema),
+        root / "data/evaluation/train-00000-of-00001.parquet",
+    )
     with pytest.raises(SchemaError, match="column 'qid' has type string, expected int64"):
         fetch_data(data_params(root), tmp_path / "raw", tmp_path / "cache")
 
@@ -71,8 +91,17 @@ def test_jsonl_shards_load_through_the_same_path(tmp_path: Path) -> None:
 def test_large_string_columns_are_normalised(tmp_path: Path) -> None:
     root = hub_layout(tmp_path / "repo", [source_rows(2, 1)], [source_rows(2, 1)])
     path = root / "data/rl/train-00000-of-00001.parquet"
-    pq.write_table(pq.read_table(path).cast(pa.schema(
-        [pa.field(f.name, pa.large_string()) if f.type == pa.string() else f for f in SOURCE_SCHEMA])), path)
+    pq.write_table(
+        pq.read_table(path).cast(
+            pa.schema(
+                [
+                    pa.field(f.name, pa.large_string()) if f.type == pa.string() else f
+                    for f in SOURCE_SCHEMA
+                ]
+            )
+        ),
+        path,
+    )
     fetch_data(data_params(root), tmp_path / "raw", tmp_path / "cache")
     assert pq.read_schema(tmp_path / "raw/train/part-00000.parquet").equals(SOURCE_SCHEMA)
 
@@ -95,9 +124,14 @@ def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
         list_shards(fs, root, "data/rl")
 
 
-def test_demo_dataset_loads_through_the_hub_layout_path(demo_dataset_dir: Path, tmp_path: Path) -> None:
-    manifests = fetch_data(data_params(demo_dataset_dir, fraction=0.5, eval_size=50),
-                           tmp_path / "raw", tmp_path / "cache")
+def test_demo_dataset_loads_through_the_hub_layout_path(
+    demo_dataset_dir: Path, tmp_path: Path
+) -> None:
+    manifests = fetch_data(
+        data_params(demo_dataset_dir, fraction=0.5, eval_size=50),
+        tmp_path / "raw",
+        tmp_path / "cache",
+    )
     assert manifests["train"]["source_shards"] > 1
     assert manifests["train"]["rows_fetched"] < manifests["train"]["source_rows"]
     assert len(read_split(tmp_path / "raw" / "train")) == manifests["train"]["rows_fetched"]

@@ -16,7 +16,15 @@ from mlflow import MlflowClient
 from tests.e2e import copy_repo, environment, run
 
 pytestmark = pytest.mark.slow
-STAGES = ("download_model", "download_data", "subsample", "tokenize", "train", "evaluate", "register")
+STAGES = (
+    "download_model",
+    "download_data",
+    "subsample",
+    "tokenize",
+    "train",
+    "evaluate",
+    "register",
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +33,17 @@ def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     env = environment(asset_cache)
     params_before = (repo / "params.yaml").read_text()
     first = run(repo, env, sys.executable, "-m", "pipeline.demo", "--name", "demo-first")
-    second = run(repo, env, sys.executable, "-m", "pipeline.demo", "--name", "demo-lr",
-                 "-S", "train.lr=1e-06")
+    second = run(
+        repo,
+        env,
+        sys.executable,
+        "-m",
+        "pipeline.demo",
+        "--name",
+        "demo-lr",
+        "-S",
+        "train.lr=1e-06",
+    )
     assert (repo / "params.yaml").read_text() == params_before, "the demo modified params.yaml"
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     return repo, env, first, second, client
@@ -66,7 +83,9 @@ def test_mlflow_has_both_runs_with_params_steps_and_eval(demo_runs) -> None:
     runs = runs_by_name(client)
     assert {"demo-first", "demo-lr"} <= set(runs)
     first, second = runs["demo-first"], runs["demo-lr"]
-    assert float(second.data.params["train.lr"]) == 1e-6 and second.data.params["train.lr"] == "1e-06"
+    assert (
+        float(second.data.params["train.lr"]) == 1e-6 and second.data.params["train.lr"] == "1e-06"
+    )
     assert first.data.metrics["eval/win_rate"] >= 0.8
     assert first.data.metrics["eval_reference/win_rate"] == 0.5
     history = client.get_metric_history(first.info.run_id, "train/loss")
@@ -88,6 +107,7 @@ def test_registry_versions_aliases_and_champion_generates(demo_runs) -> None:
     assert challenger.tags["dvc_exp_name"] == "demo-lr"
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/qwen3-dpo@champion")
-    answers = model.predict(["Question: How do I reverse a list in Python?\n\nAnswer: "],
-                            params={"max_new_tokens": 12})
+    answers = model.predict(
+        ["Question: How do I reverse a list in Python?\n\nAnswer: "], params={"max_new_tokens": 12}
+    )
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip()

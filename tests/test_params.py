@@ -54,8 +54,9 @@ def test_dvc_writes_lr_back_as_a_string_and_it_is_read_as_a_float(params_file: P
         ("tokenize", "max_prompt_length", 600, "tokenize.max_prompt_length must be <"),
     ],
 )
-def test_bad_values_name_the_key(params_file: Path, section: str, key: str, value: object,
-                                 message: str) -> None:
+def test_bad_values_name_the_key(
+    params_file: Path, section: str, key: str, value: object, message: str
+) -> None:
     edit(params_file, section, key, value)
     with pytest.raises(ParamsError, match=re.escape(message)):
         load_params(params_file)

@@ -16,8 +16,10 @@ def all_pairs(question: str, label_order: list[str], reward: dict[str, float]) -
     """Every pair of a question's answers, labelled by `label_order` (best first)."""
     rows: Pairs = ([], [], [], [], [])
     for i, better in enumerate(label_order):
-        for worse in label_order[i + 1:]:
-            for column, value in zip(rows, (question, better, worse, reward[better], reward[worse])):
+        for worse in label_order[i + 1 :]:
+            for column, value in zip(
+                rows, (question, better, worse, reward[better], reward[worse]), strict=True
+            ):
                 column.append(value)
     return rows
 
@@ -89,8 +91,13 @@ def test_kendall_label_score_is_wins_minus_losses_not_pair_order() -> None:
     # Scores: b1 +2, b2 0, b3 +1 - 2 = -1, b4 -1 (tied with b3 in labels).
     rewards = {"b1": 4.0, "b2": 3.0, "b3": 2.0, "b4": 1.0}
     pairs = [("b1", "b2"), ("b1", "b3"), ("b2", "b3"), ("b3", "b4")]
-    result = kendall_tau(["q"] * 4, [w for w, _ in pairs], [l for _, l in pairs],
-                         [rewards[w] for w, _ in pairs], [rewards[l] for _, l in pairs])
+    result = kendall_tau(
+        ["q"] * 4,
+        [w for w, _ in pairs],
+        [loser for _, loser in pairs],
+        [rewards[w] for w, _ in pairs],
+        [rewards[loser] for _, loser in pairs],
+    )
     # 6 answer pairs: 5 concordant, 1 tied in labels only (b3, b4): 5 / sqrt(6 * 5).
     assert result == KendallResult(tau=pytest.approx(5 / math.sqrt(30)), questions=1)
 

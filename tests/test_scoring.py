@@ -46,7 +46,8 @@ def test_only_completion_positions_reach_the_lm_head(monkeypatch) -> None:
     model = tiny_qwen3()
     batch = collate_pairs(random_pairs(2)[:], 0)
     hook = model.get_output_embeddings().register_forward_hook(
-        lambda *_: (_ for _ in ()).throw(AssertionError("full logits were computed")))
+        lambda *_: (_ for _ in ()).throw(AssertionError("full logits were computed"))
+    )
     with torch.no_grad():
         CompletionScorer(model)(batch.input_ids, batch.attention_mask, batch.completion_mask)
     hook.remove()

@@ -7,15 +7,23 @@ from tests.helpers import source_rows, table
 def split_tables() -> tuple[pa.Table, pa.Table]:
     train = source_rows(40, 3) + source_rows(10, 2, site="superuser")
     # Eval shares questions 0-4 (same URL) with train, and qid 7 of another site (other URL).
-    evaluation = source_rows(20, 3, start=100) + source_rows(5, 2) + source_rows(1, 2, site="askubuntu", start=7)
+    evaluation = (
+        source_rows(20, 3, start=100)
+        + source_rows(5, 2)
+        + source_rows(1, 2, site="askubuntu", start=7)
+    )
     return table(train), table(evaluation)
 
 
 def test_no_question_in_both_splits() -> None:
     train, evaluation = split_tables()
     sampled_train, sampled_eval, counts = subsample(train, evaluation, 1.0, len(train), 1000, 0)
-    assert not set(sampled_train["question_id"].to_pylist()) & set(sampled_eval["question_id"].to_pylist())
-    assert counts["train_removed_eval_overlap"] == 15  # questions 0-4 of stackoverflow, 3 pairs each
+    assert not set(sampled_train["question_id"].to_pylist()) & set(
+        sampled_eval["question_id"].to_pylist()
+    )
+    assert (
+        counts["train_removed_eval_overlap"] == 15
+    )  # questions 0-4 of stackoverflow, 3 pairs each
     # qid 7 of askubuntu is another question than qid 7 of stackoverflow: that one stays in train.
     assert "https://stackoverflow.com/questions/7" in set(sampled_train["question_id"].to_pylist())
 

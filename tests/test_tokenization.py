@@ -6,13 +6,24 @@ import pytest
 from pipeline.params import TokenizeParams
 from pipeline.schema import SUBSAMPLED_SCHEMA
 from pipeline.subsample import with_ids
-from pipeline.tokenization import (TooManyDropped, encode_completion, render_prompt,
-                                   tokenize_dataset, tokenize_pair)
+from pipeline.tokenization import (
+    TooManyDropped,
+    encode_completion,
+    render_prompt,
+    tokenize_dataset,
+    tokenize_pair,
+)
 from tests.helpers import source_rows, table
 
-PARAMS = TokenizeParams(template="Question: {question}\n\nAnswer: ", use_chat_template=False,
-                        max_length=64, max_prompt_length=32, max_drop_share=1.0, num_proc=1,
-                        pairs_per_shard=100)
+PARAMS = TokenizeParams(
+    template="Question: {question}\n\nAnswer: ",
+    use_chat_template=False,
+    max_length=64,
+    max_prompt_length=32,
+    max_drop_share=1.0,
+    num_proc=1,
+    pairs_per_shard=100,
+)
 
 
 def test_prompt_and_completion_round_trip_at_the_boundary(demo_tokenizer) -> None:
@@ -23,7 +34,10 @@ def test_prompt_and_completion_round_trip_at_the_boundary(demo_tokenizer) -> Non
     assert pair.chosen[-1] == demo_tokenizer.eos_token_id
     assert demo_tokenizer.decode(pair.chosen[:-1]) == answer
     # Separate tokenization: the concatenation decodes to exactly prompt text + answer text.
-    assert demo_tokenizer.decode(pair.prompt + pair.chosen[:-1]) == f"Question: {question}\n\nAnswer: {answer}"
+    assert (
+        demo_tokenizer.decode(pair.prompt + pair.chosen[:-1])
+        == f"Question: {question}\n\nAnswer: {answer}"
+    )
 
 
 def test_eos_is_appended_exactly_once(demo_tokenizer) -> None:
@@ -65,12 +79,15 @@ def test_long_completions_keep_their_start(demo_tokenizer) -> None:
     assert long_answer.startswith(demo_tokenizer.decode(pair.chosen))
 
 
-@pytest.mark.parametrize(("chosen", "rejected", "reason"), [
-    ("", "an answer", "empty_completion"),
-    ("an answer", "   \n", "empty_completion"),
-    (None, "an answer", "empty_completion"),
-    ("same answer", "same answer", "identical_completions"),
-])
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "reason"),
+    [
+        ("", "an answer", "empty_completion"),
+        ("an answer", "   \n", "empty_completion"),
+        (None, "an answer", "empty_completion"),
+        ("same answer", "same answer", "identical_completions"),
+    ],
+)
 def test_bad_pairs_are_dropped_with_a_reason(demo_tokenizer, chosen, rejected, reason) -> None:
     assert tokenize_pair(demo_tokenizer, "Q?", chosen, rejected, PARAMS).drop_reason == reason
 
@@ -98,12 +115,20 @@ def crafted_dataset() -> datasets.Dataset:
 def test_dataset_report_counts_drops_and_truncations(demo_tokenizer) -> None:
     kept, report = tokenize_dataset(crafted_dataset(), demo_tokenizer, PARAMS, "train")
     assert report["pairs_in"] == 6 and report["pairs_kept"] == 4 == len(kept)
-    assert report["dropped"] == {"empty_completion": 1, "identical_completions": 1,
-                                 "no_room_for_answer": 0}
+    assert report["dropped"] == {
+        "empty_completion": 1,
+        "identical_completions": 1,
+        "no_room_for_answer": 0,
+    }
     assert report["truncated"] == {"prompt": 0, "chosen": 1, "rejected": 0}
     assert report["lengths"]["pair_total"]["max"] <= PARAMS.max_length
-    assert kept.column_names == ["question_id", "pair_id", "prompt_input_ids",
-                                 "chosen_input_ids", "rejected_input_ids"]
+    assert kept.column_names == [
+        "question_id",
+        "pair_id",
+        "prompt_input_ids",
+        "chosen_input_ids",
+        "rejected_input_ids",
+    ]
 
 
 def test_too_many_drops_fail_loudly(demo_tokenizer) -> None:

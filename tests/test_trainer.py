@@ -13,17 +13,40 @@ from pipeline.trainer import NonFiniteLoss, train_policy
 from tests.helpers import random_pairs, tiny_qwen3
 
 CPU = Runtime(torch.device("cpu"), None)
-PARAMS = TrainParams(lr=1e-3, epochs=2, batch_size=4, grad_accum=1, beta=0.1, warmup_ratio=0.0,
-                     weight_decay=0.0, max_grad_norm=1.0, max_steps=0, seed=7, length_grouping=True, device="cpu",
-                     log_every=1, save_every=2)
+PARAMS = TrainParams(
+    lr=1e-3,
+    epochs=2,
+    batch_size=4,
+    grad_accum=1,
+    beta=0.1,
+    warmup_ratio=0.0,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    max_steps=0,
+    seed=7,
+    length_grouping=True,
+    device="cpu",
+    log_every=1,
+    save_every=2,
+)
 
 
-def run(tmp_path: Path, params: TrainParams = PARAMS, n_pairs: int = 16, on_log=None,
-        ckpt: str = "ckpt"):
+def run(
+    tmp_path: Path, params: TrainParams = PARAMS, n_pairs: int = 16, on_log=None, ckpt: str = "ckpt"
+):
     policy = tiny_qwen3()
     reference = freeze(tiny_qwen3())
-    result = train_policy(policy, reference, random_pairs(n_pairs), params, CPU, 0,
-                          tmp_path / ckpt, "key", on_log=on_log)
+    result = train_policy(
+        policy,
+        reference,
+        random_pairs(n_pairs),
+        params,
+        CPU,
+        0,
+        tmp_path / ckpt,
+        "key",
+        on_log=on_log,
+    )
     return policy, reference, result
 
 
@@ -53,22 +76,29 @@ def test_concatenated_forward_equals_separate_forwards() -> None:
     rows = data[:]
     both = batch_logps(model, collate_pairs(rows, 0), CPU)
     for side, half in (("chosen", both[:3]), ("rejected", both[3:])):
-        alone = {"prompt_input_ids": rows["prompt_input_ids"], "chosen_input_ids": rows[f"{side}_input_ids"],
-                 "rejected_input_ids": rows[f"{side}_input_ids"]}
+        alone = {
+            "prompt_input_ids": rows["prompt_input_ids"],
+            "chosen_input_ids": rows[f"{side}_input_ids"],
+            "rejected_input_ids": rows[f"{side}_input_ids"],
+        }
         separate = batch_logps(model, collate_pairs(alone, 0), CPU)[:3]
         torch.testing.assert_close(half, separate, atol=1e-5, rtol=0)
 
 
 def test_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     # Random (not length-grouped) order: grouping depends on the micro-batch size by design.
-    one_step = dataclasses.replace(PARAMS, batch_size=4, grad_accum=1, max_steps=1,
-                                   length_grouping=False)
-    accumulated = dataclasses.replace(PARAMS, batch_size=1, grad_accum=4, max_steps=1,
-                                      length_grouping=False)
+    one_step = dataclasses.replace(
+        PARAMS, batch_size=4, grad_accum=1, max_steps=1, length_grouping=False
+    )
+    accumulated = dataclasses.replace(
+        PARAMS, batch_size=1, grad_accum=4, max_steps=1, length_grouping=False
+    )
     big, _, big_result = run(tmp_path, one_step, ckpt="a")
     small, _, small_result = run(tmp_path, accumulated, ckpt="b")
     assert big_result.log[0]["loss"] == pytest.approx(small_result.log[0]["loss"], abs=1e-6)
-    assert big_result.log[0]["grad_norm"] == pytest.approx(small_result.log[0]["grad_norm"], rel=1e-4)
+    assert big_result.log[0]["grad_norm"] == pytest.approx(
+        small_result.log[0]["grad_norm"], rel=1e-4
+    )
     for (name, a), (_, b) in zip(big.named_parameters(), small.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -84,6 +114,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     def kill_at_step_5(row: dict) -> None:
         if row["step"] == 5:
             raise Killed
+
     with pytest.raises(Killed):
         run(tmp_path, params, on_log=kill_at_step_5, ckpt="resumed")
     assert [p.name for p in (tmp_path / "resumed").iterdir()] == ["step-00000003"]
@@ -98,8 +129,16 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
 def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path: Path) -> None:
     run(tmp_path, dataclasses.replace(PARAMS, max_steps=2), ckpt="c")
     policy, reference = tiny_qwen3(), freeze(tiny_qwen3())
-    result = train_policy(policy, reference, random_pairs(16), dataclasses.replace(PARAMS, max_steps=2),
-                          CPU, 0, tmp_path / "c", "other-key")
+    result = train_policy(
+        policy,
+        reference,
+        random_pairs(16),
+        dataclasses.replace(PARAMS, max_steps=2),
+        CPU,
+        0,
+        tmp_path / "c",
+        "other-key",
+    )
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # started afresh
 
 
@@ -110,9 +149,19 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -
         if row["step"] == 2:
             with torch.no_grad():
                 policy.model.norm.weight.fill_(float("nan"))
+
     with pytest.raises(NonFiniteLoss, match="step 3"):
-        train_policy(policy, reference, random_pairs(16), PARAMS, CPU, 0, tmp_path / "n", "key",
-                     on_log=poison_after_step_2)
+        train_policy(
+            policy,
+            reference,
+            random_pairs(16),
+            PARAMS,
+            CPU,
+            0,
+            tmp_path / "n",
+            "key",
+            on_log=poison_after_step_2,
+        )
     assert [p.name for p in (tmp_path / "n").iterdir()] == ["step-00000002"]
 
 
