@@ -63,3 +63,43 @@ def test_changing_the_fraction_reruns_only_what_depends_on_it(data_repo) -> None
     manifest = json.loads((repo / "data/raw/train/manifest.json").read_text())
     assert counts["train_target"] == math.ceil(0.5 * manifest["source_rows"])
     assert manifest["rows_fetched"] < manifest["source_rows"]  # not every shard was fetched
+
+
+def test_killed_train_stage_resumes_to_the_uninterrupted_result(data_repo) -> None:
+    """SIGKILL the real train stage after its first checkpoint; the re-run resumes from it."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    repo, env, _ = data_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(max_steps=60, save_every=20, log_every=10)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    train = [sys.executable, "-m", "stages.train"]
+    run(repo, env, *train)
+    whole = json.loads((repo / "metrics/train.json").read_text())
+    shutil.rmtree(repo / "checkpoints"), shutil.rmtree(repo / "models/policy")
+
+    process = subprocess.Popen(
+        train, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = repo / "checkpoints/train/step-00000020/meta.json"
+    deadline = time.time() + 300
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists() and not (repo / "models/policy").exists()
+    killed_run = json.loads(first.read_text())["extra"]["run_id"]
+
+    output = run(repo, env, *train)
+    assert "resuming from" in output
+    resumed = json.loads((repo / "metrics/train.json").read_text())
+    assert resumed["steps"] == whole["steps"] == 60
+    assert abs(resumed["final_loss"] - whole["final_loss"]) < 1e-4
+    assert resumed["epoch_losses"] == pytest.approx(whole["epoch_losses"], abs=1e-4)
+    run_file = json.loads((repo / "models/policy/mlflow_run.json").read_text())
+    assert run_file["run_id"] == killed_run  # the same MLflow run carries on

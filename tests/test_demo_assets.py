@@ -21,7 +21,9 @@ def read(folder: Path) -> pa.Table:
 def test_hub_layout_and_exact_schema(demo_dataset_dir: Path) -> None:
     for folder, shards in (("data/rl", 4), ("data/evaluation", 2)):
         files = sorted((demo_dataset_dir / folder).glob("*.parquet"))
-        assert [f.name for f in files] == [f"train-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
+        assert [f.name for f in files] == [
+            f"train-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)
+        ]
         for f in files:
             assert pq.read_schema(f).equals(SOURCE_SCHEMA, check_metadata=False)
 
@@ -30,9 +32,15 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     def digest(root: Path) -> list[str]:
         return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.parquet"))]
 
-    a = generate_stack_exchange_sample(tmp_path / "a", seed=3, train_questions=30, eval_questions=10)
-    b = generate_stack_exchange_sample(tmp_path / "b", seed=3, train_questions=30, eval_questions=10)
-    c = generate_stack_exchange_sample(tmp_path / "c", seed=4, train_questions=30, eval_questions=10)
+    a = generate_stack_exchange_sample(
+        tmp_path / "a", seed=3, train_questions=30, eval_questions=10
+    )
+    b = generate_stack_exchange_sample(
+        tmp_path / "b", seed=3, train_questions=30, eval_questions=10
+    )
+    c = generate_stack_exchange_sample(
+        tmp_path / "c", seed=4, train_questions=30, eval_questions=10
+    )
     assert digest(a) == digest(b) != digest(c)
 
 
@@ -50,15 +58,19 @@ def test_pairing_rule_of_the_real_set() -> None:
             better[r["response_j"]].add(r["response_k"])
         for a, b in itertools.permutations(better, 2):
             assert not (b in better[a] and a in better[b])
-    assert sum(len({r["response_j"] for r in g} | {r["response_k"] for r in g}) >= 3 for g in groups) > 150
+    assert (
+        sum(len({r["response_j"] for r in g} | {r["response_k"] for r in g}) >= 3 for g in groups)
+        > 150
+    )
 
 
 def test_label_noise_flips_some_pairs() -> None:
     clean = generate_rows(seed=0, questions=200, label_noise=0.0)
     noisy = generate_rows(seed=0, questions=200, label_noise=0.5)
     pairs = list(zip(itertools.chain(*clean), itertools.chain(*noisy), strict=True))
-    flipped = sum(n["response_j"] == c["response_k"] and n["response_k"] == c["response_j"]
-                  for c, n in pairs)
+    flipped = sum(
+        n["response_j"] == c["response_k"] and n["response_k"] == c["response_j"] for c, n in pairs
+    )
     assert 0.4 < flipped / len(pairs) < 0.6
     unchanged = sum(n == c for c, n in pairs)
     assert flipped + unchanged == len(pairs)  # a flip swaps the answers and nothing else
@@ -92,7 +104,8 @@ def test_tokenizer_specials_round_trip_and_chat_template(demo_tokenizer) -> None
     assert demo_tokenizer.eos_token == "<|im_end|>" and demo_tokenizer.pad_token == "<|endoftext|>"
     assert demo_tokenizer.convert_tokens_to_ids("<|im_start|>") != demo_tokenizer.unk_token_id
     rendered = demo_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -111,3 +111,78 @@ def test_registry_versions_aliases_and_champion_generates(demo_runs) -> None:
         ["Question: How do I reverse a list in Python?\n\nAnswer: "], params={"max_new_tokens": 12}
     )
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip()
+
+
+def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) -> None:
+    repo, env, _, _, _ = demo_runs
+    diff = run(repo, env, sys.executable, "-m", "dvc", "exp", "diff", "demo-first", "demo-lr")
+    assert "train.lr" in diff and "win_rate" in diff
+    out = tmp_path / "plots"
+    run(
+        repo,
+        env,
+        sys.executable,
+        "-m",
+        "dvc",
+        "plots",
+        "diff",
+        "demo-first",
+        "demo-lr",
+        "-o",
+        str(out),
+    )
+    page = (out / "index.html").read_text()
+    assert "rewards/margins" in page and "demo-lr" in page
+
+
+def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
+    """`mlflow ui` as the README starts it; its REST API lists both runs and their curves."""
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    repo, env, _, _, client = demo_runs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        "sqlite:///mlflow.db",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        experiment = client.get_experiment_by_name("qwen3-dpo").experiment_id
+        request = urllib.request.Request(
+            f"{base}/runs/search",
+            data=json.dumps({"experiment_ids": [experiment]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        runs = json.load(urllib.request.urlopen(request, timeout=10))["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        assert {"demo-first", "demo-lr"} <= names
+        for r in runs:
+            url = f"{base}/metrics/get-history?run_id={r['info']['run_id']}&metric_key=train/loss"
+            history = json.load(urllib.request.urlopen(url, timeout=10))["metrics"]
+            assert len(history) >= 5  # comparable curves: every run has its loss per step
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
