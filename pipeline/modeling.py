@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.batching import PairBatch
 from pipeline.dpo import sequence_logps
@@ -93,3 +93,8 @@ def batch_logps(model: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> t
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (FSDP2 wraps in place and needs no unwrapping)."""
     return getattr(model, "module", model)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id right-padding uses (masked out everywhere): pad if the tokenizer has one, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -126,6 +126,9 @@ class TrainParams:
     max_steps: int = dataclasses.field(metadata=non_negative())
     # Seed of weight-independent randomness (shuffling, dropout).
     seed: int = dataclasses.field(metadata=non_negative())
+    # Read reference log-probs from the reference stage (no reference model in memory, no second
+    # forward); false computes them on the fly with a frozen copy of the base model.
+    cached_reference: bool
     # Batch pairs of similar length (seeded, batch order still random): less padding.
     length_grouping: bool
     # "auto": CUDA with bf16 autocast when present, else CPU fp32.
@@ -142,6 +145,13 @@ class EvalParams:
     batch_size: int = dataclasses.field(metadata=positive())
     # Same meaning as train.device.
     device: Device
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceParams:
+    # Pairs per forward pass when precomputing reference log-probs (train.device / eval.device
+    # decide where each split is scored, so the cache matches the stage that reads it).
+    batch_size: int = dataclasses.field(metadata=positive())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +173,7 @@ class Params:
     model: ModelParams
     data: DataParams
     tokenize: TokenizeParams
+    reference: ReferenceParams
     train: TrainParams
     eval: EvalParams
     register: RegisterParams

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
@@ -34,6 +35,7 @@ from pipeline.dpo import STEP_METRIC_KEYS, dpo_loss, split_concatenated, step_me
 from pipeline.modeling import Runtime, assert_frozen, batch_logps
 from pipeline.params import TrainParams
 from pipeline.progress import bar
+from pipeline.reference import ModelReference, ReferenceScores
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
@@ -109,16 +111,16 @@ def total_steps(params: TrainParams, n_pairs: int) -> int:
 
 
 def pair_forward(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    policy: torch.nn.Module,
+    reference: ReferenceScores,
     batch: PairBatch,
+    rows: np.ndarray,
     runtime: Runtime,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-pair DPO losses (B,) with grad, and the batch's metric means."""
     policy_logps = batch_logps(policy, batch, runtime)
-    with torch.no_grad():
-        reference_logps = batch_logps(reference, batch, runtime)
+    reference_logps = reference(batch, rows)
     policy_chosen, policy_rejected = split_concatenated(policy_logps, batch.n_pairs)
     ref_chosen, ref_rejected = split_concatenated(reference_logps, batch.n_pairs)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -135,8 +137,8 @@ def pair_forward(
 
 
 def optimizer_step(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    policy: torch.nn.Module,
+    reference: ReferenceScores,
     dataset: Any,
     micro_batches: list[Any],
     ctx: TrainContext,
@@ -147,7 +149,9 @@ def optimizer_step(
     tokens = 0
     for indices in micro_batches:
         batch = collate_pairs(dataset[indices.tolist()], ctx.pad_token_id).to(ctx.runtime.device)
-        losses, metrics = pair_forward(policy, reference, batch, ctx.runtime, ctx.params.beta)
+        losses, metrics = pair_forward(
+            policy, reference, batch, indices, ctx.runtime, ctx.params.beta
+        )
         loss = losses.sum() / step_pairs
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite DPO loss at step {ctx.progress.step + 1}: {loss}")
@@ -187,8 +191,8 @@ def make_context(
 
 
 def train_policy(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    policy: torch.nn.Module,
+    reference: ReferenceScores,
     dataset: Any,
     params: TrainParams,
     runtime: Runtime,
@@ -202,8 +206,8 @@ def train_policy(
 
     `run_key` fingerprints the inputs (a checkpoint with another key is ignored); `on_log` gets
     every log row; `extra` is stored with each checkpoint (see checkpoint.read_extra).
+    `reference` gives the reference log-probs: a frozen model or the reference stage's cache.
     """
-    assert_frozen(reference)
     torch.manual_seed(params.seed)
     ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
     found = checkpoint.latest(checkpoint_dir, run_key)
@@ -253,7 +257,8 @@ def train_policy(
                 extra,
             )
     progress_bar.close()
-    assert_frozen(reference)
+    if isinstance(reference, ModelReference):
+        assert_frozen(reference.model)  # nothing in the loop may have unfrozen it
     seconds = time.perf_counter() - started
     return TrainResult(
         ctx.progress.step,

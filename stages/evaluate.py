@@ -3,15 +3,16 @@ reference), plots/eval_margins.csv (reward-margin histogram)."""
 
 import datasets
 import mlflow
+import numpy as np
 from transformers import AutoTokenizer
 
-from pipeline import tracking
+from pipeline import reference, tracking
 from pipeline.atomic import write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.evaluation import margin_histogram, reward_metrics, score_pairs
-from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
+from pipeline.modeling import freeze, load_causal_lm, pad_token_id, resolve_runtime
 from pipeline.params import load_params
-from pipeline.paths import DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
+from pipeline.paths import DATA_REFERENCE, DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
 from pipeline.scoring import CompletionScorer
 
 
@@ -28,13 +29,16 @@ def main() -> None:
     runtime = resolve_runtime(params.eval.device)
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_POLICY, trust_remote_code=trust)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "eval"))
-    scored = {}
-    for name, path in (("reference", MODEL_BASE), ("policy", MODEL_POLICY)):
-        model = freeze(CompletionScorer(load_causal_lm(path, runtime, trust)))
-        scored[name] = score_pairs(model, dataset, params.eval.batch_size, runtime, pad, name)
-        del model
+    # The reference side comes from the reference stage, computed once per base model and data.
+    identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "eval", runtime)
+    cached = reference.load(DATA_REFERENCE / "eval", identity, len(dataset)).astype(np.float64)
+    policy = freeze(CompletionScorer(load_causal_lm(MODEL_POLICY, runtime, trust)))
+    scored = {
+        "reference": (cached[:, 0], cached[:, 1]),
+        "policy": score_pairs(policy, dataset, params.eval.batch_size, runtime, pad, "policy"),
+    }
     beta = params.train.beta
     metrics = reward_metrics(scored["policy"], scored["reference"], beta, dataset)
     # The reference judged against itself: every reward is 0, so win rate is exactly 0.5.

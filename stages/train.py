@@ -9,13 +9,14 @@ import datasets
 import mlflow
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, tracking
+from pipeline import checkpoint, reference, tracking
 from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.csvlog import write_csv_atomic
-from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
-from pipeline.params import load_params, save_resolved
+from pipeline.modeling import Runtime, freeze, load_causal_lm, pad_token_id, resolve_runtime
+from pipeline.params import Params, load_params, save_resolved
 from pipeline.paths import (
     CHECKPOINTS,
+    DATA_REFERENCE,
     DATA_TOKENIZED,
     METRICS,
     MODEL_BASE,
@@ -23,6 +24,7 @@ from pipeline.paths import (
     PLOTS,
     REPORTS,
 )
+from pipeline.reference import ReferenceScores
 from pipeline.scoring import CompletionScorer
 from pipeline.trainer import LOG_KEYS, TrainResult, train_policy
 
@@ -41,15 +43,26 @@ def summary(result: TrainResult) -> dict[str, object]:
     }
 
 
+def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> ReferenceScores:
+    """The reference stage's cache (checked against base model, data and runtime), or a frozen
+    copy of the base model when train.cached_reference is false."""
+    if params.train.cached_reference:
+        identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime)
+        logps = reference.load(DATA_REFERENCE / "train", identity, n_pairs)
+        return reference.CachedReference(logps, runtime.device)
+    model = load_causal_lm(MODEL_BASE, runtime, params.model.trust_remote_code)
+    return reference.ModelReference(freeze(CompletionScorer(model)), runtime)
+
+
 def main() -> None:
     params = load_params()
     runtime = resolve_runtime(params.train.device)
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
     policy = load_causal_lm(MODEL_BASE, runtime, trust)
-    reference = freeze(CompletionScorer(load_causal_lm(MODEL_BASE, runtime, trust)))
+    reference = reference_scores(params, runtime, len(dataset))
     config = {
         k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT
     }

@@ -79,6 +79,7 @@ def test_killed_train_stage_resumes_to_the_uninterrupted_result(data_repo) -> No
     params["train"].update(max_steps=60, save_every=20, log_every=10)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     train = [sys.executable, "-m", "stages.train"]
+    run(repo, env, sys.executable, "-m", "stages.reference")
     run(repo, env, *train)
     whole = json.loads((repo / "metrics/train.json").read_text())
     shutil.rmtree(repo / "checkpoints"), shutil.rmtree(repo / "models/policy")

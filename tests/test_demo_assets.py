@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from pipeline.demo_assets import generate_rows, generate_stack_exchange_sample

@@ -21,6 +21,7 @@ STAGES = (
     "download_data",
     "subsample",
     "tokenize",
+    "reference",
     "train",
     "evaluate",
     "register",
@@ -55,11 +56,11 @@ def test_first_experiment_runs_every_stage(demo_runs) -> None:
         assert f"Running stage '{stage}'" in first, stage
 
 
-def test_second_experiment_reruns_only_train_evaluate_register(demo_runs) -> None:
+def test_second_experiment_restores_data_and_reference_from_cache(demo_runs) -> None:
     _, _, _, second, _ = demo_runs
-    for stage in STAGES[:4]:
+    for stage in STAGES[:5]:
         assert f"Running stage '{stage}'" not in second, f"{stage} should come from the cache"
-    for stage in STAGES[4:]:
+    for stage in STAGES[5:]:
         assert f"Running stage '{stage}'" in second, stage
 
 

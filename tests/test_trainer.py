@@ -9,6 +9,7 @@ import torch
 from pipeline.batching import collate_pairs, epoch_order, optimizer_steps
 from pipeline.modeling import Runtime, assert_frozen, batch_logps, freeze
 from pipeline.params import TrainParams
+from pipeline.reference import ModelReference
 from pipeline.trainer import NonFiniteLoss, train_policy
 from tests.helpers import random_pairs, tiny_qwen3
 
@@ -38,7 +39,7 @@ def run(
     reference = freeze(tiny_qwen3())
     result = train_policy(
         policy,
-        reference,
+        ModelReference(reference, CPU),
         random_pairs(n_pairs),
         params,
         CPU,
@@ -131,7 +132,7 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path: Path) -> None:
     policy, reference = tiny_qwen3(), freeze(tiny_qwen3())
     result = train_policy(
         policy,
-        reference,
+        ModelReference(reference, CPU),
         random_pairs(16),
         dataclasses.replace(PARAMS, max_steps=2),
         CPU,
@@ -153,7 +154,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -
     with pytest.raises(NonFiniteLoss, match="step 3"):
         train_policy(
             policy,
-            reference,
+            ModelReference(reference, CPU),
             random_pairs(16),
             PARAMS,
             CPU,
