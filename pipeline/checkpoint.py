@@ -56,6 +56,7 @@ def save(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `folder/step-N` atomically, then remove older ones."""
+    model = getattr(model, "module", model)  # DDP: save the replica, resumable by any world size
     target = folder / f"{PREFIX}{position.step:08d}"
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
@@ -101,6 +102,7 @@ def restore(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> tuple[Progress, list[dict[str, float]]]:
     """Load a checkpoint into the given objects; return the data position and the log so far."""
+    model = getattr(model, "module", model)
     load_model(model, str(path / "model.safetensors"), device=str(_device_of(model)))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])

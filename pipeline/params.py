@@ -133,6 +133,8 @@ class TrainParams:
     length_grouping: bool
     # "auto": CUDA with bf16 autocast when present, else CPU fp32.
     device: Device
+    # Processes started by torchrun (one per GPU, DDP); batch_size is per process.
+    nproc: int = dataclasses.field(metadata=positive())
     # Optimizer steps between metric lines (tqdm postfix, plots/train.csv).
     log_every: int = dataclasses.field(metadata=positive())
     # Optimizer steps between resumable checkpoints.

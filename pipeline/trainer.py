@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from pipeline import checkpoint
 from pipeline.batching import (
@@ -31,6 +31,15 @@ from pipeline.batching import (
     pair_lengths,
 )
 from pipeline.checkpoint import Progress
+from pipeline.distributed import (
+    World,
+    all_reduce_sum,
+    barrier,
+    current_world,
+    no_sync_unless,
+    rank_slice,
+    usable_order,
+)
 from pipeline.dpo import STEP_METRIC_KEYS, dpo_loss, split_concatenated, step_metrics
 from pipeline.modeling import Runtime, assert_frozen, batch_logps
 from pipeline.params import TrainParams
@@ -39,6 +48,7 @@ from pipeline.reference import ModelReference, ReferenceScores
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
+SINGLE = World()  # one process, no torchrun
 LogCallback = Callable[[dict[str, float]], None]
 
 
@@ -86,11 +96,17 @@ class Window:
         return row
 
 
-def epoch_plan(lengths: Any, params: TrainParams, epoch: int) -> Any:
-    """The epoch's pair order: length-grouped or plain random, both a function of (seed, epoch)."""
+def epoch_plan(lengths: Any, params: TrainParams, epoch: int, world: World = SINGLE) -> Any:
+    """The epoch's pair order: length-grouped or plain random, both a function of (seed, epoch).
+
+    Groups are cut at the global micro-batch (batch_size pairs on each of `world.size` ranks).
+    """
+    size = params.batch_size * world.size
     if params.length_grouping:
-        return length_grouped_order(lengths, params.batch_size, params.seed, epoch)
-    return epoch_order(len(lengths), params.seed, epoch)
+        order = length_grouped_order(lengths, size, params.seed, epoch)
+    else:
+        order = epoch_order(len(lengths), params.seed, epoch)
+    return usable_order(order, world)
 
 
 def padding_report(lengths: Any, params: TrainParams) -> dict[str, float]:
@@ -103,8 +119,9 @@ def padding_report(lengths: Any, params: TrainParams) -> dict[str, float]:
     }
 
 
-def total_steps(params: TrainParams, n_pairs: int) -> int:
-    micro_batches = math.ceil(n_pairs / params.batch_size)
+def total_steps(params: TrainParams, n_pairs: int, world: World = SINGLE) -> int:
+    n_pairs = len(usable_order(np.arange(n_pairs), world))
+    micro_batches = math.ceil(n_pairs / (params.batch_size * world.size))
     per_epoch = math.ceil(micro_batches / params.grad_accum)
     planned = per_epoch * params.epochs
     return min(planned, params.max_steps) if params.max_steps else planned
@@ -143,29 +160,38 @@ def optimizer_step(
     micro_batches: list[Any],
     ctx: TrainContext,
 ) -> tuple[dict[str, float], float, int, int]:
-    """One optimizer step over its micro-batches -> (metric means, grad norm, pairs, tokens)."""
+    """One optimizer step over its micro-batches -> (metric means, grad norm, pairs, tokens).
+
+    `micro_batches` are global (all ranks); this rank runs its slice of each. The loss is the sum
+    of per-pair losses over the whole step divided by its pairs; DDP averages gradients over
+    ranks, hence the factor world.size.
+    """
     step_pairs = sum(len(m) for m in micro_batches)
-    sums: dict[str, float] = {}
+    sums = dict.fromkeys(STEP_METRIC_KEYS, 0.0)
     tokens = 0
-    for indices in micro_batches:
+    for i, global_micro in enumerate(micro_batches):
+        indices = rank_slice(global_micro, ctx.world)
         batch = collate_pairs(dataset[indices.tolist()], ctx.pad_token_id).to(ctx.runtime.device)
         losses, metrics = pair_forward(
             policy, reference, batch, indices, ctx.runtime, ctx.params.beta
         )
-        loss = losses.sum() / step_pairs
+        loss = losses.sum() * ctx.world.size / step_pairs
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite DPO loss at step {ctx.progress.step + 1}: {loss}")
-        loss.backward()
+        with no_sync_unless(i == len(micro_batches) - 1, policy):
+            loss.backward()
         for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + value * batch.n_pairs
+            sums[key] += value * batch.n_pairs
         tokens += batch.real_tokens
+    *totals, tokens = all_reduce_sum([*sums.values(), tokens], ctx.runtime.device, ctx.world)
+    sums = dict(zip(sums, totals, strict=True))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), ctx.params.max_grad_norm))
     if not math.isfinite(grad_norm):
         raise NonFiniteLoss(f"non-finite gradient norm at step {ctx.progress.step + 1}")
     ctx.optimizer.step()
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    return {k: v / step_pairs for k, v in sums.items()}, grad_norm, step_pairs, tokens
+    return {k: v / step_pairs for k, v in sums.items()}, grad_norm, step_pairs, int(tokens)
 
 
 @dataclasses.dataclass
@@ -177,17 +203,19 @@ class TrainContext:
     scheduler: Any
     progress: Progress
     log: list[dict[str, float]]
+    world: World
 
 
 def make_context(
-    policy: PreTrainedModel, params: TrainParams, runtime: Runtime, pad_token_id: int, n_pairs: int
+    policy: torch.nn.Module, params: TrainParams, runtime: Runtime, pad_token_id: int, n_pairs: int
 ) -> TrainContext:
+    world = current_world()
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=params.lr, weight_decay=params.weight_decay
     )
-    steps = total_steps(params, n_pairs)
+    steps = total_steps(params, n_pairs, world)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * steps), steps)
-    return TrainContext(params, runtime, pad_token_id, optimizer, scheduler, Progress(), [])
+    return TrainContext(params, runtime, pad_token_id, optimizer, scheduler, Progress(), [], world)
 
 
 def train_policy(
@@ -205,8 +233,9 @@ def train_policy(
     """Train `policy` in place on the tokenized `dataset`, resuming from `checkpoint_dir`.
 
     `run_key` fingerprints the inputs (a checkpoint with another key is ignored); `on_log` gets
-    every log row; `extra` is stored with each checkpoint (see checkpoint.read_extra).
+    every log row (rank 0 only); `extra` is stored with each checkpoint (checkpoint.read_extra).
     `reference` gives the reference log-probs: a frozen model or the reference stage's cache.
+    Under torchrun, `policy` is the DDP-wrapped scorer and every rank calls this.
     """
     torch.manual_seed(params.seed)
     ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
@@ -216,13 +245,21 @@ def train_policy(
         print(f"resuming from {found} (step {ctx.progress.step})")
     policy.train()
     started, pairs_run, tokens_run = time.perf_counter(), 0, 0
-    last = total_steps(params, len(dataset))
+    last = total_steps(params, len(dataset), ctx.world)
     lengths = pair_lengths(dataset)
-    progress_bar = bar(total=last, initial=ctx.progress.step, desc="train", unit="step")
+    progress_bar = bar(
+        total=last,
+        initial=ctx.progress.step,
+        desc="train",
+        unit="step",
+        disable=not ctx.world.is_main,
+    )
     window = Window()
     while ctx.progress.step < last:
         steps = optimizer_steps(
-            epoch_plan(lengths, params, ctx.progress.epoch), params.batch_size, params.grad_accum
+            epoch_plan(lengths, params, ctx.progress.epoch, ctx.world),
+            params.batch_size * ctx.world.size,
+            params.grad_accum,
         )
         t0 = time.perf_counter()
         metrics, grad_norm, pairs, tokens = optimizer_step(
@@ -231,31 +268,18 @@ def train_policy(
         window.add(metrics, pairs, grad_norm, tokens, time.perf_counter() - t0)
         pairs_run, tokens_run = pairs_run + pairs, tokens_run + tokens
         epoch = ctx.progress.epoch + (ctx.progress.step_in_epoch + 1) / len(steps)
-        _advance(ctx.progress, metrics["loss"], pairs, len(steps))
+        _advance(ctx.progress, metrics["loss"], pairs, len(steps), ctx.world.is_main)
         progress_bar.update(1)
         progress_bar.set_postfix(
             loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}"
         )
-        if (
-            ctx.progress.step % params.log_every == 0
-            or ctx.progress.step == last
-            or ctx.progress.step_in_epoch == 0
-        ):
+        if _log_due(ctx.progress, params, last):
             ctx.log.append(window.row(ctx.progress.step, epoch, ctx.scheduler.get_last_lr()[0]))
             window = Window()
-            if on_log is not None:
+            if on_log is not None and ctx.world.is_main:
                 on_log(ctx.log[-1])
         if ctx.progress.step % params.save_every == 0 or ctx.progress.step == last:
-            checkpoint.save(
-                checkpoint_dir,
-                policy,
-                ctx.optimizer,
-                ctx.scheduler,
-                ctx.progress,
-                ctx.log,
-                run_key,
-                extra,
-            )
+            _save(checkpoint_dir, policy, ctx, run_key, extra)
     progress_bar.close()
     if isinstance(reference, ModelReference):
         assert_frozen(reference.model)  # nothing in the loop may have unfrozen it
@@ -271,7 +295,33 @@ def train_policy(
     )
 
 
-def _advance(progress: Progress, loss: float, pairs: int, steps_in_epoch: int) -> None:
+def _log_due(progress: Progress, params: TrainParams, last: int) -> bool:
+    """Every log_every steps, at the last step and at the end of each epoch."""
+    return (
+        progress.step % params.log_every == 0
+        or progress.step == last
+        or progress.step_in_epoch == 0
+    )
+
+
+def _save(
+    folder: Path,
+    policy: torch.nn.Module,
+    ctx: TrainContext,
+    run_key: str,
+    extra: dict[str, Any] | None,
+) -> None:
+    """Rank 0 writes (DDP replicas are identical); the others wait so none runs ahead of it."""
+    if ctx.world.is_main:
+        checkpoint.save(
+            folder, policy, ctx.optimizer, ctx.scheduler, ctx.progress, ctx.log, run_key, extra
+        )
+    barrier(ctx.world)
+
+
+def _advance(
+    progress: Progress, loss: float, pairs: int, steps_in_epoch: int, announce: bool = True
+) -> None:
     progress.step += 1
     progress.step_in_epoch += 1
     progress.epoch_loss_sum += loss * pairs
@@ -282,4 +332,5 @@ def _advance(progress: Progress, loss: float, pairs: int, steps_in_epoch: int) -
         average = progress.epoch_loss_sum / progress.epoch_pairs
         progress.epoch_losses.append(average)
         progress.epoch_loss_sum, progress.epoch_pairs = 0.0, 0
-        tqdm.write(f"Epoch {progress.epoch} DPO Loss (Avg): {average:.4f}")
+        if announce:
+            tqdm.write(f"Epoch {progress.epoch} DPO Loss (Avg): {average:.4f}")

@@ -4,12 +4,14 @@ MLflow run) when a run with the same inputs was killed."""
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import datasets
 import mlflow
+import torch
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, reference, tracking
+from pipeline import checkpoint, distributed, reference, tracking
 from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.modeling import Runtime, freeze, load_causal_lm, pad_token_id, resolve_runtime
@@ -54,41 +56,20 @@ def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> Referenc
     return reference.ModelReference(freeze(CompletionScorer(model)), runtime)
 
 
-def main() -> None:
-    params = load_params()
-    runtime = resolve_runtime(params.train.device)
-    trust = params.model.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
-    pad = pad_token_id(tokenizer)
-    dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
-    policy = load_causal_lm(MODEL_BASE, runtime, trust)
-    reference = reference_scores(params, runtime, len(dataset))
-    config = {
-        k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT
-    }
-    run_key = checkpoint.fingerprint(config, MODEL_BASE, DATA_TOKENIZED / "train")
+def start_run(params: Params, device: str, run_key: str) -> str | None:
+    """Rank 0 opens the MLflow run (continuing the one a resumed checkpoint names)."""
     found = checkpoint.latest(CHECKPOINTS, run_key)
     previous_run = checkpoint.read_extra(found).get("run_id") if found else None
-    run_id = tracking.start_training_run(params, str(runtime.device), previous_run)
+    run_id = tracking.start_training_run(params, device, previous_run)
     for name in ("tokenize", "subsample"):
         if (REPORTS / f"{name}.json").is_file():
             mlflow.log_artifact(str(REPORTS / f"{name}.json"), artifact_path="reports")
-    print(
-        f"train: {len(dataset)} pairs on {runtime.device} (autocast {runtime.autocast_dtype}), "
-        f"{sum(p.numel() for p in policy.parameters()):,} params, MLflow run {run_id}"
-    )
-    result = train_policy(
-        CompletionScorer(policy),
-        reference,
-        dataset,
-        params.train,
-        runtime,
-        pad,
-        CHECKPOINTS,
-        run_key,
-        on_log=tracking.log_step,
-        extra={"run_id": run_id},
-    )
+    return run_id
+
+
+def write_outputs(
+    params: Params, policy: torch.nn.Module, tokenizer: Any, result: TrainResult, run_id: str
+) -> None:
     with atomic_dir(MODEL_POLICY) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -98,6 +79,45 @@ def main() -> None:
     write_json_atomic(METRICS / "train.json", summary(result))
     tracking.log_flat_metrics(summary(result), "train_summary/")
     mlflow.end_run()
+
+
+def main() -> None:
+    params = load_params()
+    world, runtime = distributed.init_from_env(resolve_runtime(params.train.device))
+    trust = params.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
+    dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
+    policy = load_causal_lm(MODEL_BASE, runtime, trust)
+    reference = reference_scores(params, runtime, len(dataset))
+    config = {
+        k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT
+    }
+    # The world size changes the batch split, not the maths: a 2-GPU run may resume on 1.
+    run_key = checkpoint.fingerprint(config, MODEL_BASE, DATA_TOKENIZED / "train")
+    run_id = start_run(params, str(runtime.device), run_key) if world.is_main else None
+    if world.is_main:
+        print(
+            f"train: {len(dataset)} pairs on {world.size} x {runtime.device} (autocast "
+            f"{runtime.autocast_dtype}), {sum(p.numel() for p in policy.parameters()):,} "
+            f"params, MLflow run {run_id}"
+        )
+    scorer = distributed.wrap(CompletionScorer(policy), world, runtime)
+    result = train_policy(
+        scorer,
+        reference,
+        dataset,
+        params.train,
+        runtime,
+        pad_token_id(tokenizer),
+        CHECKPOINTS,
+        run_key,
+        on_log=tracking.log_step,
+        extra={"run_id": run_id},
+    )
+    if world.is_main:
+        write_outputs(params, policy, tokenizer, result, run_id)
+    distributed.barrier(world)
+    distributed.shutdown(world)
 
 
 if __name__ == "__main__":

@@ -31,18 +31,35 @@ def test_cached_values_equal_on_the_fly_values() -> None:
 
 
 def test_training_on_the_cache_matches_training_on_the_fly(tmp_path: Path) -> None:
-    params = TrainParams(lr=1e-3, epochs=1, batch_size=4, grad_accum=1, beta=0.1,
-                         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, max_steps=3,
-                         seed=1, cached_reference=True, length_grouping=True, device="cpu",
-                         log_every=1, save_every=10)
+    params = TrainParams(
+        lr=1e-3,
+        epochs=1,
+        batch_size=4,
+        grad_accum=1,
+        beta=0.1,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=3,
+        seed=1,
+        cached_reference=True,
+        length_grouping=True,
+        device="cpu",
+        nproc=1,
+        log_every=1,
+        save_every=10,
+    )
     data = random_pairs(16)
     base = freeze(CompletionScorer(tiny_qwen3()))
     table = np.stack(score_pairs(base, data, 5, CPU, 0, "ref"), 1)
     runs = {}
-    for name, ref in (("cached", CachedReference(table, CPU.device)),
-                      ("live", ModelReference(base, CPU))):
-        result = train_policy(CompletionScorer(tiny_qwen3()), ref, data, params, CPU, 0,
-                              tmp_path / name, "key")
+    for name, ref in (
+        ("cached", CachedReference(table, CPU.device)),
+        ("live", ModelReference(base, CPU)),
+    ):
+        result = train_policy(
+            CompletionScorer(tiny_qwen3()), ref, data, params, CPU, 0, tmp_path / name, "key"
+        )
         runs[name] = [row["loss"] for row in result.log]
     assert runs["cached"] == pytest.approx(runs["live"], abs=1e-5)
 
@@ -71,7 +88,9 @@ def test_stale_cache_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> No
         reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, CPU), 6)
 
 
-def test_other_numeric_setting_or_size_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_other_numeric_setting_or_size_is_refused(
+    inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
     model_dir, data_dir = inputs
     identity = reference.describe(model_dir, data_dir, CPU)
     reference.save(tmp_path / "cache", np.zeros((6, 2)), identity)

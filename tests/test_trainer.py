@@ -25,8 +25,10 @@ PARAMS = TrainParams(
     max_grad_norm=1.0,
     max_steps=0,
     seed=7,
+    cached_reference=False,
     length_grouping=True,
     device="cpu",
+    nproc=1,
     log_every=1,
     save_every=2,
 )
