@@ -1,122 +1,323 @@
-"""The offline demo assets: exact source schema, the real set's pairing rule, a loadable Qwen3."""
+"""The offline demo assets: exact source schema and hub layout, the real set's pairing rule, and a
+tiny model folder that loads through the same classes as Qwen/Qwen3-0.6B."""
+
+from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from pipeline.demo_assets import generate_rows, generate_stack_exchange_sample
-from pipeline.schema import SOURCE_SCHEMA
+from pipeline import demo_assets
+from pipeline.demo_assets import (
+    MAX_PAIRS_PER_QUESTION,
+    build_tiny_qwen3,
+    ensure_demo_dataset,
+    ensure_demo_model,
+    generate_questions,
+    generate_stack_exchange_sample,
+    pair_rows,
+)
+
+# The hub dataset's schema, spelled out here rather than imported, so a change to either side
+# is caught.
+EXPECTED_SCHEMA = pa.schema(
+    [
+        ("qid", pa.int64()),
+        ("question", pa.string()),
+        ("date", pa.string()),
+        ("metadata", pa.list_(pa.string())),
+        ("response_j", pa.string()),
+        ("response_k", pa.string()),
+    ]
+)
 
 
-def read(folder: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("*.parquet")))
+def read(folder: Path) -> list[dict]:
+    return pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("*.parquet"))).to_pylist()
+
+
+def by_question(rows: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        grouped[row["metadata"][0]].append(row)
+    return grouped
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def train_rows(demo_dataset_dir: Path) -> list[dict]:
+    return read(demo_dataset_dir / "data/rl")
+
+
+@pytest.fixture(scope="module")
+def eval_rows(demo_dataset_dir: Path) -> list[dict]:
+    return read(demo_dataset_dir / "data/evaluation")
+
+
+# --- dataset ---------------------------------------------------------------------------------
 
 
 def test_hub_layout_and_exact_schema(demo_dataset_dir: Path) -> None:
+    assert sorted(p.name for p in (demo_dataset_dir / "data").iterdir()) == ["evaluation", "rl"]
     for folder, shards in (("data/rl", 4), ("data/evaluation", 2)):
-        files = sorted((demo_dataset_dir / folder).glob("*.parquet"))
+        files = sorted((demo_dataset_dir / folder).iterdir())
         assert [f.name for f in files] == [
             f"train-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)
         ]
         for f in files:
-            assert pq.read_schema(f).equals(SOURCE_SCHEMA, check_metadata=False)
+            assert pq.read_schema(f).equals(EXPECTED_SCHEMA, check_metadata=False)
+            assert pq.read_metadata(f).num_rows > 0
+
+
+def test_sizes_fit_the_cpu_demo(train_rows: list[dict], eval_rows: list[dict]) -> None:
+    assert 2000 <= len(train_rows) <= 2600
+    assert 350 <= len(eval_rows) <= 500
+    for row in train_rows:
+        assert 8 <= len(row["question"].split()) <= 65
+        for text in (row["response_j"], row["response_k"]):
+            assert 15 <= len(text.split()) <= 120
+        assert row["date"][:4].isdigit() and row["date"][4] == "/" and len(row["date"]) == 10
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
-    def digest(root: Path) -> list[str]:
-        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.parquet"))]
+    def make(name: str, seed: int) -> dict[str, str]:
+        out = generate_stack_exchange_sample(
+            tmp_path / name, seed=seed, train_questions=40, eval_questions=12
+        )
+        return digest(out)
 
-    a = generate_stack_exchange_sample(
-        tmp_path / "a", seed=3, train_questions=30, eval_questions=10
-    )
-    b = generate_stack_exchange_sample(
-        tmp_path / "b", seed=3, train_questions=30, eval_questions=10
-    )
-    c = generate_stack_exchange_sample(
-        tmp_path / "c", seed=4, train_questions=30, eval_questions=10
-    )
-    assert digest(a) == digest(b) != digest(c)
+    first = make("a", 3)
+    assert len(first) == 6
+    assert first == make("b", 3)
+    assert first != make("c", 4)
+
+
+def test_failed_build_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def fail_on_second_folder(folder: Path, rows: list, shards: int) -> None:
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        folder.mkdir(parents=True)
+
+    monkeypatch.setattr(demo_assets, "_write_shards", fail_on_second_folder)
+    with pytest.raises(OSError, match="disk full"):
+        generate_stack_exchange_sample(tmp_path / "sample", train_questions=5, eval_questions=3)
+    assert len(calls) == 2  # the first folder was written before the failure
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary sibling
 
 
 def test_pairing_rule_of_the_real_set() -> None:
-    groups = generate_rows(seed=0, questions=300, label_noise=0.0)
-    for rows in groups:
-        assert 1 <= len(rows) <= 10  # at most 10 pairs per question
-        answers = {r["response_j"] for r in rows} | {r["response_k"] for r in rows}
-        assert 2 <= len(answers) <= 6
+    """Only answers of different score are paired, the higher one as response_j, <= 10 each."""
+    questions = generate_questions(seed=1, count=300)
+    rng = random.Random(0)
+    for question in questions:
+        assert 2 <= len(question.answers) <= 6
+        scores = {a.text: a.score for a in question.answers}
+        assert len(set(scores.values())) == len(scores) == len(question.answers)
+        rows = pair_rows(question, rng)
+        possible = len(question.answers) * (len(question.answers) - 1) // 2
+        assert len(rows) == min(possible, MAX_PAIRS_PER_QUESTION)
+        assert len({(r["response_j"], r["response_k"]) for r in rows}) == len(rows)
+        for row in rows:
+            assert scores[row["response_j"]] > scores[row["response_k"]]
+            assert row["metadata"][0] == question.url and len(row["metadata"]) == 3
+    assert sum(len(q.answers) >= 3 for q in questions) > 0.6 * len(questions)
+    assert any(len(q.answers) == 2 for q in questions)
+
+
+def test_written_pairs_follow_the_rule(train_rows: list[dict], eval_rows: list[dict]) -> None:
+    for rows in itertools.chain(by_question(train_rows).values(), by_question(eval_rows).values()):
+        assert 1 <= len(rows) <= MAX_PAIRS_PER_QUESTION
         assert all(r["response_j"] != r["response_k"] for r in rows)
-    # Preference is transitive within a question when no label is flipped: a strict order.
-    for rows in groups:
-        better = defaultdict(set)
-        for r in rows:
-            better[r["response_j"]].add(r["response_k"])
-        for a, b in itertools.permutations(better, 2):
-            assert not (b in better[a] and a in better[b])
-    assert (
-        sum(len({r["response_j"] for r in g} | {r["response_k"] for r in g}) >= 3 for g in groups)
-        > 150
-    )
+        assert len({(r["qid"], r["question"], r["date"]) for r in rows}) == 1
+        # The labels of one question come from one score order: never both a > b and b > a.
+        better = {(r["response_j"], r["response_k"]) for r in rows}
+        assert not any((k, j) in better for j, k in better)
+    grouped = by_question(eval_rows)
+    distinct = [
+        len({t for r in rows for t in (r["response_j"], r["response_k"])})
+        for rows in grouped.values()
+    ]
+    assert sum(n >= 3 for n in distinct) > 0.6 * len(distinct)  # rankable questions
+    assert max(distinct) == 6
 
 
-def test_label_noise_flips_some_pairs() -> None:
-    clean = generate_rows(seed=0, questions=200, label_noise=0.0)
-    noisy = generate_rows(seed=0, questions=200, label_noise=0.5)
-    pairs = list(zip(itertools.chain(*clean), itertools.chain(*noisy), strict=True))
-    flipped = sum(
-        n["response_j"] == c["response_k"] and n["response_k"] == c["response_j"] for c, n in pairs
-    )
-    assert 0.4 < flipped / len(pairs) < 0.6
-    unchanged = sum(n == c for c, n in pairs)
-    assert flipped + unchanged == len(pairs)  # a flip swaps the answers and nothing else
+def test_label_noise_flips_only_neighbouring_answers() -> None:
+    def inversions(noise: float) -> list[int]:
+        counts = []
+        for q in generate_questions(seed=2, count=200, label_noise=noise):
+            ranked = sorted(q.answers, key=lambda a: a.score, reverse=True)
+            counts.append(sum(a.level < b.level for a, b in itertools.combinations(ranked, 2)))
+        return counts
+
+    assert set(inversions(0.0)) == {0}  # scores follow the style levels exactly
+    assert set(inversions(1.0)) == {1}  # one swap of neighbours flips exactly one pair
+    assert 0 < sum(inversions(0.1)) < 0.25 * 200
 
 
-def test_qids_collide_across_sites_and_eval_overlap_is_planted(demo_dataset_dir: Path) -> None:
-    train = read(demo_dataset_dir / "data/rl")
-    evaluation = read(demo_dataset_dir / "data/evaluation")
-    urls_per_qid = defaultdict(set)
-    for qid, meta in zip(train["qid"].to_pylist(), train["metadata"].to_pylist(), strict=True):
-        urls_per_qid[qid].add(meta[0])
-        assert meta[0].startswith("https://") and f"/questions/{qid}" in meta[0]
-    assert any(len(urls) > 1 for urls in urls_per_qid.values())
-    train_urls = {m[0] for m in train["metadata"].to_pylist()}
-    eval_urls = {m[0] for m in evaluation["metadata"].to_pylist()}
-    assert 0 < len(train_urls & eval_urls) <= 5
-    assert len(train) > 2000 and len(evaluation) > 300
+def test_quality_shows_in_the_text(train_rows: list[dict]) -> None:
+    """Graded levels: the best answers explain code in fences and list notes; the worst don't."""
+    questions = generate_questions(seed=0, count=200, label_noise=0.0)
+    by_level = defaultdict(list)
+    for q in questions:
+        for a in q.answers:
+            by_level[a.level].append(a.text)
+    assert set(by_level) == set(range(6))
+    assert all("```" in t and "\n- " in t for t in by_level[5])
+    assert all("```" in t and "\n- " not in t for t in by_level[4])
+    assert all("```" not in t and "`" in t for t in by_level[3])
+    assert all("`" not in t for t in by_level[2] + by_level[0])
+    chosen = [r["response_j"] for r in train_rows]
+    assert sum("```python\n" in t for t in chosen) > 0.1 * len(chosen)
+    assert sum("```" in t for t in chosen) > sum("```" in r["response_k"] for r in train_rows)
 
 
-def test_answers_are_markdown_with_code_fences(demo_dataset_dir: Path) -> None:
-    chosen = read(demo_dataset_dir / "data/rl")["response_j"].to_pylist()
-    assert sum("```" in text for text in chosen) > len(chosen) / 3
-    assert any("`" in text and "```" not in text for text in chosen)  # inline code too
+def test_qids_collide_across_sites(train_rows: list[dict], eval_rows: list[dict]) -> None:
+    urls_per_qid: dict[int, set[str]] = defaultdict(set)
+    for row in train_rows + eval_rows:
+        url = row["metadata"][0]
+        assert url.startswith("https://") and url.endswith(f"/questions/{row['qid']}")
+        assert all(u.startswith(url.split("/questions/")[0] + "/a/") for u in row["metadata"][1:])
+        urls_per_qid[row["qid"]].add(url)
+    colliding = [urls for urls in urls_per_qid.values() if len(urls) > 1]
+    assert len(colliding) >= 5
+    sites = {url.split("/")[2] for url in itertools.chain(*urls_per_qid.values())}
+    assert len(sites) >= 4 and any(s.endswith(".stackexchange.com") for s in sites)
 
 
-def test_tokenizer_specials_round_trip_and_chat_template(demo_tokenizer) -> None:
-    text = "Question: Why?\n\nAnswer: ```python\nx = [1, 2]\n```\n\tünïcode ✓"
+def test_eval_overlap_is_small_but_planted(train_rows: list[dict], eval_rows: list[dict]) -> None:
+    train_urls, eval_urls = set(by_question(train_rows)), set(by_question(eval_rows))
+    shared = train_urls & eval_urls
+    assert 0 < len(shared) <= 0.05 * len(eval_urls | train_urls)
+    for url in shared:  # the same question, not merely the same qid
+        assert {r["question"] for r in by_question(train_rows)[url]} == {
+            r["question"] for r in by_question(eval_rows)[url]
+        }
+
+
+def test_rows_are_shuffled_across_shards(demo_dataset_dir: Path) -> None:
+    shards_of: dict[str, list[int]] = defaultdict(list)
+    for i, path in enumerate(sorted((demo_dataset_dir / "data/rl").glob("*.parquet"))):
+        for meta in pq.read_table(path, columns=["metadata"])["metadata"].to_pylist():
+            shards_of[meta[0]].append(i)
+    # Questions with several pairs: writing them grouped would put most in a single shard.
+    spread = [len(set(shards)) > 1 for shards in shards_of.values() if len(shards) >= 3]
+    assert len(spread) > 100 and sum(spread) > 0.7 * len(spread)
+
+
+def test_ensure_reuses_a_complete_build(
+    asset_cache: Path, demo_dataset_dir: Path, demo_model_dir: Path
+) -> None:
+    before = {p: p.stat().st_mtime_ns for p in asset_cache.rglob("*") if p.is_file()}
+    assert ensure_demo_dataset(asset_cache) == demo_dataset_dir
+    assert ensure_demo_model(asset_cache) == demo_model_dir
+    after = {p: p.stat().st_mtime_ns for p in asset_cache.rglob("*") if p.is_file()}
+    assert before == after
+    assert demo_assets.VERSION in demo_dataset_dir.name
+    assert demo_assets.VERSION in demo_model_dir.name
+
+
+# --- tokenizer and model ---------------------------------------------------------------------
+
+
+def test_tokenizer_is_qwens_class_with_qwens_specials(demo_tokenizer) -> None:
+    assert type(demo_tokenizer).__name__ == "Qwen2Tokenizer"  # what Qwen3-0.6B loads as
+    assert demo_tokenizer.bos_token is None
+    assert demo_tokenizer.eos_token == "<|im_end|>"
+    assert demo_tokenizer.pad_token == "<|endoftext|>"
+    ids = demo_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    n = len(demo_tokenizer)
+    assert ids == [n - 3, n - 2, n - 1]  # appended after the learned vocabulary, in Qwen's order
+    assert demo_tokenizer.eos_token_id == n - 1 and demo_tokenizer.pad_token_id == n - 3
+    marked = demo_tokenizer("<|im_start|>user\nhi<|im_end|>")["input_ids"]
+    assert marked[0] == ids[1] and marked[-1] == ids[2]  # a special in text is one token
+    assert [i for i in marked if i in ids] == ids[1:]
+    assert len(demo_tokenizer) > 1000  # BPE learned merges, not only the 256 bytes
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Question: Why?\n\nAnswer: ",
+        "```python\nfor i in range(10):\n    print(f'{i:03d}')\n```\n",
+        "a  b\n\n\tc \r\n   trailing   ",
+        "naïve café — 你好 🙂 ∑x² ✓",
+        "SELECT * FROM t WHERE name = 'O''Brien';",
+    ],
+)
+def test_tokenizer_round_trips_and_adds_no_bos(demo_tokenizer, text: str) -> None:
     ids = demo_tokenizer(text)["input_ids"]
+    assert ids == demo_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert not set(ids) & set(demo_tokenizer.all_special_ids)
     assert demo_tokenizer.decode(ids) == text
-    assert demo_tokenizer.bos_token is None and ids[0] not in demo_tokenizer.all_special_ids
-    assert demo_tokenizer.eos_token == "<|im_end|>" and demo_tokenizer.pad_token == "<|endoftext|>"
-    assert demo_tokenizer.convert_tokens_to_ids("<|im_start|>") != demo_tokenizer.unk_token_id
-    rendered = demo_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+
+
+def test_tokenizer_normalizes_unicode_like_qwen(demo_tokenizer) -> None:
+    # Qwen2Tokenizer applies NFC: a combining accent comes back composed, as with Qwen3 itself.
+    assert demo_tokenizer.decode(demo_tokenizer("e\u0301")["input_ids"]) == "\u00e9"
+
+
+def test_chat_template_renders_qwen_blocks(demo_tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    rendered = demo_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    prompt = demo_tokenizer.apply_chat_template(
+        messages[1:], tokenize=False, add_generation_prompt=True
     )
-    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_model_is_a_qwen3_with_safetensors_only(demo_model_dir: Path, demo_tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     assert (demo_model_dir / "model.safetensors").is_file()
-    assert not list(demo_model_dir.glob("*.bin"))
-    model = AutoModelForCausalLM.from_pretrained(demo_model_dir)
+    assert not [p for ext in ("*.bin", "*.pt", "*.pth") for p in demo_model_dir.glob(ext)]
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir).eval()
     assert type(model).__name__ == "Qwen3ForCausalLM"
-    assert model.config.eos_token_id == demo_tokenizer.eos_token_id
-    assert model.config.pad_token_id == demo_tokenizer.pad_token_id
-    ids = torch.tensor([demo_tokenizer("How do I sort?")["input_ids"]] * 2)
-    assert model(ids).logits.shape == (2, ids.shape[1], model.config.vocab_size)
-    assert model.config.vocab_size >= len(demo_tokenizer)
+    config = model.config
+    assert config.eos_token_id == demo_tokenizer.eos_token_id
+    assert config.pad_token_id == demo_tokenizer.pad_token_id
+    assert config.vocab_size >= len(demo_tokenizer) and config.vocab_size % 128 == 0
+    assert config.tie_word_embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.generation_config.eos_token_id == [
+        demo_tokenizer.eos_token_id,
+        demo_tokenizer.pad_token_id,
+    ]
+    assert 50_000 < model.num_parameters() < 2_000_000
+    batch = demo_tokenizer(
+        ["How do I sort?", "Use `sorted()` with a key."], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_model_build_is_seeded(tmp_path: Path) -> None:
+    corpus = [f"Use `sorted()` on list {i}.\n\n```python\nx = sorted(y)\n```" for i in range(50)]
+    a = digest(build_tiny_qwen3(tmp_path / "a", corpus, seed=5, vocab_size=300))
+    b = digest(build_tiny_qwen3(tmp_path / "b", corpus, seed=5, vocab_size=300))
+    c = digest(build_tiny_qwen3(tmp_path / "c", corpus, seed=6, vocab_size=300))
+    assert a == b
+    assert a["model.safetensors"] != c["model.safetensors"]
+    assert a["tokenizer.json"] == c["tokenizer.json"]  # the tokenizer depends on the corpus only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temporary leftovers
