@@ -13,8 +13,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-# Completion tokens per LM-head chunk: 4096 x 151,936 fp32 logits = 2.5 GB at most in flight.
-DEFAULT_CHUNK_TOKENS = 4096
+# Completion tokens per LM-head chunk: 1024 x 151,936 fp32 logits = 0.6 GB per tensor in flight
+# (forward logits, their recomputation and gradient in backward: ~3 of them at the peak).
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 def chunk_token_logps(
