@@ -25,6 +25,7 @@ STEP_METRIC_KEYS: tuple[str, ...] = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
+    "nll/chosen",
 )
 
 
@@ -132,12 +133,16 @@ def step_metrics(
     rejected_rewards: Tensor,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
+    chosen_nll: Tensor,
 ) -> dict[str, float]:
     """Batch means of the training metrics, keyed by `STEP_METRIC_KEYS` in that order.
 
     Args:
-        losses, chosen_rewards, rejected_rewards: (B,) as returned by `dpo_loss`.
+        losses, chosen_rewards, rejected_rewards: (B,) as returned by `dpo_loss` (or by
+            `pipeline.losses.compute_loss` for the other variants).
         policy_chosen_logps, policy_rejected_logps: (B,) summed completion log-probs.
+        chosen_nll: (B,) per-token NLL of the chosen answer (the RPO term, logged whether or not
+            it is in the loss).
 
     "rewards/accuracies" is the win rate of DESIGN.md: the share of pairs whose chosen reward
     exceeds the rejected one, a tie counting one half, so it reads 0.5 at step 1 when every
@@ -153,6 +158,7 @@ def step_metrics(
         wins,
         policy_chosen_logps,
         policy_rejected_logps,
+        chosen_nll,
     )
     # float() on a detached mean: metrics are plain numbers, they never carry the graph.
     return {

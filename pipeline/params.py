@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.loss_settings import LossName, check_settings
+
 DEMO_MODEL = "demo:tiny-qwen3"
 DEMO_DATASET = "demo:stack-exchange-paired"
 
@@ -139,6 +141,40 @@ class TrainParams:
     log_every: int = dataclasses.field(metadata=positive())
     # Optimizer steps between resumable checkpoints.
     save_every: int = dataclasses.field(metadata=positive())
+
+    # Loss settings last, with defaults (plain DPO) for code that builds TrainParams directly;
+    # params.yaml must still name every one of them.
+    # Loss variant (pipeline/losses.py, formulas in the README): sigmoid | robust | ipo | hinge |
+    # simpo.
+    loss: LossName = "sigmoid"
+    # sigmoid: cDPO smoothing eps; robust: assumed label flip rate. In [0, 0.5); 0 = plain DPO.
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin (simpo only).
+    gamma: float = 0.0
+    # Weight of the chosen answer's per-token NLL added to the loss (RPO); 0 = off.
+    sft_weight: float = 0.0
+    # No reference model: its log-probs are taken as 0 (required by simpo).
+    reference_free: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            check_settings(
+                self.loss,
+                label_smoothing=self.label_smoothing,
+                gamma=self.gamma,
+                sft_weight=self.sft_weight,
+                reference_free=self.reference_free,
+            )
+        except ValueError as error:  # its message starts with the setting's name
+            raise ParamsError(f"train.{error}") from None
+
+    def loss_settings(self) -> dict[str, float]:
+        """The keyword settings of `pipeline.losses.compute_loss`."""
+        return {
+            "label_smoothing": self.label_smoothing,
+            "gamma": self.gamma,
+            "sft_weight": self.sft_weight,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The DPO training loop: AdamW, linear warmup/decay, accumulation, clipping, resumable.
 
 Per optimizer step: for each micro-batch, one forward of the policy over `[chosen; rejected]`,
-one no-grad forward of the frozen reference, the DPO loss summed over pairs and divided by the
-pairs of the whole step (so accumulation gives the same gradient as one large batch), backward;
+the reference log-probs (the reference stage's cache, a no-grad forward of the frozen reference,
+or zeros when reference-free), the configured loss variant (`pipeline.losses`) summed over pairs
+and divided by the pairs of the whole step (so accumulation gives the same gradient as one large batch), backward;
 then clip, step, schedule. Metrics are averaged over the pairs of each logging window.
 """
 
@@ -40,7 +41,8 @@ from pipeline.distributed import (
     rank_slice,
     usable_order,
 )
-from pipeline.dpo import STEP_METRIC_KEYS, dpo_loss, split_concatenated, step_metrics
+from pipeline.dpo import STEP_METRIC_KEYS, completion_token_counts, step_metrics
+from pipeline.losses import PairLogps, compute_loss
 from pipeline.modeling import Runtime, assert_frozen, batch_logps
 from pipeline.params import TrainParams
 from pipeline.progress import bar
@@ -129,33 +131,35 @@ def total_steps(params: TrainParams, n_pairs: int, world: World = SINGLE) -> int
 
 def pair_forward(
     policy: torch.nn.Module,
-    reference: ReferenceScores,
+    reference: ReferenceScores | None,
     batch: PairBatch,
     rows: np.ndarray,
     runtime: Runtime,
-    beta: float,
+    params: TrainParams,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-pair DPO losses (B,) with grad, and the batch's metric means."""
+    """Per-pair losses (B,) of the configured variant, with grad, and the batch's metric means.
+
+    `reference=None` is reference-free training: reference log-probs are 0.
+    """
     policy_logps = batch_logps(policy, batch, runtime)
-    reference_logps = reference(batch, rows)
-    policy_chosen, policy_rejected = split_concatenated(policy_logps, batch.n_pairs)
-    ref_chosen, ref_rejected = split_concatenated(reference_logps, batch.n_pairs)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
-    )
+    reference_logps = None if reference is None else reference(batch, rows)
+    tokens = completion_token_counts(batch.completion_mask)
+    logps = PairLogps.from_concatenated(policy_logps, reference_logps, tokens, batch.n_pairs)
+    out = compute_loss(params.loss, logps, params.beta, **params.loss_settings())
     metrics = step_metrics(
-        losses.detach(),
-        chosen_rewards,
-        rejected_rewards,
-        policy_chosen.detach(),
-        policy_rejected.detach(),
+        out.losses.detach(),
+        out.chosen_rewards,
+        out.rejected_rewards,
+        logps.policy_chosen.detach(),
+        logps.policy_rejected.detach(),
+        out.nll,
     )
-    return losses, metrics
+    return out.losses, metrics
 
 
 def optimizer_step(
     policy: torch.nn.Module,
-    reference: ReferenceScores,
+    reference: ReferenceScores | None,
     dataset: Any,
     micro_batches: list[Any],
     ctx: TrainContext,
@@ -172,9 +176,7 @@ def optimizer_step(
     for i, global_micro in enumerate(micro_batches):
         indices = rank_slice(global_micro, ctx.world)
         batch = collate_pairs(dataset[indices.tolist()], ctx.pad_token_id).to(ctx.runtime.device)
-        losses, metrics = pair_forward(
-            policy, reference, batch, indices, ctx.runtime, ctx.params.beta
-        )
+        losses, metrics = pair_forward(policy, reference, batch, indices, ctx.runtime, ctx.params)
         loss = losses.sum() * ctx.world.size / step_pairs
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite DPO loss at step {ctx.progress.step + 1}: {loss}")
@@ -220,7 +222,7 @@ def make_context(
 
 def train_policy(
     policy: torch.nn.Module,
-    reference: ReferenceScores,
+    reference: ReferenceScores | None,
     dataset: Any,
     params: TrainParams,
     runtime: Runtime,
@@ -234,9 +236,12 @@ def train_policy(
 
     `run_key` fingerprints the inputs (a checkpoint with another key is ignored); `on_log` gets
     every log row (rank 0 only); `extra` is stored with each checkpoint (checkpoint.read_extra).
-    `reference` gives the reference log-probs: a frozen model or the reference stage's cache.
+    `reference` gives the reference log-probs: a frozen model or the reference stage's cache;
+    None when `params.reference_free` (then it must be None: no reference is silently ignored).
     Under torchrun, `policy` is the DDP-wrapped scorer and every rank calls this.
     """
+    if (reference is None) != params.reference_free:
+        raise ValueError("pass reference=None exactly when train.reference_free is true")
     torch.manual_seed(params.seed)
     ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
     found = checkpoint.latest(checkpoint_dir, run_key)

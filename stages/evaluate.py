@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from pipeline import reference, tracking
 from pipeline.atomic import write_json_atomic
 from pipeline.csvlog import write_csv_atomic
-from pipeline.evaluation import margin_histogram, reward_metrics, score_pairs
+from pipeline.evaluation import margin_histogram, pair_losses, reward_metrics, score_pairs
 from pipeline.modeling import freeze, load_causal_lm, pad_token_id, resolve_runtime
 from pipeline.params import load_params
 from pipeline.paths import DATA_REFERENCE, DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
@@ -39,10 +39,12 @@ def main() -> None:
         "reference": (cached[:, 0], cached[:, 1]),
         "policy": score_pairs(policy, dataset, params.eval.batch_size, runtime, pad, "policy"),
     }
-    beta = params.train.beta
-    metrics = reward_metrics(scored["policy"], scored["reference"], beta, dataset)
-    # The reference judged against itself: every reward is 0, so win rate is exactly 0.5.
-    metrics["reference"] = reward_metrics(scored["reference"], scored["reference"], beta, dataset)
+    policy_scored = pair_losses(scored["policy"], scored["reference"], dataset, params.train)
+    metrics = reward_metrics(policy_scored, dataset)
+    # The reference judged as the policy: every log-ratio is 0, so its win rate is exactly 0.5
+    # (reference-free variants: the base model's own ranking, the baseline to beat).
+    baseline = pair_losses(scored["reference"], scored["reference"], dataset, params.train)
+    metrics["reference"] = reward_metrics(baseline, dataset)
     write_json_atomic(METRICS / "eval.json", json_safe(metrics))
     tracking.configure()
     with mlflow.start_run(run_id=tracking.read_run_id(MODEL_POLICY)):
@@ -50,7 +52,7 @@ def main() -> None:
         tracking.log_flat_metrics(metrics["reference"], "eval_reference/")
     write_csv_atomic(
         PLOTS / "eval_margins.csv",
-        margin_histogram(scored["policy"], scored["reference"], beta),
+        margin_histogram(policy_scored),
         ("margin", "pairs"),
     )
     print(

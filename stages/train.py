@@ -45,9 +45,11 @@ def summary(result: TrainResult) -> dict[str, object]:
     }
 
 
-def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> ReferenceScores:
-    """The reference stage's cache (checked against base model, data and runtime), or a frozen
-    copy of the base model when train.cached_reference is false."""
+def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> ReferenceScores | None:
+    """The reference stage's cache (checked against base model, data and runtime), a frozen
+    copy of the base model when train.cached_reference is false, None when reference-free."""
+    if params.train.reference_free:
+        return None
     if params.train.cached_reference:
         identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime)
         logps = reference.load(DATA_REFERENCE / "train", identity, n_pairs)

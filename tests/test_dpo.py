@@ -204,7 +204,8 @@ def test_step_metrics_keys_and_values_with_a_tie() -> None:
     rejected_rewards = torch.tensor([0.0, 0.0, 0.5, -2.0])  # win, tie, loss, win
     chosen_logps = torch.tensor([-10.0, -20.0, -30.0, -40.0])
     rejected_logps = torch.tensor([-1.0, -2.0, -3.0, -6.0])
-    got = step_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    nll = torch.tensor([2.0, 1.0, 1.5, 3.5])
+    got = step_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, nll)
     assert tuple(got) == STEP_METRIC_KEYS
     assert all(type(v) is float for v in got.values())
     assert got == pytest.approx(
@@ -216,6 +217,7 @@ def test_step_metrics_keys_and_values_with_a_tie() -> None:
             "rewards/accuracies": 0.625,  # (1 + 0.5 + 0 + 1) / 4
             "logps/chosen": -25.0,
             "logps/rejected": -3.0,
+            "nll/chosen": 2.0,
         },
         abs=1e-6,
     )
@@ -223,5 +225,7 @@ def test_step_metrics_keys_and_values_with_a_tie() -> None:
 
 def test_step_metrics_accuracy_is_half_at_step_one() -> None:
     zeros = torch.zeros(5)
-    got = step_metrics(torch.full((5,), math.log(2.0)), zeros, zeros, zeros - 3, zeros - 4)
+    got = step_metrics(
+        torch.full((5,), math.log(2.0)), zeros, zeros, zeros - 3, zeros - 4, zeros + 1
+    )
     assert got["rewards/accuracies"] == 0.5

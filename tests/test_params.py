@@ -52,6 +52,12 @@ def test_dvc_writes_lr_back_as_a_string_and_it_is_read_as_a_float(params_file: P
         ("train", "device", "tpu", "train.device must be one of"),
         ("tokenize", "template", "Q: {q}", "tokenize.template must contain {question}"),
         ("tokenize", "max_prompt_length", 600, "tokenize.max_prompt_length must be <"),
+        ("train", "loss", "kto", "train.loss must be one of"),
+        ("train", "label_smoothing", 0.5, "train.label_smoothing must be in [0, 0.5)"),
+        ("train", "gamma", -1, "train.gamma must be >= 0"),
+        ("train", "gamma", 0.5, "train.gamma is SimPO's target margin"),
+        ("train", "sft_weight", -0.1, "train.sft_weight must be >= 0"),
+        ("train", "reference_free", "no", "train.reference_free must be true or false"),
     ],
 )
 def test_bad_values_name_the_key(
@@ -99,3 +105,18 @@ def test_demo_overrides_are_valid_params(params_file: Path) -> None:
     params = load_params(params_file)
     assert params.model.name == "demo:tiny-qwen3"
     assert params.train.lr == 1e-3
+
+
+def test_loss_settings_a_variant_would_ignore_are_errors(params_file: Path) -> None:
+    edit(params_file, "train", "loss", "hinge")
+    edit(params_file, "train", "label_smoothing", 0.1)
+    with pytest.raises(ParamsError, match=re.escape("train.label_smoothing applies to")):
+        load_params(params_file)
+    edit(params_file, "train", "label_smoothing", 0.0)
+    edit(params_file, "train", "loss", "simpo")
+    with pytest.raises(ParamsError, match="train.loss simpo is reference-free"):
+        load_params(params_file)
+    edit(params_file, "train", "reference_free", True)
+    edit(params_file, "train", "gamma", 0.5)
+    params = load_params(params_file).train
+    assert (params.loss, params.gamma, params.reference_free) == ("simpo", 0.5, True)

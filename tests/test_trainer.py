@@ -213,3 +213,43 @@ def test_padded_share_by_hand() -> None:
     # One micro-batch of both pairs: 4 rows padded to 4 -> 16 positions, 8 real.
     assert padded_share(lengths, np.array([0, 1]), 2) == 0.5
     assert padded_share(lengths, np.array([0, 1]), 1) == 1 - 8 / 10
+
+
+# Step-1 losses with policy == reference (every log-ratio 0), by hand: sigmoid and robust give
+# ln 2 for any eps, IPO (0 - 1 / (2 beta))^2 = 25 at beta 0.1, hinge relu(1 - 0) = 1.
+@pytest.mark.parametrize(
+    ("loss", "settings", "step_one"),
+    [
+        ("robust", {"label_smoothing": 0.2}, math.log(2)),
+        ("ipo", {}, 25.0),
+        ("hinge", {}, 1.0),
+        ("sigmoid", {"label_smoothing": 0.1}, math.log(2)),
+    ],
+)
+def test_loss_variants_run_in_the_real_loop(
+    tmp_path: Path, loss: str, settings: dict, step_one: float
+) -> None:
+    params = dataclasses.replace(PARAMS, loss=loss, epochs=4, **settings)
+    _, _, result = run(tmp_path, params)
+    assert result.log[0]["loss"] == pytest.approx(step_one, abs=1e-6)
+    assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.02
+    assert result.log[-1]["rewards/margins"] > 0
+
+
+def test_sft_weight_adds_the_logged_chosen_nll(tmp_path: Path) -> None:
+    params = dataclasses.replace(PARAMS, sft_weight=0.5, max_steps=1)
+    _, _, result = run(tmp_path, params)
+    first = result.log[0]
+    assert first["nll/chosen"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], abs=1e-5)
+
+
+def test_reference_free_simpo_trains_without_a_reference(tmp_path: Path) -> None:
+    params = dataclasses.replace(
+        PARAMS, loss="simpo", gamma=0.5, beta=2.0, reference_free=True, epochs=4
+    )
+    policy = tiny_qwen3()
+    result = train_policy(policy, None, random_pairs(16), params, CPU, 0, tmp_path / "c", "key")
+    assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.02
+    with pytest.raises(ValueError, match="reference=None exactly when"):
+        run(tmp_path, params)  # a reference given to reference-free training is an error

@@ -391,7 +391,8 @@ def test_logps_rewards_loss_and_gradients_match_trl(one_batch: OneBatch) -> None
     report("per-pair rewards, max |diff|", rewards_diff.max().item())
     report("per-pair rewards, max |diff| / (beta * tokens)", per_token)
     assert rewards_diff.max().item() <= 1e-4 and per_token <= 1e-5
-    metrics = step_metrics(losses.detach(), chosen_rewards, rejected_rewards, pc.detach(), pr)
+    nll = -pc.detach() / split_concatenated(tokens, batch.n_pairs)[0]
+    metrics = step_metrics(losses.detach(), chosen_rewards, rejected_rewards, pc.detach(), pr, nll)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     assert metrics["rewards/margins"] != 0 and 0 < metrics["rewards/accuracies"] < 1
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
