@@ -63,6 +63,19 @@ def load_causal_lm(path: Path, runtime: Runtime, trust_remote_code: bool) -> Pre
     return model.to(runtime.device)
 
 
+def use_packing(runtime: Runtime) -> bool:
+    """Padding-free (packed) batches where a variable-length attention kernel makes them pay:
+    CUDA with flash-attention 2. Elsewhere a packed row would need a dense block-diagonal mask,
+    quadratic in the whole batch's tokens, so the length-grouped padded path is faster."""
+    return attention_implementation(runtime) == "flash_attention_2"
+
+
+def load_scorer(path: Path, runtime: Runtime, trust_remote_code: bool) -> CompletionScorer:
+    """The causal LM at `path` as a CompletionScorer, packed where `use_packing` says so."""
+    model = load_causal_lm(path, runtime, trust_remote_code)
+    return CompletionScorer(model, packed=use_packing(runtime))
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Reference model: eval mode (no dropout), no gradients, never in an optimizer."""
     model.eval()

@@ -19,7 +19,7 @@ import torch
 from pipeline.atomic import write_json_atomic
 from pipeline.batching import PairBatch
 from pipeline.checkpoint import fingerprint
-from pipeline.modeling import Runtime, assert_frozen, batch_logps
+from pipeline.modeling import Runtime, assert_frozen, attention_implementation, batch_logps
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOGPS_FILE = "logps.npy"  # (N, 2) float32: chosen, rejected; row i is pair i of the split
@@ -64,6 +64,7 @@ def describe(model_dir: Path, split_dir: Path, runtime: Runtime) -> dict[str, An
         "inputs": fingerprint({}, model_dir, split_dir),
         "device": runtime.device.type,
         "autocast": str(runtime.autocast_dtype),
+        "attention": attention_implementation(runtime),  # flash-attention also means packing
     }
 
 

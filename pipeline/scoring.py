@@ -51,27 +51,75 @@ class CompletionScorer(torch.nn.Module):
 
     It is an nn.Module so DDP/FSDP can wrap it: their gradient hooks need the forward to run
     through the wrapper, not through pieces of the model called separately.
+
+    `packed=True` runs the N right-padded rows as one padding-free row of their real tokens, with
+    position ids restarting at 0 for each row; transformers then keeps attention inside each row
+    (flash-attention's variable-length kernel on CUDA, a block-diagonal mask elsewhere). Only
+    worth it where that kernel exists: `modeling.use_packing` decides.
     """
 
-    def __init__(self, model: PreTrainedModel, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        packed: bool = False,
+    ) -> None:
         super().__init__()
         if getattr(model.config, "final_logit_softcapping", None):
             raise ValueError("logit soft-capping models need the plain logits path")
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.packed = packed
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
     ) -> torch.Tensor:
         """input_ids, attention_mask, completion_mask: (N, T) -> (N,) fp32 summed log-probs."""
+        if self.packed:
+            return self._packed_forward(input_ids, attention_mask, completion_mask)
         hidden = self.model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (N, T, H)
         scored = completion_mask[:, 1:].bool()  # the logit at t predicts token t+1
         rows = scored.nonzero(as_tuple=True)[0]
-        weight = self.model.get_output_embeddings().weight
-        logps = token_logps(
-            hidden[:, :-1][scored], weight, input_ids[:, 1:][scored], self.chunk_tokens
+        return self._sum_logps(
+            hidden[:, :-1][scored], input_ids[:, 1:][scored], rows, len(input_ids)
         )
-        totals = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+
+    def _packed_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        ids, positions, rows, completion = pack_rows(input_ids, attention_mask, completion_mask)
+        hidden = self.model.get_decoder()(
+            input_ids=ids[None], position_ids=positions[None], use_cache=False
+        ).last_hidden_state[0]  # (L, H)
+        # Token t+1 is scored from position t only inside one row (a row never predicts the next).
+        scored = completion[1:] & (rows[1:] == rows[:-1])
+        return self._sum_logps(
+            hidden[:-1][scored], ids[1:][scored], rows[1:][scored], len(input_ids)
+        )
+
+    def _sum_logps(
+        self, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
+    ) -> torch.Tensor:
+        """(K, H) hidden states of scored positions, their (K,) targets and rows -> (N,) sums."""
+        weight = self.model.get_output_embeddings().weight
+        logps = token_logps(hidden, weight, targets, self.chunk_tokens)
+        totals = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
         return totals.index_add(0, rows, logps)
+
+
+def pack_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (N, T) rows -> their real tokens back to back, all (L,) with L = real tokens.
+
+    Returns (ids, position ids restarting at 0 per row, row of each token, completion flag).
+    Row-major boolean indexing keeps each row's tokens contiguous and in order.
+    """
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1)
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    starts = torch.cumsum(lengths, dim=0) - lengths
+    positions = torch.arange(len(rows), device=rows.device) - starts[rows]
+    return input_ids[keep], positions, rows, completion_mask[keep].bool()

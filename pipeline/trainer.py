@@ -3,8 +3,9 @@
 Per optimizer step: for each micro-batch, one forward of the policy over `[chosen; rejected]`,
 the reference log-probs (the reference stage's cache, a no-grad forward of the frozen reference,
 or zeros when reference-free), the configured loss variant (`pipeline.losses`) summed over pairs
-and divided by the pairs of the whole step (so accumulation gives the same gradient as one large batch), backward;
-then clip, step, schedule. Metrics are averaged over the pairs of each logging window.
+and divided by the pairs of the whole step (so accumulation gives the same gradient as one large
+batch), backward; then clip, step, schedule. Metrics are averaged over the pairs of each logging
+window.
 """
 
 from __future__ import annotations

@@ -10,10 +10,9 @@ from pipeline import reference, tracking
 from pipeline.atomic import write_json_atomic
 from pipeline.csvlog import write_csv_atomic
 from pipeline.evaluation import margin_histogram, pair_losses, reward_metrics, score_pairs
-from pipeline.modeling import freeze, load_causal_lm, pad_token_id, resolve_runtime
+from pipeline.modeling import freeze, load_scorer, pad_token_id, resolve_runtime
 from pipeline.params import load_params
 from pipeline.paths import DATA_REFERENCE, DATA_TOKENIZED, METRICS, MODEL_BASE, MODEL_POLICY, PLOTS
-from pipeline.scoring import CompletionScorer
 
 
 def json_safe(metrics: dict) -> dict:
@@ -34,7 +33,7 @@ def main() -> None:
     # The reference side comes from the reference stage, computed once per base model and data.
     identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "eval", runtime)
     cached = reference.load(DATA_REFERENCE / "eval", identity, len(dataset)).astype(np.float64)
-    policy = freeze(CompletionScorer(load_causal_lm(MODEL_POLICY, runtime, trust)))
+    policy = freeze(load_scorer(MODEL_POLICY, runtime, trust))
     scored = {
         "reference": (cached[:, 0], cached[:, 1]),
         "policy": score_pairs(policy, dataset, params.eval.batch_size, runtime, pad, "policy"),

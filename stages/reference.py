@@ -12,10 +12,9 @@ from transformers import AutoTokenizer
 from pipeline import reference
 from pipeline.atomic import atomic_dir
 from pipeline.evaluation import score_pairs
-from pipeline.modeling import freeze, load_causal_lm, pad_token_id, resolve_runtime
+from pipeline.modeling import freeze, load_scorer, pad_token_id, resolve_runtime
 from pipeline.params import load_params, save_resolved
 from pipeline.paths import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE
-from pipeline.scoring import CompletionScorer
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
         # Each split is scored where the stage reading it runs: same device, same autocast.
         for split, device in (("train", params.train.device), ("eval", params.eval.device)):
             runtime = resolve_runtime(device)
-            model = freeze(CompletionScorer(load_causal_lm(MODEL_BASE, runtime, trust)))
+            model = freeze(load_scorer(MODEL_BASE, runtime, trust))
             dataset = datasets.load_from_disk(str(DATA_TOKENIZED / split))
             chosen, rejected = score_pairs(
                 model, dataset, params.reference.batch_size, runtime, pad, f"reference {split}"

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from pipeline import checkpoint, distributed, reference, tracking
 from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.csvlog import write_csv_atomic
-from pipeline.modeling import Runtime, freeze, load_causal_lm, pad_token_id, resolve_runtime
+from pipeline.modeling import Runtime, freeze, load_scorer, pad_token_id, resolve_runtime
 from pipeline.params import Params, load_params, save_resolved
 from pipeline.paths import (
     CHECKPOINTS,
@@ -27,7 +27,6 @@ from pipeline.paths import (
     REPORTS,
 )
 from pipeline.reference import ReferenceScores
-from pipeline.scoring import CompletionScorer
 from pipeline.trainer import LOG_KEYS, TrainResult, train_policy
 
 # Settings that do not change the maths; a checkpoint stays resumable when only these change.
@@ -54,8 +53,8 @@ def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> Referenc
         identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime)
         logps = reference.load(DATA_REFERENCE / "train", identity, n_pairs)
         return reference.CachedReference(logps, runtime.device)
-    model = load_causal_lm(MODEL_BASE, runtime, params.model.trust_remote_code)
-    return reference.ModelReference(freeze(CompletionScorer(model)), runtime)
+    model = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
+    return reference.ModelReference(freeze(model), runtime)
 
 
 def start_run(params: Params, device: str, run_key: str) -> str | None:
@@ -89,7 +88,8 @@ def main() -> None:
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
-    policy = load_causal_lm(MODEL_BASE, runtime, trust)
+    scorer = load_scorer(MODEL_BASE, runtime, trust)
+    policy = scorer.model  # the HF model inside, saved at the end
     reference = reference_scores(params, runtime, len(dataset))
     config = {
         k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT
@@ -103,9 +103,8 @@ def main() -> None:
             f"{runtime.autocast_dtype}), {sum(p.numel() for p in policy.parameters()):,} "
             f"params, MLflow run {run_id}"
         )
-    scorer = distributed.wrap(CompletionScorer(policy), world, runtime)
     result = train_policy(
-        scorer,
+        distributed.wrap(scorer, world, runtime),
         reference,
         dataset,
         params.train,

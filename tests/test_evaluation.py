@@ -63,7 +63,7 @@ def test_reference_free_simpo_rewards_are_per_token_policy_log_probs() -> None:
     rejected = [2.0 * -7 / 2, 2.0 * -4 / 1, 2.0 * -5 / 1]  # 0 tokens count as 1
     assert scored.chosen_rewards.tolist() == pytest.approx(chosen)
     assert scored.rejected_rewards.tolist() == pytest.approx(rejected)
-    expected = [math.log1p(math.exp(-(c - r - 0.5))) for c, r in zip(chosen, rejected)]
+    expected = [math.log1p(math.exp(-(c - r - 0.5))) for c, r in zip(chosen, rejected, strict=True)]
     assert scored.losses.tolist() == pytest.approx(expected)
 
 

@@ -116,7 +116,9 @@ def test_registry_versions_aliases_and_champion_generates(demo_runs) -> None:
 
 def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) -> None:
     repo, env, _, _, _ = demo_runs
-    diff = run(repo, env, sys.executable, "-m", "dvc", "exp", "diff", "--all", "demo-first", "demo-lr")
+    diff = run(
+        repo, env, sys.executable, "-m", "dvc", "exp", "diff", "--all", "demo-first", "demo-lr"
+    )
     assert "train.lr" in diff and "win_rate" in diff
     out = tmp_path / "plots"
     run(

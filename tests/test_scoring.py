@@ -53,3 +53,34 @@ def test_only_completion_positions_reach_the_lm_head(monkeypatch) -> None:
     hook.remove()
     assert sum(rows_scored) == int(batch.completion_mask[:, 1:].sum())
     assert sum(rows_scored) < int(batch.attention_mask.sum())  # prompts and padding skipped
+
+
+def test_pack_rows_restarts_positions_per_row() -> None:
+    from pipeline.scoring import pack_rows
+
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
+    attention = (ids != 0).long()
+    completion = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1]])
+    packed_ids, positions, rows, flags = pack_rows(ids, attention, completion)
+    assert packed_ids.tolist() == [5, 6, 7, 8, 9, 1, 2, 3, 4]
+    assert positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert rows.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert flags.tolist() == [False, True, True, False, True, False, False, True, True]
+
+
+def test_packed_rows_score_like_padded_rows_in_value_and_gradient() -> None:
+    # On CPU transformers keeps attention inside each packed row with a block-diagonal mask built
+    # from the restarting position ids; on CUDA flash-attention's varlen kernel does the same.
+    model = tiny_qwen3()
+    data = random_pairs(6)[:]
+    data["prompt_input_ids"][1] = []  # an empty prompt: its first answer token is not scored
+    batch = collate_pairs(data, 0)
+    padded = batch_logps(CompletionScorer(model), batch, CPU)
+    padded.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    packed = batch_logps(CompletionScorer(model, packed=True), batch, CPU)
+    packed.sum().backward()
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
