@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_dir, write_json_atomic
 
@@ -47,22 +47,25 @@ def fingerprint(config: dict[str, Any], *folders: Path) -> str:
 
 def save(
     folder: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     position: Progress,
     log_rows: list[dict[str, float]],
     key: str,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `folder/step-N` atomically, then remove older ones."""
-    model = getattr(model, "module", model)  # DDP: save the replica, resumable by any world size
+    """Write checkpoint `folder/step-N` atomically, then remove older ones.
+
+    The states are full (unsharded) ones, `distributed.full_states`: resumable by any world size.
+    """
     target = folder / f"{PREFIX}{position.step:08d}"
+    tensors, aliases = _untie(model_state)
     with atomic_dir(target) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "model.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(),
             },
@@ -74,6 +77,7 @@ def save(
                 "fingerprint": key,
                 "log": log_rows,
                 "extra": extra or {},
+                "aliases": aliases,
                 **dataclasses.asdict(position),
             },
         )
@@ -81,6 +85,24 @@ def save(
         if old != target and old.is_dir():
             shutil.rmtree(old)
     return target
+
+
+def _untie(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors sharing storage (tied embeddings) saved once: safetensors refuses aliases.
+
+    Returns (tensors to save, {dropped name: the saved name it aliases}).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int], str] = {}
+    for name, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if identity in seen:
+            aliases[name] = seen[identity]
+        else:
+            seen[identity] = name
+            tensors[name] = tensor.contiguous()
+    return tensors, aliases
 
 
 def latest(folder: Path, key: str) -> Path | None:
@@ -98,23 +120,27 @@ def read_extra(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text()).get("extra", {})
 
 
-def restore(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[Progress, list[dict[str, float]]]:
-    """Load a checkpoint into the given objects; return the data position and the log so far."""
-    model = getattr(model, "module", model)
-    load_model(model, str(path / "model.safetensors"), device=str(_device_of(model)))
+@dataclasses.dataclass
+class Restored:
+    model_state: dict[str, torch.Tensor]  # full tensors on the CPU, tied names restored
+    optimizer_state: dict[str, Any]
+    progress: Progress
+    log: list[dict[str, float]]
+
+
+def restore(path: Path, scheduler: Any) -> Restored:
+    """Read a checkpoint: the scheduler and RNG states are set here; the model and optimizer
+    states are returned for `distributed.load_full_states` (which knows how they are sharded)."""
+    model_state = load_file(str(path / "model.safetensors"), device="cpu")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     meta = json.loads((path / "meta.json").read_text())
+    for name, saved in meta.get("aliases", {}).items():
+        model_state[name] = model_state[saved]
     fields = {f.name for f in dataclasses.fields(Progress)}
-    return Progress(**{k: v for k, v in meta.items() if k in fields}), meta["log"]
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    progress = Progress(**{k: v for k, v in meta.items() if k in fields})
+    return Restored(model_state, state["optimizer"], progress, meta["log"])
 
 
 def _rng_state() -> dict[str, Any]:

@@ -135,8 +135,11 @@ class TrainParams:
     length_grouping: bool
     # "auto": CUDA with bf16 autocast when present, else CPU fp32.
     device: Device
-    # Processes started by torchrun (one per GPU, DDP); batch_size is per process.
+    # Processes started by torchrun (one per GPU); batch_size is per process.
     nproc: int = dataclasses.field(metadata=positive())
+    # With nproc > 1: "ddp" (a full replica per GPU) or "fsdp" (weights, gradients and AdamW state
+    # sharded across GPUs, for models that do not fit one).
+    parallel: Literal["ddp", "fsdp"]
     # Optimizer steps between metric lines (tqdm postfix, plots/train.csv).
     log_every: int = dataclasses.field(metadata=positive())
     # Optimizer steps between resumable checkpoints.

@@ -38,6 +38,9 @@ from pipeline.distributed import (
     all_reduce_sum,
     barrier,
     current_world,
+    full_states,
+    global_grad_norm,
+    load_full_states,
     no_sync_unless,
     rank_slice,
     usable_order,
@@ -188,7 +191,7 @@ def optimizer_step(
         tokens += batch.real_tokens
     *totals, tokens = all_reduce_sum([*sums.values(), tokens], ctx.runtime.device, ctx.world)
     sums = dict(zip(sums, totals, strict=True))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), ctx.params.max_grad_norm))
+    grad_norm = global_grad_norm(policy, ctx.params.max_grad_norm)
     if not math.isfinite(grad_norm):
         raise NonFiniteLoss(f"non-finite gradient norm at step {ctx.progress.step + 1}")
     ctx.optimizer.step()
@@ -247,7 +250,9 @@ def train_policy(
     ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
     found = checkpoint.latest(checkpoint_dir, run_key)
     if found is not None:
-        ctx.progress, ctx.log = checkpoint.restore(found, policy, ctx.optimizer, ctx.scheduler)
+        restored = checkpoint.restore(found, ctx.scheduler)
+        load_full_states(policy, ctx.optimizer, restored.model_state, restored.optimizer_state)
+        ctx.progress, ctx.log = restored.progress, restored.log
         print(f"resuming from {found} (step {ctx.progress.step})")
     policy.train()
     started, pairs_run, tokens_run = time.perf_counter(), 0, 0
@@ -317,10 +322,18 @@ def _save(
     run_key: str,
     extra: dict[str, Any] | None,
 ) -> None:
-    """Rank 0 writes (DDP replicas are identical); the others wait so none runs ahead of it."""
+    """Every rank gathers (a collective under FSDP), rank 0 writes, the others wait for it."""
+    model_state, optimizer_state = full_states(policy, ctx.optimizer)
     if ctx.world.is_main:
         checkpoint.save(
-            folder, policy, ctx.optimizer, ctx.scheduler, ctx.progress, ctx.log, run_key, extra
+            folder,
+            model_state,
+            optimizer_state,
+            ctx.scheduler,
+            ctx.progress,
+            ctx.log,
+            run_key,
+            extra,
         )
     barrier(ctx.world)
 

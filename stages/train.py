@@ -69,10 +69,20 @@ def start_run(params: Params, device: str, run_key: str) -> str | None:
 
 
 def write_outputs(
-    params: Params, policy: torch.nn.Module, tokenizer: Any, result: TrainResult, run_id: str
+    params: Params,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    result: TrainResult,
+    run_id: str,
+    scorer_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """`scorer_state`: the full weights gathered from FSDP shards (keys of the CompletionScorer,
+    whose `model.` prefix is the HF model), None when `policy` holds them itself."""
+    state = None
+    if scorer_state is not None:
+        state = {k.removeprefix("model."): v for k, v in scorer_state.items()}
     with atomic_dir(MODEL_POLICY) as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
+        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(tmp)
         save_resolved(params, tmp, "train")
         tracking.write_run_file(Path(tmp), run_id)
@@ -103,8 +113,9 @@ def main() -> None:
             f"{runtime.autocast_dtype}), {sum(p.numel() for p in policy.parameters()):,} "
             f"params, MLflow run {run_id}"
         )
+    wrapped = distributed.wrap(scorer, world, runtime, params.train.parallel)
     result = train_policy(
-        distributed.wrap(scorer, world, runtime),
+        wrapped,
         reference,
         dataset,
         params.train,
@@ -115,8 +126,10 @@ def main() -> None:
         on_log=tracking.log_step,
         extra={"run_id": run_id},
     )
+    # Under FSDP every rank holds a shard: gather the full weights (all ranks) before rank 0 saves.
+    state = distributed.full_model_state(wrapped) if distributed.is_sharded(wrapped) else None
     if world.is_main:
-        write_outputs(params, policy, tokenizer, result, run_id)
+        write_outputs(params, policy, tokenizer, result, run_id, state)
     distributed.barrier(world)
     distributed.shutdown(world)
 

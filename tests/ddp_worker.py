@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: train a tiny model with
-DDP over gloo and let rank 0 write the per-step log."""
+DDP or FSDP over gloo, let rank 0 write the per-step log, then resume from the final checkpoint
+(a collective state gather and scatter under FSDP) and gather the full weights."""
 
 import json
 import sys
@@ -16,14 +17,23 @@ from tests.helpers import random_pairs, tiny_qwen3
 from tests.test_distributed import PARAMS, PER_RANK_BATCH
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    out, strategy = Path(sys.argv[1]), sys.argv[2]
     world, runtime = distributed.init_from_env(Runtime(torch.device("cpu"), None))
-    policy = distributed.wrap(CompletionScorer(tiny_qwen3()), world, runtime)
     reference = ModelReference(freeze(CompletionScorer(tiny_qwen3())), runtime)
-    params = PARAMS.__class__(**{**PARAMS.__dict__, "batch_size": PER_RANK_BATCH})
-    result = train_policy(
-        policy, reference, random_pairs(22), params, runtime, 0, out.parent / "ckpt", "key"
+    params = PARAMS.__class__(
+        **{**PARAMS.__dict__, "batch_size": PER_RANK_BATCH, "parallel": strategy}
     )
+    runs = []
+    for _ in range(2):  # the second run finds the final checkpoint and restores it
+        policy = distributed.wrap(CompletionScorer(tiny_qwen3()), world, runtime, strategy)
+        result = train_policy(
+            policy, reference, random_pairs(22), params, runtime, 0, out.parent / "ckpt", "key"
+        )
+        runs.append(result.log)
+    state = distributed.full_model_state(policy)
     if world.is_main:
-        out.write_text(json.dumps({"world": world.size, "log": result.log}))
+        checksum = float(sum(t.double().abs().sum() for t in state.values()))
+        out.write_text(json.dumps({"world": world.size, "log": runs[0], "resumed_log": runs[1],
+                                   "sharded": distributed.is_sharded(policy),
+                                   "weights_abs_sum": checksum}))  # fmt: skip
     distributed.shutdown(world)

@@ -1,5 +1,6 @@
-"""torchrun with 2 CPU processes (gloo) takes the same steps as 1 process with the same global
-batch: per-step loss and gradient norm agree to 1e-5."""
+"""torchrun with 2 CPU processes (gloo), DDP or FSDP2, takes the same steps as 1 process with the
+same global batch: per-step loss and gradient norm agree to 1e-5; the checkpoint it writes (full
+states gathered from the shards) resumes to the same weights."""
 
 import json
 import os
@@ -35,13 +36,17 @@ PARAMS = TrainParams(
     length_grouping=True,
     device="cpu",
     nproc=2,
+    parallel="ddp",
     log_every=1,
     save_every=100,
 )
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
+    tmp_path: Path, strategy: str
+) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun comes with torch"
     out = tmp_path / "ddp.json"
@@ -53,6 +58,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
             "--nproc_per_node=2",
             str(REPO / "tests/ddp_worker.py"),
             str(out),
+            strategy,
         ],
         cwd=REPO,
         env=env,
@@ -62,13 +68,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    assert ddp["world"] == 2
+    assert ddp["world"] == 2 and ddp["sharded"] == (strategy == "fsdp")
 
     runtime = Runtime(torch.device("cpu"), None)
     reference = ModelReference(freeze(CompletionScorer(tiny_qwen3())), runtime)
     # 22 pairs: the 2-process run drops none (22 % 2 == 0); steps of 2 x 4 pairs, last one short.
+    policy = CompletionScorer(tiny_qwen3())
     single = train_policy(
-        CompletionScorer(tiny_qwen3()),
+        policy,
         reference,
         random_pairs(22),
         PARAMS,
@@ -82,3 +89,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert multi["loss"] == pytest.approx(one["loss"], abs=1e-5)
         assert multi["grad_norm"] == pytest.approx(one["grad_norm"], abs=1e-5)
         assert multi["rewards/margins"] == pytest.approx(one["rewards/margins"], abs=1e-5)
+    assert ddp["resumed_log"] == ddp["log"]
+    weights = float(sum(t.double().abs().sum() for t in policy.state_dict().values()))
+    assert ddp["weights_abs_sum"] == pytest.approx(weights, rel=1e-6)

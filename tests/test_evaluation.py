@@ -15,7 +15,7 @@ from pipeline.params import TrainParams
 DPO = TrainParams(
     lr=1e-3, epochs=1, batch_size=2, grad_accum=1, beta=0.1, warmup_ratio=0.0,
     weight_decay=0.0, max_grad_norm=1.0, max_steps=0, seed=0, cached_reference=True,
-    length_grouping=False, device="cpu", nproc=1, log_every=1, save_every=1,
+    length_grouping=False, device="cpu", nproc=1, parallel="ddp", log_every=1, save_every=1,
 )  # fmt: skip
 # Three pairs of one question; answer ids a > b > c, and pair 2 is a labelled (a, c).
 DATA = datasets.Dataset.from_dict(

@@ -46,6 +46,7 @@ def test_training_on_the_cache_matches_training_on_the_fly(tmp_path: Path) -> No
         length_grouping=True,
         device="cpu",
         nproc=1,
+        parallel="ddp",
         log_every=1,
         save_every=10,
     )

@@ -29,6 +29,7 @@ PARAMS = TrainParams(
     length_grouping=True,
     device="cpu",
     nproc=1,
+    parallel="ddp",
     log_every=1,
     save_every=2,
 )
