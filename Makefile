@@ -23,3 +23,8 @@ demo: install
 # Unit tests plus the end-to-end DVC runs on the offline demo.
 test: install
 	$(BIN)/python -m pytest
+
+# Training throughput and memory against TRL's DPOTrainer, plus the cached-experiment timing
+# (a few minutes on 2 cores; prints a table, writes bench/results/latest.json).
+bench: install
+	$(BIN)/python bench/dpo_vs_trl.py
