@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build of torch, as tested. On a GPU machine install the CUDA build of your choice first
-# (see README) and run `make install TORCH=torch`.
+# CPU build of torch, as tested. On a GPU machine pass the CUDA build, e.g.
+# make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" (README).
 TORCH ?= torch==2.13.0
 
 .PHONY: install demo test bench
@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e ".[test,reference]"
 	touch $@
 

@@ -3,6 +3,7 @@ and reports/tokenize.json (drop and truncation counts, token-length percentiles)
 
 import math
 import os
+import time
 
 import datasets
 import pyarrow.parquet as pq
@@ -27,9 +28,12 @@ def main() -> None:
         for split in ("train", "eval"):
             path = DATA_SUBSAMPLED / split / "data.parquet"
             table = conform(pq.read_table(path), SUBSAMPLED_SCHEMA, str(path))
+            started = time.perf_counter()
             kept, report[split] = tokenize_dataset(
                 datasets.Dataset(table), tokenizer, params.tokenize, split
             )
+            seconds = time.perf_counter() - started  # worker start-up included, as users see it
+            report[split]["pairs_per_s"] = round(report[split]["pairs_in"] / seconds, 1)
             shards = max(1, math.ceil(len(kept) / params.tokenize.pairs_per_shard))
             kept.save_to_disk(str(tmp / split), num_shards=shards)
             report[split]["shards"] = shards
@@ -38,7 +42,7 @@ def main() -> None:
     for split, r in report.items():
         print(
             f"{split}: kept {r['pairs_kept']}/{r['pairs_in']} pairs in {r['shards']} shards, "
-            f"dropped {r['dropped']}, truncated {r['truncated']}"
+            f"dropped {r['dropped']}, truncated {r['truncated']}, {r['pairs_per_s']} pairs/s"
         )
 
 

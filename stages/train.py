@@ -30,7 +30,8 @@ from pipeline.reference import ReferenceScores
 from pipeline.trainer import LOG_KEYS, TrainResult, train_policy
 
 # Settings that do not change the maths; a checkpoint stays resumable when only these change.
-NOT_IN_FINGERPRINT = ("log_every", "save_every")
+# (nproc does: batch_size is per process, so it sets the global batch.)
+NOT_IN_FINGERPRINT = ("log_every", "save_every", "parallel")
 
 
 def summary(result: TrainResult) -> dict[str, object]:
@@ -41,6 +42,7 @@ def summary(result: TrainResult) -> dict[str, object]:
         "train_seconds": round(result.train_seconds, 2),
         "pairs_per_s": round(result.pairs_per_s, 3),
         "tokens_per_s": round(result.tokens_per_s, 1),
+        **result.padding,
     }
 
 
@@ -104,7 +106,7 @@ def main() -> None:
     config = {
         k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT
     }
-    # The world size changes the batch split, not the maths: a 2-GPU run may resume on 1.
+    # Checkpoints hold full states: a DDP run may resume under FSDP and the other way round.
     run_key = checkpoint.fingerprint(config, MODEL_BASE, DATA_TOKENIZED / "train")
     run_id = start_run(params, str(runtime.device), run_key) if world.is_main else None
     if world.is_main:

@@ -137,6 +137,12 @@ def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) ->
     page = (out / "index.html").read_text()
     assert "rewards/margins" in page and "demo-lr" in page
 
+    run(repo, env, sys.executable, "-m", "dvc", "exp", "apply", "demo-first")
+    assert "win_rate" in run(repo, env, sys.executable, "-m", "dvc", "metrics", "diff", "--all")
+    shown = tmp_path / "shown"
+    run(repo, env, sys.executable, "-m", "dvc", "plots", "show", "-o", str(shown))
+    assert "rewards/margins" in (shown / "index.html").read_text()
+
 
 def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
     """`mlflow ui` as the README starts it; its REST API lists both runs and their curves."""

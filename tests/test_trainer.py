@@ -254,3 +254,10 @@ def test_reference_free_simpo_trains_without_a_reference(tmp_path: Path) -> None
     assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.02
     with pytest.raises(ValueError, match="reference=None exactly when"):
         run(tmp_path, params)  # a reference given to reference-free training is an error
+
+
+def test_padded_share_is_reported_per_epoch_and_grouping_lowers_it(tmp_path: Path) -> None:
+    _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=1), n_pairs=64)
+    padding = result.padding
+    assert len(padding["padded_share_per_epoch"]) == PARAMS.epochs
+    assert 0 < padding["padded_share"] < padding["padded_share_random"] < 1
