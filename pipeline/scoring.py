@@ -13,11 +13,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-# Completion tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per tensor in flight
-# (recomputed logits, log-softmax temporaries and their gradient in backward: a few at the peak).
-# Measured by bench/dpo_vs_trl.py on CPU: 1024 -> 3.6 GB peak RSS, 256 -> 1.85 GB, 4 % slower.
-# Still 256 x hidden x 151,936 multiply-adds per chunk: large enough to keep a GPU busy.
-DEFAULT_CHUNK_TOKENS = 256
+# Logit elements per LM-head chunk: 256 tokens x 151,936 fp32 = 156 MB per tensor in flight
+# (logits, log-softmax temporaries and their gradient in backward: a few at the peak). Measured
+# by bench/dpo_vs_trl.py on CPU at Qwen3's vocabulary: 1024-token chunks -> 3.6 GB peak RSS,
+# 256 -> 1.85 GB, 4 % slower. Still large enough matmuls to keep a GPU busy.
+CHUNK_LOGIT_ELEMENTS = 256 * 151_936
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Completion tokens per chunk so that one chunk's logits stay within CHUNK_LOGIT_ELEMENTS."""
+    return max(1, CHUNK_LOGIT_ELEMENTS // vocab_size)
 
 
 def chunk_token_logps(
@@ -33,13 +38,20 @@ def token_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """`chunk_token_logps` over (K, H) hidden states in chunks of `chunk_tokens` rows -> (K,)."""
+    """`chunk_token_logps` over (K, H) hidden states in chunks of `chunk_tokens` rows -> (K,).
+
+    With gradients on and more than one chunk, each chunk is recomputed in backward instead of
+    keeping its logits alive; a batch that fits one chunk keeps them (within the budget anyway)
+    and skips the recomputation.
+    """
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_tokens
     parts = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         args = (hidden[start : start + chunk_tokens], weight, targets[start : start + chunk_tokens])
-        if torch.is_grad_enabled():
+        if recompute:
             parts.append(checkpoint(chunk_token_logps, *args, use_reentrant=False))
         else:
             parts.append(chunk_token_logps(*args))
@@ -57,13 +69,14 @@ class CompletionScorer(torch.nn.Module):
     `packed=True` runs the N right-padded rows as one padding-free row of their real tokens, with
     position ids restarting at 0 for each row; transformers then keeps attention inside each row
     (flash-attention's variable-length kernel on CUDA, a block-diagonal mask elsewhere). Only
-    worth it where that kernel exists: `modeling.use_packing` decides.
+    worth it where that kernel exists: `modeling.use_packing` decides. `chunk_tokens=None` sizes
+    the LM-head chunks from the vocabulary (`chunk_tokens_for`).
     """
 
     def __init__(
         self,
         model: PreTrainedModel,
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        chunk_tokens: int | None = None,
         packed: bool = False,
     ) -> None:
         super().__init__()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.batching import collate_pairs
@@ -8,14 +9,15 @@ from tests.helpers import random_pairs, tiny_qwen3
 CPU = Runtime(torch.device("cpu"), None)
 
 
-def test_scorer_matches_full_logits_path_in_value_and_gradient() -> None:
+@pytest.mark.parametrize("chunk_tokens", [5, None])  # recomputed chunks; one kept chunk
+def test_scorer_matches_full_logits_path_in_value_and_gradient(chunk_tokens) -> None:
     model = tiny_qwen3()
     batch = collate_pairs(random_pairs(4)[:], 0)
     full = batch_logps(model, batch, CPU)
     full.sum().backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    chunked = batch_logps(CompletionScorer(model, chunk_tokens=5), batch, CPU)
+    chunked = batch_logps(CompletionScorer(model, chunk_tokens=chunk_tokens), batch, CPU)
     chunked.sum().backward()
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
     for name, param in model.named_parameters():
@@ -84,3 +86,11 @@ def test_packed_rows_score_like_padded_rows_in_value_and_gradient() -> None:
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_chunks_are_sized_by_the_vocabulary() -> None:
+    from pipeline.scoring import chunk_tokens_for
+
+    assert chunk_tokens_for(151_936) == 256  # Qwen3: 156 MB of fp32 logits per chunk
+    assert chunk_tokens_for(2048) == 256 * 151_936 // 2048
+    assert chunk_tokens_for(10**12) == 1
