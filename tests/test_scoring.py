@@ -9,19 +9,25 @@ from tests.helpers import random_pairs, tiny_qwen3
 CPU = Runtime(torch.device("cpu"), None)
 
 
+def assert_same_value_and_gradient(model, expected_scorer, scorer, batch) -> None:
+    """Both scorers of `model` give the same log-probs and parameter gradients to 1e-5."""
+    expected = batch_logps(expected_scorer, batch, CPU)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = batch_logps(scorer, batch, CPU)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("chunk_tokens", [5, None])  # recomputed chunks; one kept chunk
 def test_scorer_matches_full_logits_path_in_value_and_gradient(chunk_tokens) -> None:
     model = tiny_qwen3()
     batch = collate_pairs(random_pairs(4)[:], 0)
-    full = batch_logps(model, batch, CPU)
-    full.sum().backward()
-    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    chunked = batch_logps(CompletionScorer(model, chunk_tokens=chunk_tokens), batch, CPU)
-    chunked.sum().backward()
-    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    scorer = CompletionScorer(model, chunk_tokens=chunk_tokens)
+    assert_same_value_and_gradient(model, model, scorer, batch)  # the plain model: full logits
 
 
 def test_chunk_size_does_not_change_the_result() -> None:
@@ -77,15 +83,8 @@ def test_packed_rows_score_like_padded_rows_in_value_and_gradient() -> None:
     data = random_pairs(6)[:]
     data["prompt_input_ids"][1] = []  # an empty prompt: its first answer token is not scored
     batch = collate_pairs(data, 0)
-    padded = batch_logps(CompletionScorer(model), batch, CPU)
-    padded.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    packed = batch_logps(CompletionScorer(model, packed=True), batch, CPU)
-    packed.sum().backward()
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    packed = CompletionScorer(model, packed=True)
+    assert_same_value_and_gradient(model, CompletionScorer(model), packed, batch)
 
 
 def test_chunks_are_sized_by_the_vocabulary() -> None:
