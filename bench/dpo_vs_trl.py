@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 VOCAB = 151_936
 TEMPLATE = "Question: {question}\n\nAnswer:\n"  # ends on a newline: no token merges at the seam
 MAX_LENGTH = 512
+PIPELINE_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+TRL_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # DPOTrainer's tokenized columns
 
 
 def make_assets(workdir: Path, n_pairs: int, seed: int = 0) -> None:
@@ -209,7 +211,7 @@ def run_trl(workdir: Path, steps: int, batch: int) -> dict:
     trainer.train()
     seconds = time.perf_counter() - times[0]
     return _summary(
-        losses, seconds, steps * batch, _tokens_trl(trainer.train_dataset, steps * batch)
+        losses, seconds, steps * batch, _tokens(trainer.train_dataset, steps * batch, TRL_COLUMNS)
     )
 
 
@@ -225,26 +227,12 @@ def _check_same_ids(trl_dataset, workdir: Path, order) -> None:
             raise SystemExit("TRL and the pipeline tokenized a pair differently: not the same work")
 
 
-def _tokens(data, n: int) -> int:
+def _tokens(data, n: int, columns: tuple[str, str, str] = PIPELINE_COLUMNS) -> int:
+    """Tokens in the first n pairs' forward passes: the prompt twice (chosen and rejected rows)."""
     rows = data[:n]
+    prompts, chosen, rejected = (rows[c] for c in columns)
     return sum(
-        2 * len(p) + len(c) + len(r)
-        for p, c, r in zip(
-            rows["prompt_input_ids"],
-            rows["chosen_input_ids"],
-            rows["rejected_input_ids"],
-            strict=True,
-        )
-    )
-
-
-def _tokens_trl(data, n: int) -> int:
-    rows = data[:n]
-    return sum(
-        2 * len(p) + len(c) + len(r)
-        for p, c, r in zip(
-            rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True
-        )
+        2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)
     )
 
 
