@@ -276,13 +276,15 @@ def train_policy(
         unit="step",
         disable=not ctx.world.is_main,
     )
-    window = Window()
+    window, planned_epoch, steps = Window(), -1, []
     while ctx.progress.step < last:
-        steps = optimizer_steps(
-            epoch_plan(lengths, params, ctx.progress.epoch, ctx.world),
-            params.batch_size * ctx.world.size,
-            params.grad_accum,
-        )
+        if planned_epoch != ctx.progress.epoch:  # the plan is fixed per epoch: build it once
+            planned_epoch = ctx.progress.epoch
+            steps = optimizer_steps(
+                epoch_plan(lengths, params, planned_epoch, ctx.world),
+                params.batch_size * ctx.world.size,
+                params.grad_accum,
+            )
         t0 = time.perf_counter()
         metrics, grad_norm, pairs, tokens = optimizer_step(
             policy, reference, dataset, steps[ctx.progress.step_in_epoch], ctx
