@@ -24,7 +24,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Training throughput and memory against TRL's DPOTrainer, plus the cached-experiment timing
-# (a few minutes on 2 cores; prints a table, writes bench/results/latest.json).
+# Training throughput and memory against TRL's DPOTrainer, plus the cached-experiment timing;
+# prints a table, writes bench/results/latest.json. ~48 min on 2 CPU cores, most of it TRL
+# (~9 min a repetition); `python bench/dpo_vs_trl.py --dvc-only` times the experiments alone.
 bench: install
 	$(BIN)/python bench/dpo_vs_trl.py
