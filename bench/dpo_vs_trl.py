@@ -288,8 +288,12 @@ def dvc_timing(workdir: Path, reps: int) -> dict:
     an empty demo-asset cache. Medians over `reps`; the ratio is the median of per-pair ratios.
     """
     runs = [_dvc_pair(workdir / f"dvc-{i}") for i in range(reps)]
-    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return {**median, "runs": runs}
+    return {**medians(runs), "runs": runs}
+
+
+def medians(runs: list[dict]) -> dict:
+    """Key by key median of repeated runs' figures."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def _dvc_pair(folder: Path) -> dict:
@@ -324,6 +328,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "ours_live", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dvc_only and args.dvc_reps < 1:
+        parser.error("--dvc-only needs --dvc-reps of at least 1")
     if args.worker:
         return worker(args)
     workdir = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
@@ -337,9 +343,7 @@ def main() -> None:
     for _ in range(args.reps):
         for kind in runs:
             runs[kind].append(spawn(kind, workdir, args))
-    table = {
-        kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in runs.items()
-    }
+    table = {kind: medians(rs) for kind, rs in runs.items()}
     report = {
         "config": {
             "steps": args.steps,
