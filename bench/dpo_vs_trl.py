@@ -40,7 +40,8 @@ def make_assets(workdir: Path, n_pairs: int, seed: int = 0) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from pipeline.demo_assets import ensure_demo_dataset, ensure_demo_model
+    from pipeline.demo.dataset import ensure_demo_dataset
+    from pipeline.demo.model import ensure_demo_model
 
     cache = workdir / "cache"
     tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(cache))
@@ -91,7 +92,7 @@ def tokenized_rows(workdir: Path) -> list[dict[str, list[int]]]:
     """The pairs as this pipeline tokenizes them (prompt and completion apart, EOS appended)."""
     from transformers import AutoTokenizer
 
-    from pipeline.tokenization import encode, encode_completion
+    from pipeline.data.tokenization import encode, encode_completion
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     return [
@@ -108,12 +109,11 @@ def run_ours(workdir: Path, steps: int, batch: int, cached: bool) -> dict:
     import datasets
     import numpy as np
 
-    from pipeline.evaluation import score_pairs
-    from pipeline.modeling import freeze, load_causal_lm, resolve_runtime
-    from pipeline.params import TrainParams
-    from pipeline.reference import CachedReference, ModelReference
-    from pipeline.scoring import CompletionScorer
-    from pipeline.trainer import train_policy
+    from pipeline.model.loading import freeze, load_causal_lm, resolve_runtime
+    from pipeline.model.reference import CachedReference, ModelReference
+    from pipeline.model.scoring import CompletionScorer, score_pairs
+    from pipeline.train.loop import Resume, train_policy
+    from tests.helpers import train_params
 
     runtime = resolve_runtime("cpu")
     data = datasets.Dataset.from_list(tokenized_rows(workdir))
@@ -128,28 +128,16 @@ def run_ours(workdir: Path, steps: int, batch: int, cached: bool) -> dict:
     else:
         reference = ModelReference(base, runtime)
     setup = time.perf_counter() - t0
-    params = TrainParams(
+    params = train_params(
         lr=1e-4,
-        epochs=1,
         batch_size=batch,
-        grad_accum=1,
-        beta=0.1,
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         max_steps=steps,
-        seed=0,
         cached_reference=cached,
         length_grouping=False,
-        device="cpu",
-        parallel="ddp",
-        nproc=1,
-        log_every=1,
-        save_every=10**9,
     )
     t0 = time.perf_counter()
     result = train_policy(
-        policy, reference, data, params, runtime, 0, Path(tempfile.mkdtemp()), "bench"
+        policy, reference, data, params, runtime, 0, Resume(Path(tempfile.mkdtemp()), "bench")
     )
     seconds = time.perf_counter() - t0
     losses = [row["loss"] for row in result.log]
@@ -162,7 +150,7 @@ def run_trl(workdir: Path, steps: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.batching import epoch_order
+    from pipeline.train.plan import epoch_order
 
     pairs = datasets.Dataset.from_list(json.loads((workdir / "pairs.json").read_text()))
     order = epoch_order(len(pairs), 0, 0)  # the pipeline's epoch-0 order (seed 0), read in turn

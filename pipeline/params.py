@@ -9,36 +9,23 @@ back to params.yaml, which PyYAML's safe_load returns as the *string* "1e-06".
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from pipeline.loss_settings import LossName, check_settings
+from pipeline.objective.settings import LossName, check_settings
+from pipeline.stage_io import RESOLVED_PARAMS, write_json_atomic
+from pipeline.strict_yaml import (
+    ParamsError,
+    check,
+    non_negative,
+    parse_section,
+    positive,
+    read_yaml,
+)
 
 DEMO_MODEL = "demo:tiny-qwen3"
 DEMO_DATASET = "demo:stack-exchange-paired"
-
-
-class ParamsError(ValueError):
-    """A params.yaml problem; the message names the key."""
-
-
-def _check(predicate: Callable[[Any], bool], text: str) -> dict[str, Any]:
-    """Field metadata: a range check and the wording used when it fails."""
-    return {"check": predicate, "check_text": text}
-
-
-def positive() -> dict[str, Any]:
-    return _check(lambda v: v > 0, "must be > 0")
-
-
-def non_negative() -> dict[str, Any]:
-    return _check(lambda v: v >= 0, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +52,7 @@ class DataParams:
     # Folder of the repository holding the held-out pairs.
     eval_dir: str
     # Share of the train folder's pairs to use, in (0, 1].
-    fraction: float = dataclasses.field(metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    fraction: float = dataclasses.field(metadata=check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # Number of held-out pairs (whole questions are kept together, so it is a lower bound).
     eval_size: int = dataclasses.field(metadata=positive())
     # Seed of the subsample.
@@ -76,17 +63,17 @@ class DataParams:
 class TokenizeParams:
     # Prompt template; {question} is replaced by the question text.
     template: str = dataclasses.field(
-        metadata=_check(lambda v: "{question}" in v, "must contain {question}")
+        metadata=check(lambda v: "{question}" in v, "must contain {question}")
     )
     # Use the tokenizer's chat template (user turn + generation prompt) instead of `template`.
     use_chat_template: bool
     # Longest prompt + completion, in tokens.
-    max_length: int = dataclasses.field(metadata=_check(lambda v: v >= 16, "must be >= 16"))
+    max_length: int = dataclasses.field(metadata=check(lambda v: v >= 16, "must be >= 16"))
     # Longest prompt, in tokens (the start is kept); must leave room for the answer.
     max_prompt_length: int = dataclasses.field(metadata=positive())
     # Fail the stage when more than this share of a split's pairs is dropped.
     max_drop_share: float = dataclasses.field(
-        metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        metadata=check(lambda v: 0 <= v <= 1, "must be in [0, 1]")
     )
     # Worker processes for tokenization.
     num_proc: int = dataclasses.field(metadata=positive())
@@ -118,7 +105,7 @@ class TrainParams:
     beta: float = dataclasses.field(metadata=positive())
     # Share of optimizer steps spent in linear warmup.
     warmup_ratio: float = dataclasses.field(
-        metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+        metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)")
     )
     # AdamW decoupled weight decay.
     weight_decay: float = dataclasses.field(metadata=non_negative())
@@ -147,8 +134,8 @@ class TrainParams:
 
     # Loss settings last, with defaults (plain DPO) for code that builds TrainParams directly;
     # params.yaml must still name every one of them.
-    # Loss variant (pipeline/losses.py, formulas in the README): sigmoid | robust | ipo | hinge |
-    # simpo.
+    # Loss variant (pipeline/objective/losses.py, formulas in the README): sigmoid | robust | ipo |
+    # hinge | simpo.
     loss: LossName = "sigmoid"
     # sigmoid: cDPO smoothing eps; robust: assumed label flip rate. In [0, 0.5); 0 = plain DPO.
     label_smoothing: float = 0.0
@@ -172,7 +159,7 @@ class TrainParams:
             raise ParamsError(f"train.{error}") from None
 
     def loss_settings(self) -> dict[str, float]:
-        """The keyword settings of `pipeline.losses.compute_loss`."""
+        """The keyword settings of `pipeline.objective.losses.compute_loss`."""
         return {
             "label_smoothing": self.label_smoothing,
             "gamma": self.gamma,
@@ -198,13 +185,13 @@ class ReferenceParams:
 @dataclasses.dataclass(frozen=True)
 class RegisterParams:
     # MLflow experiment that holds one run per trained policy.
-    experiment: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    experiment: str = dataclasses.field(metadata=check(bool, "must not be empty"))
     # Registered model name in the MLflow Model Registry.
-    model_name: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    model_name: str = dataclasses.field(metadata=check(bool, "must not be empty"))
     # Alias moved to a new version only when it beats the current holder's win rate.
-    champion_alias: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    champion_alias: str = dataclasses.field(metadata=check(bool, "must not be empty"))
     # Alias given to a new version that does not beat the champion.
-    challenger_alias: str = dataclasses.field(metadata=_check(bool, "must not be empty"))
+    challenger_alias: str = dataclasses.field(metadata=check(bool, "must not be empty"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,67 +205,6 @@ class Params:
     train: TrainParams
     eval: EvalParams
     register: RegisterParams
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Convert one YAML value to the field's type, or raise ParamsError naming `key`."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ParamsError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(key, value, args[0])
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ParamsError(f"{key} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ParamsError(f"{key} must be an integer, got {value!r}") from None
-    if hint is float:
-        # "1e-06" arrives as a str: YAML 1.1 floats need a dot, DVC does not write one.
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ParamsError(f"{key} must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ParamsError(f"{key} must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ParamsError(f"{key} must be finite, got {value!r}")
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported params type {hint!r} for {key}")
-
-
-def parse_section(name: str, raw: Any, cls: type) -> Any:
-    """Build the frozen dataclass `cls` from the mapping `raw` found under `name`."""
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{name} must be a mapping of settings, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
-    missing = [k for k in fields if k not in raw]
-    if missing:
-        raise ParamsError(f"missing key {name}.{missing[0]}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, field in fields.items():
-        value = _coerce(f"{name}.{key}", raw[key], hints[key])
-        check = field.metadata.get("check")
-        if check is not None and value is not None and not check(value):
-            raise ParamsError(f"{name}.{key} {field.metadata['check_text']}, got {raw[key]!r}")
-        values[key] = value
-    return cls(**values)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -295,19 +221,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             raise ParamsError(f"missing section {name} in {path}")
         values[name] = parse_section(name, raw[name], hints[name])
     return Params(**values)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must hold a mapping of sections")
-    return raw
-
-
-def as_dict(params: Any) -> dict[str, Any]:
-    """Plain dict of a params dataclass, for saving beside artifacts."""
-    return dataclasses.asdict(params)
 
 
 def stage_param_keys(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
@@ -333,8 +246,5 @@ def resolve_keys(params: Params, keys: list[str]) -> dict[str, Any]:
 
 def save_resolved(params: Params, folder: str | Path, stage: str) -> None:
     """Write, beside an artifact, the params its stage read (the keys dvc.yaml lists)."""
-    from pipeline.atomic import write_json_atomic
-    from pipeline.paths import RESOLVED_PARAMS
-
     resolved = resolve_keys(params, stage_param_keys(stage))
     write_json_atomic(Path(folder) / RESOLVED_PARAMS, resolved)

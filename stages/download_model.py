@@ -1,9 +1,8 @@
 """download_model: params model.* -> models/base/ (config, safetensors, tokenizer)."""
 
-from pipeline.atomic import atomic_dir
-from pipeline.fetch_model import fetch_model
+from pipeline.download.model import fetch_model
 from pipeline.params import load_params, save_resolved
-from pipeline.paths import MODEL_BASE, asset_cache_dir
+from pipeline.stage_io import MODEL_BASE, asset_cache_dir, atomic_dir
 
 
 def main() -> None:

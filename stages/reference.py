@@ -9,12 +9,11 @@ import datasets
 import numpy as np
 from transformers import AutoTokenizer
 
-from pipeline import reference
-from pipeline.atomic import atomic_dir
-from pipeline.evaluation import score_pairs
-from pipeline.modeling import freeze, load_scorer, pad_token_id, resolve_runtime
+from pipeline.model import reference
+from pipeline.model.loading import freeze, pad_token_id, resolve_runtime
+from pipeline.model.scoring import load_scorer, score_pairs
 from pipeline.params import load_params, save_resolved
-from pipeline.paths import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE
+from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE, atomic_dir
 
 
 def main() -> None:

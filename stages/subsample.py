@@ -4,11 +4,10 @@ import json
 
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_dir, write_json_atomic
-from pipeline.fetch_data import read_split
+from pipeline.data.schema import read_split
+from pipeline.data.subsample import subsample
 from pipeline.params import load_params, save_resolved
-from pipeline.paths import DATA_RAW, DATA_SUBSAMPLED, REPORTS
-from pipeline.subsample import subsample
+from pipeline.stage_io import DATA_RAW, DATA_SUBSAMPLED, REPORTS, atomic_dir, write_json_atomic
 
 
 def main() -> None:

@@ -17,14 +17,14 @@ def asset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model_dir(asset_cache: Path) -> Path:
-    from pipeline.demo_assets import ensure_demo_model
+    from pipeline.demo.model import ensure_demo_model
 
     return ensure_demo_model(asset_cache)
 
 
 @pytest.fixture(scope="session")
 def demo_dataset_dir(asset_cache: Path) -> Path:
-    from pipeline.demo_assets import ensure_demo_dataset
+    from pipeline.demo.dataset import ensure_demo_dataset
 
     return ensure_demo_dataset(asset_cache)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed
-from pipeline.modeling import Runtime, freeze
-from pipeline.reference import ModelReference
-from pipeline.scoring import CompletionScorer
-from pipeline.trainer import train_policy
+from pipeline.model.loading import Runtime, freeze
+from pipeline.model.reference import ModelReference
+from pipeline.model.scoring import CompletionScorer
+from pipeline.train import distributed
+from pipeline.train.loop import Resume, train_policy
 from tests.helpers import random_pairs, tiny_qwen3
 from tests.test_distributed import PARAMS, PER_RANK_BATCH
 
@@ -27,7 +27,13 @@ if __name__ == "__main__":
     for _ in range(2):  # the second run finds the final checkpoint and restores it
         policy = distributed.wrap(CompletionScorer(tiny_qwen3()), world, runtime, strategy)
         result = train_policy(
-            policy, reference, random_pairs(22), params, runtime, 0, out.parent / "ckpt", "key"
+            policy,
+            reference,
+            random_pairs(22),
+            params,
+            runtime,
+            0,
+            Resume(out.parent / "ckpt", "key"),
         )
         runs.append(result.log)
     state = distributed.full_model_state(policy)

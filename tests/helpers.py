@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import SOURCE_SCHEMA
+from pipeline.data.schema import SOURCE_SCHEMA
 
 
 def source_rows(
@@ -85,3 +85,30 @@ def random_pairs(n: int, vocab_size: int = 96, seed: int = 0):
             "rejected_input_ids": [ids(2, 12) for _ in range(n)],
         }
     )
+
+
+def train_params(**overrides):
+    """TrainParams for small tests: plain DPO on the CPU, no warmup, a log row every step and no
+    checkpoint unless asked; any field can be overridden."""
+    from pipeline.params import TrainParams
+
+    settings = {
+        "lr": 1e-3,
+        "epochs": 1,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "beta": 0.1,
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_steps": 0,
+        "seed": 0,
+        "cached_reference": False,
+        "length_grouping": True,
+        "device": "cpu",
+        "nproc": 1,
+        "parallel": "ddp",
+        "log_every": 1,
+        "save_every": 10**9,
+    }
+    return TrainParams(**{**settings, **overrides})

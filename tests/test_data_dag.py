@@ -7,8 +7,8 @@ import sys
 import datasets
 import pytest
 
-from pipeline.demo import apply_overrides, demo_overrides
-from pipeline.schema import TOKENIZED_SCHEMA
+from pipeline.data.schema import TOKENIZED_SCHEMA
+from pipeline.demo.experiment import apply_overrides, demo_overrides
 from tests.e2e import copy_repo, environment, run
 
 pytestmark = pytest.mark.slow

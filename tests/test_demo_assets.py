@@ -14,16 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import demo_assets
-from pipeline.demo_assets import (
+from pipeline.demo import dataset as demo_assets
+from pipeline.demo.dataset import (
     MAX_PAIRS_PER_QUESTION,
-    build_tiny_qwen3,
     ensure_demo_dataset,
-    ensure_demo_model,
     generate_questions,
     generate_stack_exchange_sample,
     pair_rows,
 )
+from pipeline.demo.model import TinyShape, build_tiny_qwen3, ensure_demo_model
 
 # The hub dataset's schema, spelled out here rather than imported, so a change to either side
 # is caught.
@@ -314,9 +313,9 @@ def test_model_is_a_qwen3_with_safetensors_only(demo_model_dir: Path, demo_token
 
 def test_model_build_is_seeded(tmp_path: Path) -> None:
     corpus = [f"Use `sorted()` on list {i}.\n\n```python\nx = sorted(y)\n```" for i in range(50)]
-    a = digest(build_tiny_qwen3(tmp_path / "a", corpus, seed=5, vocab_size=300))
-    b = digest(build_tiny_qwen3(tmp_path / "b", corpus, seed=5, vocab_size=300))
-    c = digest(build_tiny_qwen3(tmp_path / "c", corpus, seed=6, vocab_size=300))
+    a = digest(build_tiny_qwen3(tmp_path / "a", corpus, seed=5, shape=TinyShape(vocab_size=300)))
+    b = digest(build_tiny_qwen3(tmp_path / "b", corpus, seed=5, shape=TinyShape(vocab_size=300)))
+    c = digest(build_tiny_qwen3(tmp_path / "c", corpus, seed=6, shape=TinyShape(vocab_size=300)))
     assert a == b
     assert a["model.safetensors"] != c["model.safetensors"]
     assert a["tokenizer.json"] == c["tokenizer.json"]  # the tokenizer depends on the corpus only

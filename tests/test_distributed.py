@@ -12,34 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.modeling import Runtime, freeze
-from pipeline.params import TrainParams
-from pipeline.reference import ModelReference
-from pipeline.scoring import CompletionScorer
-from pipeline.trainer import train_policy
-from tests.helpers import random_pairs, tiny_qwen3
+from pipeline.model.loading import Runtime, freeze
+from pipeline.model.reference import ModelReference
+from pipeline.model.scoring import CompletionScorer
+from pipeline.train.loop import Resume, train_policy
+from tests.helpers import random_pairs, tiny_qwen3, train_params
 
 REPO = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 2
-PARAMS = TrainParams(
-    lr=1e-3,
-    epochs=2,
-    batch_size=2 * PER_RANK_BATCH,
-    grad_accum=2,
-    beta=0.1,
-    warmup_ratio=0.2,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    max_steps=0,
-    seed=3,
-    cached_reference=False,
-    length_grouping=True,
-    device="cpu",
-    nproc=2,
-    parallel="ddp",
-    log_every=1,
+PARAMS = train_params(
+    epochs=2, batch_size=2 * PER_RANK_BATCH, grad_accum=2, warmup_ratio=0.2, seed=3, nproc=2,
     save_every=100,
-)
+)  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -81,8 +65,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
         PARAMS,
         runtime,
         0,
-        tmp_path / "single",
-        "key",
+        Resume(tmp_path / "single", "key"),
     )
     assert [r["step"] for r in ddp["log"]] == [r["step"] for r in single.log]
     for multi, one in zip(ddp["log"], single.log, strict=True):

@@ -9,14 +9,11 @@ import datasets
 import numpy as np
 import pytest
 
-from pipeline.evaluation import margin_histogram, pair_losses, reward_metrics, scored_tokens
-from pipeline.params import TrainParams
+from pipeline.evaluate.metrics import margin_histogram, pair_losses, reward_metrics
+from pipeline.objective.metrics import dataset_token_counts
+from tests.helpers import train_params
 
-DPO = TrainParams(
-    lr=1e-3, epochs=1, batch_size=2, grad_accum=1, beta=0.1, warmup_ratio=0.0,
-    weight_decay=0.0, max_grad_norm=1.0, max_steps=0, seed=0, cached_reference=True,
-    length_grouping=False, device="cpu", nproc=1, parallel="ddp", log_every=1, save_every=1,
-)  # fmt: skip
+DPO = train_params(batch_size=2, length_grouping=False, cached_reference=True)
 # Three pairs of one question; answer ids a > b > c, and pair 2 is a labelled (a, c).
 DATA = datasets.Dataset.from_dict(
     {
@@ -32,7 +29,7 @@ REFERENCE = (np.array([-9.0, -3.5, -6.0]), np.array([-6.0, -3.0, -5.0]))
 
 
 def test_scored_tokens_skip_the_unpredicted_first_token_of_an_empty_prompt() -> None:
-    chosen, rejected = scored_tokens(DATA)
+    chosen, rejected = dataset_token_counts(DATA)
     assert chosen.tolist() == [4, 2, 3] and rejected.tolist() == [2, 1, 0]
 
 

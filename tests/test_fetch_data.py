@@ -5,16 +5,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.fetch_data import (
+from pipeline.data.schema import SOURCE_SCHEMA, SchemaError, read_split
+from pipeline.download.data import (
     Shard,
     fetch_data,
     list_shards,
     open_dataset,
-    read_split,
     shards_for,
 )
 from pipeline.params import DataParams
-from pipeline.schema import SOURCE_SCHEMA, SchemaError
 from tests.helpers import hub_layout, source_rows, table
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.dpo import dpo_loss
-from pipeline.losses import (
+from pipeline.objective.losses import (
     LABEL_SMOOTHED,
     LOSSES,
     REFERENCE_FREE,
@@ -21,6 +20,7 @@ from pipeline.losses import (
     robust_loss,
     sigmoid_loss,
 )
+from tests.plain_dpo import dpo_loss
 
 # Three pairs, float64 so hand values compare tightly. Margins h = (pc - rc) - (pr - rr):
 # pair 0: (-10 + 11) - (-14 + 12.5) = 2.5; pair 1: (-6 + 5) - (-3 + 4) = -2; pair 2: 0.
@@ -145,7 +145,8 @@ def test_rewards_are_beta_log_ratios_except_simpo() -> None:
 # ---------------------------------------------------------------- limits
 
 
-def test_sigmoid_without_smoothing_is_dpo_loss() -> None:
+def test_sigmoid_without_smoothing_is_the_papers_dpo_loss() -> None:
+    # tests/plain_dpo.py writes the loss straight from the DPO paper, independently.
     p = pairs()
     ours = compute_loss("sigmoid", p, BETA)
     losses, chosen, rejected = dpo_loss(
@@ -293,5 +294,5 @@ def test_loss_settings_import_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, pipeline.loss_settings; assert 'torch' not in sys.modules"
+    code = "import sys, pipeline.objective.settings; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

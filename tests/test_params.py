@@ -99,7 +99,7 @@ def test_resolved_params_follow_dvc_yaml() -> None:
 
 
 def test_demo_overrides_are_valid_params(params_file: Path) -> None:
-    from pipeline.demo import apply_overrides, demo_overrides
+    from pipeline.demo.experiment import apply_overrides, demo_overrides
 
     apply_overrides(params_file, demo_overrides(REPO / "demo" / "params.yaml"))
     params = load_params(params_file)

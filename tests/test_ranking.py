@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.ranking import KendallResult, kendall_tau, pairwise_tau, win_rate
+from pipeline.evaluate.ranking import KendallResult, kendall_tau, pairwise_tau, win_rate
 
 Pairs = tuple[list[str], list[str], list[str], list[float], list[float]]
 

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import reference
-from pipeline.batching import collate_pairs
-from pipeline.evaluation import score_pairs
-from pipeline.modeling import Runtime, freeze
-from pipeline.params import TrainParams
-from pipeline.reference import CachedReference, ModelReference, StaleReference
-from pipeline.scoring import CompletionScorer
-from pipeline.trainer import train_policy
-from tests.helpers import random_pairs, tiny_qwen3
+from pipeline.model import reference
+from pipeline.model.loading import Runtime, freeze
+from pipeline.model.reference import CachedReference, ModelReference, StaleReference
+from pipeline.model.scoring import CompletionScorer, collate_pairs, score_pairs
+from pipeline.train.loop import Resume, train_policy
+from tests.helpers import random_pairs, tiny_qwen3, train_params
 
 CPU = Runtime(torch.device("cpu"), None)
 
@@ -31,25 +28,7 @@ def test_cached_values_equal_on_the_fly_values() -> None:
 
 
 def test_training_on_the_cache_matches_training_on_the_fly(tmp_path: Path) -> None:
-    params = TrainParams(
-        lr=1e-3,
-        epochs=1,
-        batch_size=4,
-        grad_accum=1,
-        beta=0.1,
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_steps=3,
-        seed=1,
-        cached_reference=True,
-        length_grouping=True,
-        device="cpu",
-        nproc=1,
-        parallel="ddp",
-        log_every=1,
-        save_every=10,
-    )
+    params = train_params(max_steps=3, seed=1, cached_reference=True, save_every=10)
     data = random_pairs(16)
     base = freeze(CompletionScorer(tiny_qwen3()))
     table = np.stack(score_pairs(base, data, 5, CPU, 0, "ref"), 1)
@@ -59,7 +38,13 @@ def test_training_on_the_cache_matches_training_on_the_fly(tmp_path: Path) -> No
         ("live", ModelReference(base, CPU)),
     ):
         result = train_policy(
-            CompletionScorer(tiny_qwen3()), ref, data, params, CPU, 0, tmp_path / name, "key"
+            CompletionScorer(tiny_qwen3()),
+            ref,
+            data,
+            params,
+            CPU,
+            0,
+            Resume(tmp_path / name, "key"),
         )
         runs[name] = [row["loss"] for row in result.log]
     assert runs["cached"] == pytest.approx(runs["live"], abs=1e-5)

@@ -1,17 +1,21 @@
 import pytest
 import torch
 
-from pipeline.batching import collate_pairs
-from pipeline.modeling import Runtime, batch_logps
-from pipeline.scoring import CompletionScorer, token_logps
+from pipeline.model.loading import Runtime
+from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs, token_logps
 from tests.helpers import random_pairs, tiny_qwen3
+from tests.plain_dpo import full_logits_logps
 
 CPU = Runtime(torch.device("cpu"), None)
 
 
 def assert_same_value_and_gradient(model, expected_scorer, scorer, batch) -> None:
-    """Both scorers of `model` give the same log-probs and parameter gradients to 1e-5."""
-    expected = batch_logps(expected_scorer, batch, CPU)
+    """Both scorers of `model` give the same log-probs and parameter gradients to 1e-5;
+    `expected_scorer` is `model` itself for the plain full-logits reference."""
+    if expected_scorer is model:
+        expected = full_logits_logps(model, batch)
+    else:
+        expected = batch_logps(expected_scorer, batch, CPU)
     expected.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -41,7 +45,7 @@ def test_chunk_size_does_not_change_the_result() -> None:
 
 
 def test_only_completion_positions_reach_the_lm_head(monkeypatch) -> None:
-    import pipeline.scoring as scoring
+    import pipeline.model.scoring as scoring
 
     rows_scored = []
     original = scoring.chunk_token_logps
@@ -64,7 +68,7 @@ def test_only_completion_positions_reach_the_lm_head(monkeypatch) -> None:
 
 
 def test_pack_rows_restarts_positions_per_row() -> None:
-    from pipeline.scoring import pack_rows
+    from pipeline.model.scoring import pack_rows
 
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
     attention = (ids != 0).long()
@@ -88,7 +92,7 @@ def test_packed_rows_score_like_padded_rows_in_value_and_gradient() -> None:
 
 
 def test_chunks_are_sized_by_the_vocabulary() -> None:
-    from pipeline.scoring import chunk_tokens_for
+    from pipeline.model.scoring import chunk_tokens_for
 
     assert chunk_tokens_for(151_936) == 256  # Qwen3: 156 MB of fp32 logits per chunk
     assert chunk_tokens_for(2048) == 256 * 151_936 // 2048

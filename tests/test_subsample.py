@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from pipeline.subsample import subsample
+from pipeline.data.subsample import subsample
 from tests.helpers import source_rows, table
 
 

@@ -3,16 +3,16 @@ import dataclasses
 import datasets
 import pytest
 
-from pipeline.params import TokenizeParams
-from pipeline.schema import SUBSAMPLED_SCHEMA
-from pipeline.subsample import with_ids
-from pipeline.tokenization import (
+from pipeline.data.schema import SUBSAMPLED_SCHEMA
+from pipeline.data.subsample import with_ids
+from pipeline.data.tokenization import (
     TooManyDropped,
     encode_completion,
     render_prompt,
     tokenize_dataset,
     tokenize_pair,
 )
+from pipeline.params import TokenizeParams
 from tests.helpers import source_rows, table
 
 PARAMS = TokenizeParams(

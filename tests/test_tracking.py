@@ -4,8 +4,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
 from pipeline.params import load_params
+from pipeline.track import runs as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,13 +55,6 @@ def test_run_logs_params_as_numbers_tags_and_steps(store: Path, params_file: Pat
     assert [(m.step, m.value) for m in history] == [(1, 0.69), (2, 0.5)]
     assert tracking.start_training_run(params, "cpu", run_id) == run_id  # a resume continues it
     mlflow.end_run()
-
-
-def test_only_rank_zero_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RANK", "1")
-    assert not tracking.is_main_process()
-    monkeypatch.setenv("RANK", "0")
-    assert tracking.is_main_process()
 
 
 def test_run_file_round_trip(tmp_path: Path) -> None:

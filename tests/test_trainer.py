@@ -6,40 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.batching import collate_pairs, epoch_order, optimizer_steps
-from pipeline.modeling import Runtime, assert_frozen, batch_logps, freeze
+from pipeline.model.loading import Runtime, assert_frozen, freeze
+from pipeline.model.reference import ModelReference
+from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import TrainParams
-from pipeline.reference import ModelReference
-from pipeline.trainer import NonFiniteLoss, train_policy
-from tests.helpers import random_pairs, tiny_qwen3
+from pipeline.train.loop import Resume, train_policy
+from pipeline.train.plan import epoch_order, optimizer_steps
+from pipeline.train.step import NonFiniteLoss
+from tests.helpers import random_pairs, tiny_qwen3, train_params
 
 CPU = Runtime(torch.device("cpu"), None)
-PARAMS = TrainParams(
-    lr=1e-3,
-    epochs=2,
-    batch_size=4,
-    grad_accum=1,
-    beta=0.1,
-    warmup_ratio=0.0,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    max_steps=0,
-    seed=7,
-    cached_reference=False,
-    length_grouping=True,
-    device="cpu",
-    nproc=1,
-    parallel="ddp",
-    log_every=1,
-    save_every=2,
-)
+PARAMS = train_params(epochs=2, seed=7, save_every=2)
 
 
 def run(
     tmp_path: Path, params: TrainParams = PARAMS, n_pairs: int = 16, on_log=None, ckpt: str = "ckpt"
 ):
-    policy = tiny_qwen3()
-    reference = freeze(tiny_qwen3())
+    policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
     result = train_policy(
         policy,
         ModelReference(reference, CPU),
@@ -47,11 +30,10 @@ def run(
         params,
         CPU,
         0,
-        tmp_path / ckpt,
-        "key",
+        Resume(tmp_path / ckpt, "key"),
         on_log=on_log,
     )
-    return policy, reference, result
+    return policy.model, reference.model, result
 
 
 def test_step_one_loss_is_ln2(tmp_path: Path) -> None:
@@ -78,14 +60,14 @@ def test_reference_must_be_frozen() -> None:
 def test_concatenated_forward_equals_separate_forwards() -> None:
     model, data = tiny_qwen3(), random_pairs(3)
     rows = data[:]
-    both = batch_logps(model, collate_pairs(rows, 0), CPU)
+    both = batch_logps(CompletionScorer(model), collate_pairs(rows, 0), CPU)
     for side, half in (("chosen", both[:3]), ("rejected", both[3:])):
         alone = {
             "prompt_input_ids": rows["prompt_input_ids"],
             "chosen_input_ids": rows[f"{side}_input_ids"],
             "rejected_input_ids": rows[f"{side}_input_ids"],
         }
-        separate = batch_logps(model, collate_pairs(alone, 0), CPU)[:3]
+        separate = batch_logps(CompletionScorer(model), collate_pairs(alone, 0), CPU)[:3]
         torch.testing.assert_close(half, separate, atol=1e-5, rtol=0)
 
 
@@ -132,7 +114,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
 
 def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path: Path) -> None:
     run(tmp_path, dataclasses.replace(PARAMS, max_steps=2), ckpt="c")
-    policy, reference = tiny_qwen3(), freeze(tiny_qwen3())
+    policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
     result = train_policy(
         policy,
         ModelReference(reference, CPU),
@@ -140,19 +122,18 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path: Path) -> None:
         dataclasses.replace(PARAMS, max_steps=2),
         CPU,
         0,
-        tmp_path / "c",
-        "other-key",
+        Resume(tmp_path / "c", "other-key"),
     )
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # started afresh
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
-    policy, reference = tiny_qwen3(), freeze(tiny_qwen3())
+    policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
 
     def poison_after_step_2(row: dict) -> None:
         if row["step"] == 2:
             with torch.no_grad():
-                policy.model.norm.weight.fill_(float("nan"))
+                policy.model.model.norm.weight.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLoss, match="step 3"):
         train_policy(
@@ -162,8 +143,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -
             PARAMS,
             CPU,
             0,
-            tmp_path / "n",
-            "key",
+            Resume(tmp_path / "n", "key"),
             on_log=poison_after_step_2,
         )
     assert [p.name for p in (tmp_path / "n").iterdir()] == ["step-00000002"]
@@ -178,7 +158,7 @@ def test_epoch_order_is_seeded_and_steps_cover_every_pair() -> None:
 
 
 def test_log_rows_have_every_metric(tmp_path: Path) -> None:
-    from pipeline.trainer import LOG_KEYS
+    from pipeline.train.loop import LOG_KEYS
 
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=2))
     assert all(tuple(row) == LOG_KEYS for row in result.log)
@@ -188,7 +168,7 @@ def test_log_rows_have_every_metric(tmp_path: Path) -> None:
 def test_length_grouping_is_a_seeded_permutation_with_less_padding() -> None:
     import numpy as np
 
-    from pipeline.batching import length_grouped_order, padded_share
+    from pipeline.train.plan import length_grouped_order, padded_share
 
     rng = np.random.default_rng(0)
     # Answers of one pair have related lengths (same question), pairs differ widely.
@@ -208,7 +188,7 @@ def test_length_grouping_is_a_seeded_permutation_with_less_padding() -> None:
 def test_padded_share_by_hand() -> None:
     import numpy as np
 
-    from pipeline.batching import padded_share
+    from pipeline.train.plan import padded_share
 
     lengths = np.array([[4, 2], [1, 1]])
     # One micro-batch of both pairs: 4 rows padded to 4 -> 16 positions, 8 real.
@@ -249,8 +229,10 @@ def test_reference_free_simpo_trains_without_a_reference(tmp_path: Path) -> None
     params = dataclasses.replace(
         PARAMS, loss="simpo", gamma=0.5, beta=2.0, reference_free=True, epochs=4
     )
-    policy = tiny_qwen3()
-    result = train_policy(policy, None, random_pairs(16), params, CPU, 0, tmp_path / "c", "key")
+    policy = CompletionScorer(tiny_qwen3())
+    result = train_policy(
+        policy, None, random_pairs(16), params, CPU, 0, Resume(tmp_path / "c", "k")
+    )
     assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.02
     with pytest.raises(ValueError, match="reference=None exactly when"):
         run(tmp_path, params)  # a reference given to reference-free training is an error

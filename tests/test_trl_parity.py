@@ -26,7 +26,7 @@ How TRL 1.16 handles data, read from trl/trainer/dpo_trainer.py, and where the p
 * `rewards/accuracies`: TRL counts strict `>`; the pipeline counts a tie as one half, so at step 1
   (policy == reference, every reward 0) TRL logs 0.0 and the pipeline 0.5.
 * `label_smoothing` with the sigmoid loss: TRL 1.16 ignores it (its DPOTrainer has no
-  conservative DPO); `pipeline.losses` applies cDPO.
+  conservative DPO); `pipeline.objective.losses` applies cDPO.
 * IPO: both length-normalise; TRL divides by the unshifted completion mask's sum, the pipeline by
   the tokens it scores (mask[:, 1:]). They differ only for an empty prompt, which the pipeline
   never makes.
@@ -66,26 +66,21 @@ trl = pytest.importorskip(
 import datasets  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
-from pipeline.batching import PairBatch, collate_pairs, pair_lengths  # noqa: E402
-from pipeline.dpo import (  # noqa: E402
-    completion_token_counts,
-    dpo_loss,
-    split_concatenated,
-    step_metrics,
-)
-from pipeline.losses import PairLogps, compute_loss  # noqa: E402
-from pipeline.modeling import (  # noqa: E402
-    Runtime,
+from pipeline.data.tokenization import TokenizedPair, tokenize_pair  # noqa: E402
+from pipeline.model.loading import Runtime, freeze, load_causal_lm, pad_token_id  # noqa: E402
+from pipeline.model.reference import ModelReference  # noqa: E402
+from pipeline.model.scoring import (  # noqa: E402
+    CompletionScorer,
+    PairBatch,
     batch_logps,
-    freeze,
-    load_causal_lm,
-    pad_token_id,
+    collate_pairs,
 )
+from pipeline.objective.losses import PairLogps, compute_loss  # noqa: E402
+from pipeline.objective.metrics import completion_token_counts, step_metrics  # noqa: E402
 from pipeline.params import TokenizeParams, TrainParams, parse_section, read_yaml  # noqa: E402
-from pipeline.reference import ModelReference  # noqa: E402
-from pipeline.scoring import CompletionScorer  # noqa: E402
-from pipeline.tokenization import TokenizedPair, tokenize_pair  # noqa: E402
-from pipeline.trainer import epoch_plan, train_policy  # noqa: E402
+from pipeline.train.loop import Resume, train_policy  # noqa: E402
+from pipeline.train.plan import epoch_plan, pair_lengths  # noqa: E402
+from tests.plain_dpo import full_logits_logps  # noqa: E402
 
 # TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every reference forward.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
@@ -359,8 +354,8 @@ def test_logps_rewards_loss_and_gradients_match_trl(one_batch: OneBatch) -> None
         trl_policy = trl_sequence_logps(trainer.model, one_batch.trl_batch)
         trl_ref = trl_sequence_logps(trainer.ref_model, one_batch.trl_batch)
         scorer = batch_logps(CompletionScorer(one_batch.policy), batch, CPU)
-        ref = batch_logps(one_batch.reference, batch, CPU)
-    policy = batch_logps(one_batch.policy, batch, CPU)
+        ref = full_logits_logps(one_batch.reference, batch)
+    policy = full_logits_logps(one_batch.policy, batch)  # the plain full-logits path, with grad
     tokens = completion_token_counts(batch.completion_mask)
     for name, mine, theirs in (
         ("policy", policy.detach(), trl_policy),
@@ -374,9 +369,10 @@ def test_logps_rewards_loss_and_gradients_match_trl(one_batch: OneBatch) -> None
         report(f"{name} summed log-probs, max |diff| / tokens", per_token)
 
     # The pipeline's loss exactly as the trainer forms it: sum over pairs / pairs.
-    pc, pr = split_concatenated(policy, batch.n_pairs)
-    rc, rr = split_concatenated(ref, batch.n_pairs)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, BETA)
+    logps = PairLogps.from_concatenated(policy, ref, tokens, batch.n_pairs)
+    pc, pr = logps.policy_chosen, logps.policy_rejected
+    out = compute_loss("sigmoid", logps, BETA)
+    losses, chosen_rewards, rejected_rewards = out.losses, out.chosen_rewards, out.rejected_rewards
     loss = losses.sum() / batch.n_pairs
     trainer._metrics["train"].clear()
     trl_loss = trainer.compute_loss(trainer.model, one_batch.trl_batch)
@@ -385,13 +381,13 @@ def test_logps_rewards_loss_and_gradients_match_trl(one_batch: OneBatch) -> None
 
     # A reward is beta times a difference of two fp32 sums: compare it per token, like them.
     trl_chosen, trl_rejected = (BETA * (trl_policy - trl_ref)).chunk(2)
-    chosen_tokens, rejected_tokens = split_concatenated(tokens, batch.n_pairs)
+    chosen_tokens, rejected_tokens = logps.chosen_tokens, logps.rejected_tokens
     rewards_diff = torch.cat([chosen_rewards - trl_chosen, rejected_rewards - trl_rejected]).abs()
     per_token = (rewards_diff / (BETA * torch.cat([chosen_tokens, rejected_tokens]))).max().item()
     report("per-pair rewards, max |diff|", rewards_diff.max().item())
     report("per-pair rewards, max |diff| / (beta * tokens)", per_token)
     assert rewards_diff.max().item() <= 1e-4 and per_token <= 1e-5
-    nll = -pc.detach() / split_concatenated(tokens, batch.n_pairs)[0]
+    nll = -pc.detach() / chosen_tokens
     metrics = step_metrics(losses.detach(), chosen_rewards, rejected_rewards, pc.detach(), pr, nll)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     assert metrics["rewards/margins"] != 0 and 0 < metrics["rewards/accuracies"] < 1
@@ -419,8 +415,8 @@ def test_logps_rewards_loss_and_gradients_match_trl(one_batch: OneBatch) -> None
 @pytest.fixture(scope="module")
 def variant_logps(one_batch: OneBatch) -> PairLogps:
     with torch.no_grad():
-        policy = batch_logps(one_batch.policy, one_batch.batch, CPU)
-        ref = batch_logps(one_batch.reference, one_batch.batch, CPU)
+        policy = full_logits_logps(one_batch.policy, one_batch.batch)
+        ref = full_logits_logps(one_batch.reference, one_batch.batch)
     tokens = completion_token_counts(one_batch.batch.completion_mask)
     return PairLogps.from_concatenated(policy, ref, tokens, one_batch.batch.n_pairs)
 
@@ -504,8 +500,8 @@ def test_ipo_counts_differ_from_trl_only_without_a_prompt(
         pad_token_id(tok),
     )  # fmt: skip
     with torch.no_grad():
-        policy = batch_logps(one_batch.policy, batch, CPU)
-        ref = batch_logps(one_batch.reference, batch, CPU)
+        policy = full_logits_logps(one_batch.policy, batch)
+        ref = full_logits_logps(one_batch.reference, batch)
     scored = completion_token_counts(batch.completion_mask)
     unshifted = batch.completion_mask.sum(dim=1)
     assert (unshifted == scored + 1).all()
@@ -575,14 +571,13 @@ def test_twenty_steps_follow_trl(
     pairs = ours(tok, rows, tokenize_params(SAFE_TEMPLATE, MAX_LENGTH, MAX_PROMPT_LENGTH))
     data = datasets.Dataset.from_dict(columns(pairs))
     result = train_policy(
-        load(demo_model_dir),
-        ModelReference(freeze(load(demo_model_dir)), CPU),
+        CompletionScorer(load(demo_model_dir)),
+        ModelReference(freeze(CompletionScorer(load(demo_model_dir))), CPU),
         data,
         params,
         CPU,
         pad_token_id(tok),
-        tmp_path / "ckpt",
-        "parity",
+        Resume(tmp_path / "ckpt", "parity"),
     )
     # TRL sees our epochs' pair orders back to back, read sequentially, as one long epoch.
     order = np.concatenate(

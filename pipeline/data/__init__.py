@@ -1,0 +1,1 @@
+"""The data contract (one record type) and the subsample and tokenize stages."""

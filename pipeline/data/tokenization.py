@@ -1,0 +1,242 @@
+"""Pairs of texts -> token ids, with the prompt and each completion tokenized separately.
+
+Tokenizing separately means no token ever merges across the prompt/answer boundary, so the
+completion log-probs DPO needs are exactly the completion's own tokens. No special token is added
+by the tokenizer (Qwen has no BOS; the chat template writes its own markers once), and EOS is
+appended to every completion once, before truncation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.data.schema import SUBSAMPLED_SCHEMA, conform
+from pipeline.params import TokenizeParams
+
+# An answer needs at least one token plus EOS; less room than this drops the pair.
+MIN_COMPLETION_TOKENS = 2
+DROP_REASONS = ("empty_completion", "identical_completions", "no_room_for_answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    drop_reason: str  # "" when kept, else one of DROP_REASONS
+    truncated: tuple[bool, bool, bool]  # prompt, chosen, rejected
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams) -> str:
+    """The prompt text: the template, or the tokenizer's chat template with one user turn."""
+    if not params.use_chat_template:
+        return params.template.replace("{question}", question)
+    # enable_thinking=False: Qwen3's template then opens an empty think block, which is what a
+    # non-reasoning answer follows; templates without the flag ignore it.
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams
+) -> tuple[list[int], bool]:
+    """Prompt ids within max_prompt_length, and whether the question had to be shortened.
+
+    Only the question is cut (its start kept): the template's tail ("Answer: " or the assistant
+    header) is what tells the model an answer follows, so it always survives.
+    """
+    ids = encode(tokenizer, render_prompt(tokenizer, question, params))
+    if len(ids) <= params.max_prompt_length:
+        return ids, False
+    question_ids = encode(tokenizer, question)
+    keep = max(len(question_ids) - (len(ids) - params.max_prompt_length), 0)
+    while True:
+        short = tokenizer.decode(question_ids[:keep])
+        ids = encode(tokenizer, render_prompt(tokenizer, short, params))
+        if len(ids) <= params.max_prompt_length or keep == 0:
+            # keep == 0 and still too long: the template alone exceeds the budget; cut it.
+            return ids[: params.max_prompt_length], True
+        keep = max(keep - (len(ids) - params.max_prompt_length), 0)
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Completion ids ending with exactly one EOS, whatever the text already ended with."""
+    eos = tokenizer.eos_token_id
+    ids = encode(tokenizer, text)
+    while ids and ids[-1] == eos:
+        ids.pop()
+    return ids + [eos]
+
+
+def tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    chosen: str | None,
+    rejected: str | None,
+    params: TokenizeParams,
+) -> TokenizedPair:
+    """Tokenize one pair and decide whether it is kept (drop_reason == "")."""
+    prompt, prompt_cut = encode_prompt(tokenizer, question or "", params)
+    if not (chosen or "").strip() or not (rejected or "").strip():
+        return TokenizedPair(prompt, [], [], "empty_completion", (prompt_cut, False, False))
+    room = params.max_length - len(prompt)
+    if room < MIN_COMPLETION_TOKENS:
+        return TokenizedPair(prompt, [], [], "no_room_for_answer", (prompt_cut, False, False))
+    full_chosen = encode_completion(tokenizer, chosen)
+    full_rejected = encode_completion(tokenizer, rejected)
+    kept_chosen, kept_rejected = full_chosen[:room], full_rejected[:room]
+    reason = "identical_completions" if kept_chosen == kept_rejected else ""
+    truncated = (prompt_cut, len(full_chosen) > room, len(full_rejected) > room)
+    return TokenizedPair(prompt, kept_chosen, kept_rejected, reason, truncated)
+
+
+def tokenize_batch(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, params: TokenizeParams
+) -> dict[str, list[Any]]:
+    """datasets.map(batched=True) function: texts -> ids plus drop reason and truncation flags."""
+    pairs = [
+        tokenize_pair(tokenizer, q, c, r, params)
+        for q, c, r in zip(batch["question"], batch["response_j"], batch["response_k"], strict=True)
+    ]
+    return {
+        "question_id": batch["question_id"],
+        "pair_id": batch["pair_id"],
+        "prompt_input_ids": [p.prompt for p in pairs],
+        "chosen_input_ids": [p.chosen for p in pairs],
+        "rejected_input_ids": [p.rejected for p in pairs],
+        "drop_reason": [p.drop_reason for p in pairs],
+        "truncated": [list(p.truncated) for p in pairs],
+    }
+
+
+def split_report(
+    drop_reasons: list[str], truncated: list[list[bool]], lengths: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Counts by drop reason, truncation counts and token-length percentiles of kept pairs."""
+    dropped = Counter(r for r in drop_reasons if r)
+    flags = np.array(truncated, dtype=bool).reshape(-1, 3)
+    report: dict[str, Any] = {
+        "pairs_in": len(drop_reasons),
+        "pairs_kept": len(drop_reasons) - sum(dropped.values()),
+        "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
+        "truncated": {
+            name: int(flags[:, i].sum()) for i, name in enumerate(("prompt", "chosen", "rejected"))
+        },
+        "drop_share": sum(dropped.values()) / max(len(drop_reasons), 1),
+    }
+    report["lengths"] = {name: percentiles(values) for name, values in lengths.items()}
+    return report
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    points = np.percentile(np.asarray(values), [50, 90, 99])
+    return {
+        "p50": float(points[0]),
+        "p90": float(points[1]),
+        "p99": float(points[2]),
+        "max": float(max(values)),
+        "mean": float(np.mean(values)),
+    }
+
+
+class TooManyDropped(ValueError):
+    """More of a split was dropped than tokenize.max_drop_share allows."""
+
+
+def tokenize_dataset(
+    dataset: Any, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams, split: str
+) -> tuple[Any, dict[str, Any]]:
+    """Tokenize a datasets.Dataset of subsampled rows; return (kept rows, report).
+
+    Runs across `params.num_proc` processes; raises TooManyDropped naming the split and reasons.
+    """
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "pair_id": datasets.Value("int64"),
+            **{
+                c: datasets.List(datasets.Value("int32"))
+                for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+            },
+            "drop_reason": datasets.Value("string"),
+            "truncated": datasets.List(datasets.Value("bool")),
+        }
+    )
+    tokenized = dataset.map(
+        tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=_procs(params, len(dataset)),
+        remove_columns=dataset.column_names,
+        features=features,
+        fn_kwargs={"tokenizer": tokenizer, "params": params},
+        desc=f"tokenize {split}",
+    )
+    # Arrow compute, not Python loops: the real train split is ~75k pairs.
+    table = tokenized.flatten_indices().data.table
+    kept_table = table.filter(pc.equal(table["drop_reason"], "")).drop_columns(
+        ["drop_reason", "truncated"]
+    )
+    lengths = {
+        name: pc.list_value_length(kept_table[f"{name}_input_ids"]).to_numpy()
+        for name in ("prompt", "chosen", "rejected")
+    }
+    lengths["pair_total"] = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
+    report = split_report(table["drop_reason"].to_pylist(), table["truncated"].to_pylist(), lengths)
+    if report["drop_share"] > params.max_drop_share:
+        raise TooManyDropped(
+            f"tokenize {split}: dropped {report['drop_share']:.1%} of pairs "
+            f"(> tokenize.max_drop_share {params.max_drop_share:.1%}): {report['dropped']}"
+        )
+    # Columns keep the int32 list types declared above (the Arrow table carries them).
+    return datasets.Dataset(kept_table), report
+
+
+def _procs(params: TokenizeParams, rows: int) -> int | None:
+    # Worker start-up costs about a second; not worth it for small splits.
+    return params.num_proc if params.num_proc > 1 and rows >= 2000 else None
+
+
+def tokenize_split(
+    source: Path, out_dir: Path, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams
+) -> dict[str, Any]:
+    """Tokenize one subsampled parquet split into Arrow shards at `out_dir`; return its report."""
+    table = conform(pq.read_table(source), SUBSAMPLED_SCHEMA, str(source))
+    split = out_dir.name
+    started = time.perf_counter()
+    kept, report = tokenize_dataset(datasets.Dataset(table), tokenizer, params, split)
+    seconds = time.perf_counter() - started  # worker start-up included, as users see it
+    report["pairs_per_s"] = round(report["pairs_in"] / seconds, 1)
+    report["shards"] = max(1, math.ceil(len(kept) / params.pairs_per_shard))
+    kept.save_to_disk(str(out_dir), num_shards=report["shards"])
+    return report
+
+
+def describe_report(report: dict[str, dict[str, Any]]) -> str:
+    """The stage's summary lines, one per split."""
+    return "\n".join(
+        f"{split}: kept {r['pairs_kept']}/{r['pairs_in']} pairs in {r['shards']} shards, "
+        f"dropped {r['dropped']}, truncated {r['truncated']}, {r['pairs_per_s']} pairs/s"
+        for split, r in report.items()
+    )

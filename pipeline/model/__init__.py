@@ -1,0 +1,1 @@
+"""Load models, score completions without full logits, the reference log-probs cache."""

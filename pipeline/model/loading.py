@@ -1,0 +1,83 @@
+"""Models and devices: pick the device and precision, load a causal LM, freeze the reference.
+
+CUDA runs the forward under bf16 autocast with fp32 master weights; the CPU runs plain fp32.
+The reference is the same weights, frozen and in eval mode, run under the same autocast so that
+at step 1 policy and reference produce bit-identical log-probs (loss exactly ln 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(device: Literal["auto", "cpu", "cuda"]) -> Runtime:
+    """`auto`: CUDA (bf16 autocast where supported) when present, else CPU fp32."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device/eval.device is cuda but no CUDA device is available")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return Runtime(torch.device("cpu"), None)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that autocast leaves: use TF32
+    torch.backends.cudnn.allow_tf32 = True
+    bf16 = torch.cuda.is_bf16_supported()
+    return Runtime(torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16)
+
+
+def attention_implementation(runtime: Runtime) -> str:
+    """flash_attention_2 on CUDA when the package is installed, else PyTorch SDPA."""
+    if runtime.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(path: Path, runtime: Runtime, trust_remote_code: bool) -> PreTrainedModel:
+    """Load fp32 weights (safetensors only) on the runtime's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attention_implementation(runtime),
+    )
+    return model.to(runtime.device)
+
+
+def use_packing(runtime: Runtime) -> bool:
+    """Padding-free (packed) batches where a variable-length attention kernel makes them pay:
+    CUDA with flash-attention 2. Elsewhere a packed row would need a dense block-diagonal mask,
+    quadratic in the whole batch's tokens, so the length-grouped padded path is faster."""
+    return attention_implementation(runtime) == "flash_attention_2"
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Reference model: eval mode (no dropout), no gradients, never in an optimizer."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def assert_frozen(model: torch.nn.Module) -> None:
+    if model.training or any(p.requires_grad for p in model.parameters()):
+        raise AssertionError("the reference model must stay in eval mode with no gradients")
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id right-padding uses (masked out everywhere): pad if the tokenizer has one, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,227 @@
+"""Completion log-probs of `[chosen; rejected]` batches, without the full (tokens x vocab) logits.
+
+Qwen3's vocabulary has 151,936 entries: fp32 logits for 8 pairs x 2 answers x 512 tokens are
+~5 GB, most of them for prompt and padding positions DPO never reads. The scorer runs the decoder,
+keeps the hidden states of completion positions only, and applies the LM head plus log-softmax in
+chunks; with gradients on, each chunk is recomputed in backward (activation checkpointing), so at
+most one chunk of logits is alive at a time. Same numbers as `dpo.sequence_logps` on full logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from pipeline.model.loading import Runtime, load_causal_lm, use_packing
+from pipeline.stage_io import bar
+
+# Logit elements per LM-head chunk: 256 tokens x 151,936 fp32 = 156 MB per tensor in flight
+# (logits, log-softmax temporaries and their gradient in backward: a few at the peak). Measured
+# by bench/dpo_vs_trl.py on CPU at Qwen3's vocabulary: 1024-token chunks -> 3.6 GB peak RSS,
+# 256 -> 1.85 GB, 4 % slower. Still large enough matmuls to keep a GPU busy.
+CHUNK_LOGIT_ELEMENTS = 256 * 151_936
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Completion tokens per chunk so that one chunk's logits stay within CHUNK_LOGIT_ELEMENTS."""
+    return max(1, CHUNK_LOGIT_ELEMENTS // vocab_size)
+
+
+def chunk_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[targets] for one chunk: (K, H), (V, H), (K,) -> (K,) fp32."""
+    logits = hidden @ weight.T  # bf16 under autocast, like the model's own lm_head
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """`chunk_token_logps` over (K, H) hidden states in chunks of `chunk_tokens` rows -> (K,).
+
+    With gradients on and more than one chunk, each chunk is recomputed in backward instead of
+    keeping its logits alive; a batch that fits one chunk keeps them (within the budget anyway)
+    and skips the recomputation.
+    """
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_tokens
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        args = (hidden[start : start + chunk_tokens], weight, targets[start : start + chunk_tokens])
+        if recompute:
+            parts.append(checkpoint(chunk_token_logps, *args, use_reentrant=False))
+        else:
+            parts.append(chunk_token_logps(*args))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+class CompletionScorer(torch.nn.Module):
+    """A causal LM that returns summed completion log-probs, (N,), instead of logits.
+
+    It is an nn.Module so DDP/FSDP can wrap it: their gradient hooks need the forward to run
+    through the wrapper, not through pieces of the model called separately.
+
+    `packed=True` runs the N right-padded rows as one padding-free row of their real tokens, with
+    position ids restarting at 0 for each row; transformers then keeps attention inside each row
+    (flash-attention's variable-length kernel on CUDA, a block-diagonal mask elsewhere). Only
+    worth it where that kernel exists: `loading.use_packing` decides. `chunk_tokens=None` sizes
+    the LM-head chunks from the vocabulary (`chunk_tokens_for`).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        chunk_tokens: int | None = None,
+        packed: bool = False,
+    ) -> None:
+        super().__init__()
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ValueError("logit soft-capping models need the plain logits path")
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.packed = packed
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids, attention_mask, completion_mask: (N, T) -> (N,) fp32 summed log-probs."""
+        if self.packed:
+            return self._packed_forward(input_ids, attention_mask, completion_mask)
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (N, T, H)
+        scored = completion_mask[:, 1:].bool()  # the logit at t predicts token t+1
+        rows = scored.nonzero(as_tuple=True)[0]
+        return self._sum_logps(
+            hidden[:, :-1][scored], input_ids[:, 1:][scored], rows, len(input_ids)
+        )
+
+    def _packed_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        ids, positions, rows, completion = pack_rows(input_ids, attention_mask, completion_mask)
+        hidden = self.model.get_decoder()(
+            input_ids=ids[None], position_ids=positions[None], use_cache=False
+        ).last_hidden_state[0]  # (L, H)
+        # Token t+1 is scored from position t only inside one row (a row never predicts the next).
+        scored = completion[1:] & (rows[1:] == rows[:-1])
+        return self._sum_logps(
+            hidden[:-1][scored], ids[1:][scored], rows[1:][scored], len(input_ids)
+        )
+
+    def _sum_logps(
+        self, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
+    ) -> torch.Tensor:
+        """(K, H) hidden states of scored positions, their (K,) targets and rows -> (N,) sums."""
+        weight = self.model.get_output_embeddings().weight
+        logps = token_logps(hidden, weight, targets, self.chunk_tokens)
+        totals = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+        return totals.index_add(0, rows, logps)
+
+
+def pack_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (N, T) rows -> their real tokens back to back, all (L,) with L = real tokens.
+
+    Returns (ids, position ids restarting at 0 per row, row of each token, completion flag).
+    Row-major boolean indexing keeps each row's tokens contiguous and in order.
+    """
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1)
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    starts = torch.cumsum(lengths, dim=0) - lengths
+    positions = torch.arange(len(rows), device=rows.device) - starts[rows]
+    return input_ids[keep], positions, rows, completion_mask[keep].bool()
+
+
+def load_scorer(path: Path, runtime: Runtime, trust_remote_code: bool) -> CompletionScorer:
+    """The causal LM at `path` as a CompletionScorer, packed where `use_packing` says so."""
+    model = load_causal_lm(path, runtime, trust_remote_code)
+    return CompletionScorer(model, packed=use_packing(runtime))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+    input_ids: torch.Tensor  # (2B, T) prompt + completion, right-padded; chosen rows first
+    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
+    completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens (the ones DPO scores)
+    n_pairs: int  # B
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.n_pairs,
+        )
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate_pairs(columns: Mapping[str, Sequence[Sequence[int]]], pad_token_id: int) -> PairBatch:
+    """Build a PairBatch from tokenized columns (`dataset[indices]` of the tokenized shards).
+
+    Prompt and completion ids were tokenized separately and are concatenated here, so no token
+    merges across the boundary; the completion mask starts where the prompt ends.
+    """
+    prompts = columns["prompt_input_ids"]
+    sequences, prompt_lengths = [], []
+    for side in ("chosen", "rejected"):
+        for prompt, completion in zip(prompts, columns[f"{side}_input_ids"], strict=True):
+            sequences.append(list(prompt) + list(completion))
+            prompt_lengths.append(len(prompt))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, start) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, : len(seq)] = 1
+        completion[i, start : len(seq)] = 1
+    return PairBatch(input_ids, attention, completion, n_pairs=len(prompts))
+
+
+def batch_logps(scorer: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> torch.Tensor:
+    """Summed completion log-probs of every row of `batch`, shape (2B,), fp32, `[chosen;
+    rejected]`. `scorer` is a CompletionScorer, possibly DDP/FSDP-wrapped (their hooks need the
+    call to go through the wrapper)."""
+    with runtime.autocast():
+        return scorer(batch.input_ids, batch.attention_mask, batch.completion_mask).float()
+
+
+@torch.no_grad()
+def score_pairs(
+    scorer: CompletionScorer,
+    dataset: Any,
+    batch_size: int,
+    runtime: Runtime,
+    pad_token_id: int,
+    desc: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) summed completion log-probs of every pair, float64 arrays (N,)."""
+    scorer.eval()
+    chosen, rejected = [], []
+    for start in bar(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
+        rows = dataset[start : start + batch_size]
+        batch = collate_pairs(rows, pad_token_id).to(runtime.device)
+        logps = batch_logps(scorer, batch, runtime).double().cpu().numpy()
+        chosen.append(logps[: batch.n_pairs])
+        rejected.append(logps[batch.n_pairs :])
+    return np.concatenate(chosen), np.concatenate(rejected)

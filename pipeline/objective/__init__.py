@@ -1,0 +1,1 @@
+"""The DPO objective: loss variants, their settings, token counts and step metrics."""

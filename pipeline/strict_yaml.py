@@ -1,0 +1,105 @@
+"""Strict parsing of YAML mappings into frozen dataclasses: the machinery behind params.py.
+
+A field's type hint decides how its value is read; `check(...)` metadata adds a range check. Every
+failure is a ParamsError whose message names the key. Numbers are accepted in any YAML spelling:
+`dvc exp run -S train.lr=1e-6` writes `1e-06` back to params.yaml, which PyYAML's safe_load
+returns as the *string* "1e-06".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem; the message names the key."""
+
+
+def check(predicate: Callable[[Any], bool], text: str) -> dict[str, Any]:
+    """Field metadata: a range check and the wording used when it fails."""
+    return {"check": predicate, "check_text": text}
+
+
+def positive() -> dict[str, Any]:
+    return check(lambda v: v > 0, "must be > 0")
+
+
+def non_negative() -> dict[str, Any]:
+    return check(lambda v: v >= 0, "must be >= 0")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert one YAML value to the field's type, or raise ParamsError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ParamsError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(key, value, args[0])
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ParamsError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ParamsError(f"{key} must be an integer, got {value!r}") from None
+    if hint is float:
+        # "1e-06" arrives as a str: YAML 1.1 floats need a dot, DVC does not write one.
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ParamsError(f"{key} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ParamsError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ParamsError(f"{key} must be finite, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params type {hint!r} for {key}")
+
+
+def parse_section(name: str, raw: Any, cls: type) -> Any:
+    """Build the frozen dataclass `cls` from the mapping `raw` found under `name`."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{name} must be a mapping of settings, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
+    missing = [k for k in fields if k not in raw]
+    if missing:
+        raise ParamsError(f"missing key {name}.{missing[0]}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, field in fields.items():
+        value = _coerce(f"{name}.{key}", raw[key], hints[key])
+        check = field.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ParamsError(f"{name}.{key} {field.metadata['check_text']}, got {raw[key]!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections")
+    return raw

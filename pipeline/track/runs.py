@@ -1,0 +1,146 @@
+"""MLflow tracking: where the store is, one run per trained policy, re-opened by later stages.
+
+Default store: SQLite plus a local artifact folder at the repository root. The root is DVC_ROOT
+when DVC sets it, because `dvc exp run --temp` and queued experiments run in a temporary copy
+that is deleted afterwards; anchoring on the real root keeps their runs. MLFLOW_TRACKING_URI (a
+team's tracking server) overrides all of it. Under torchrun only rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from pipeline.params import Params
+from pipeline.stage_io import write_json_atomic
+
+RUN_FILE = "mlflow_run.json"  # written into models/policy: how evaluate and register find the run
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def default_uri() -> str:
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def configure() -> str:
+    """Point MLflow at the store and return its URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, created on first use (artifacts beside a local store)."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    # Not an environment check: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI itself.
+    if mlflow.get_tracking_uri() == default_uri():
+        location = (repo_root() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def flat_params(params: Params) -> dict[str, Any]:
+    """{"train.lr": 1e-06, ...}: values are the parsed numbers, not DVC's spelling of them."""
+    flat = {}
+    for section in dataclasses.fields(params):
+        for key, value in dataclasses.asdict(getattr(params, section.name)).items():
+            flat[f"{section.name}.{key}"] = value
+    return flat
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(json.dumps(flat_params(params), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags() -> dict[str, str]:
+    """Where a run or model version came from: the DVC experiment and the git commit."""
+    return {
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "git_commit": git_commit(Path.cwd()),
+    }
+
+
+def run_tags(params: Params, device: str) -> dict[str, str]:
+    return {
+        **provenance_tags(),
+        "params_hash": params_hash(params),
+        "device": device,
+        "model": params.model.name,
+        "dataset": params.data.dataset,
+    }
+
+
+def start_training_run(params: Params, device: str, run_id: str | None) -> str:
+    """Start the policy's run (or continue `run_id` after a resume); return its id."""
+    configure()
+    if run_id is not None:
+        mlflow.start_run(run_id=run_id)
+        return run_id
+    run = mlflow.start_run(
+        experiment_id=experiment_id(params.register.experiment),
+        run_name=os.environ.get("DVC_EXP_NAME"),
+        tags=run_tags(params, device),
+    )
+    mlflow.log_params(flat_params(params))
+    return run.info.run_id
+
+
+def log_reports(folder: Path, names: tuple[str, ...]) -> None:
+    """Attach the data stages' reports (`<folder>/<name>.json`, where present) to the active run."""
+    for name in names:
+        if (folder / f"{name}.json").is_file():
+            mlflow.log_artifact(str(folder / f"{name}.json"), artifact_path="reports")
+
+
+def log_step(row: dict[str, float]) -> None:
+    """One row of the train log as MLflow step metrics (train/<name>)."""
+    step = int(row["step"])
+    mlflow.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "step"}, step=step)
+
+
+def write_run_file(folder: Path, run_id: str) -> None:
+    write_json_atomic(folder / RUN_FILE, {"run_id": run_id})
+
+
+def read_run_id(folder: Path) -> str:
+    path = folder / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the train stage first")
+    return json.loads(path.read_text())["run_id"]
+
+
+def log_flat_metrics(metrics: dict[str, Any], prefix: str) -> None:
+    """Numbers of a (possibly nested) metrics dict as `<prefix><key>` MLflow metrics."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            log_flat_metrics(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            mlflow.log_metric(f"{prefix}{key}", float(value))

@@ -1,0 +1,1 @@
+"""The DPO training loop, its batch plan, checkpoints and data parallelism."""

@@ -1,0 +1,70 @@
+"""What the train stage needs around the loop: the run key, the reference source, the outputs.
+
+Kept out of the loop so that `train_policy` reads top to bottom and the stage script only reads
+params, calls these and writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.fingerprint import fingerprint
+from pipeline.model import reference
+from pipeline.model.loading import Runtime, freeze
+from pipeline.model.reference import ReferenceScores
+from pipeline.model.scoring import load_scorer
+from pipeline.params import Params, TrainParams
+from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE
+from pipeline.train import distributed
+from pipeline.train.loop import TrainResult
+
+# Settings that do not change the maths; a checkpoint stays resumable when only these change.
+# (nproc does: batch_size is per process, so it sets the global batch.)
+NOT_IN_FINGERPRINT = ("log_every", "save_every", "parallel")
+
+
+def run_key(train: TrainParams, model_dir: Path, train_split: Path) -> str:
+    """Fingerprint of everything that decides the trained weights: a checkpoint is resumed only
+    under the same key. Checkpoints hold full states, so a DDP run may resume under FSDP and the
+    other way round (`parallel` is not in the key)."""
+    config = {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_IN_FINGERPRINT}
+    return fingerprint(config, model_dir, train_split)
+
+
+def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> ReferenceScores | None:
+    """The reference stage's cache (checked against base model, data and runtime), a frozen
+    copy of the base model when train.cached_reference is false, None when reference-free."""
+    if params.train.reference_free:
+        return None
+    if params.train.cached_reference:
+        identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime)
+        logps = reference.load(DATA_REFERENCE / "train", identity, n_pairs)
+        return reference.CachedReference(logps, runtime.device)
+    model = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
+    return reference.ModelReference(freeze(model), runtime)
+
+
+def policy_state(scorer: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trained weights to save, keyed like the HF model: gathered from the FSDP shards (a
+    collective: every rank calls it), or None when the model inside `scorer` holds them itself."""
+    if not distributed.is_sharded(scorer):
+        return None
+    full = distributed.full_model_state(scorer)  # keys of the CompletionScorer: `model.` + HF key
+    return {k.removeprefix("model."): v for k, v in full.items()}
+
+
+def summary(result: TrainResult) -> dict[str, Any]:
+    """metrics/train.json: the run's figures (per-step rows go to plots/train.csv)."""
+    return {
+        "steps": result.steps,
+        "final_loss": result.log[-1]["loss"],
+        "epoch_losses": result.epoch_losses,
+        "train_seconds": round(result.train_seconds, 2),
+        "pairs_per_s": round(result.pairs_per_s, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        **result.padding,
+    }
