@@ -131,6 +131,14 @@ class TrainParams:
     log_every: int = dataclasses.field(metadata=positive())
     # Optimizer steps between resumable checkpoints.
     save_every: int = dataclasses.field(metadata=positive())
+    # Padded tokens (2 x pairs x longest row) one forward may hold on each process. A micro-batch
+    # above it runs as several forwards whose gradients add up to the same step, so a batch of
+    # long answers does not run out of memory and short ones still share one forward. 0 = no
+    # limit.
+    max_tokens_per_micro_batch: int = dataclasses.field(metadata=non_negative())
+    # Recompute each decoder layer's activations during backward instead of keeping them: far
+    # less activation memory for about a third more compute; gradients unchanged.
+    gradient_checkpointing: bool
 
     # Loss settings last, with defaults (plain DPO) for code that builds TrainParams directly;
     # params.yaml must still name every one of them.

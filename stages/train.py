@@ -7,7 +7,6 @@ import mlflow
 from transformers import AutoTokenizer
 
 from pipeline.model.loading import pad_token_id, resolve_runtime
-from pipeline.model.scoring import load_scorer
 from pipeline.params import load_params, save_resolved
 from pipeline.stage_io import (
     CHECKPOINTS,
@@ -22,10 +21,9 @@ from pipeline.stage_io import (
     write_json_atomic,
 )
 from pipeline.track import runs
-from pipeline.train import distributed
+from pipeline.train import distributed, run
 from pipeline.train.checkpoint import resumable_extra
 from pipeline.train.loop import LOG_KEYS, Resume, train_policy
-from pipeline.train.run import policy_state, reference_scores, run_key, summary
 
 
 def main() -> None:
@@ -34,9 +32,9 @@ def main() -> None:
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
-    scorer = load_scorer(MODEL_BASE, runtime, trust)
-    reference = reference_scores(params, runtime, len(dataset))
-    key = run_key(params.train, MODEL_BASE, DATA_TOKENIZED / "train")
+    scorer = run.load_policy(params, runtime)
+    reference = run.reference_scores(params, runtime, len(dataset))
+    key = run.run_key(params.train, MODEL_BASE, DATA_TOKENIZED / "train")
     run_id = None
     if world.is_main:  # rank 0 alone talks to MLflow, continuing the run a checkpoint names
         previous = resumable_extra(CHECKPOINTS, key).get("run_id")
@@ -58,16 +56,15 @@ def main() -> None:
         Resume(CHECKPOINTS, key, {"run_id": run_id}),
         on_log=runs.log_step,
     )
-    state = policy_state(wrapped)  # a collective under FSDP: every rank gathers
+    state = run.policy_state(wrapped)  # a collective under FSDP: every rank gathers
     if world.is_main:
         with atomic_dir(MODEL_POLICY) as tmp:
-            scorer.model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-            tokenizer.save_pretrained(tmp)
+            run.save_policy(tmp, scorer, tokenizer, state, run.base_dtype(MODEL_BASE, trust))
             save_resolved(params, tmp, "train")
             runs.write_run_file(tmp, run_id)
         write_csv_atomic(PLOTS / "train.csv", result.log, LOG_KEYS)
-        write_json_atomic(METRICS / "train.json", summary(result))
-        runs.log_flat_metrics(summary(result), "train_summary/")
+        write_json_atomic(METRICS / "train.json", run.summary(result))
+        runs.log_flat_metrics(run.summary(result), "train_summary/")
         mlflow.end_run()
     distributed.barrier(world)
     distributed.shutdown(world)

@@ -110,5 +110,7 @@ def train_params(**overrides):
         "parallel": "ddp",
         "log_every": 1,
         "save_every": 10**9,
+        "max_tokens_per_micro_batch": 0,
+        "gradient_checkpointing": False,
     }
     return TrainParams(**{**settings, **overrides})

@@ -3,10 +3,11 @@ import dataclasses
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.model.loading import Runtime, assert_frozen, freeze
+from pipeline.model.loading import Runtime, assert_frozen, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import TrainParams
@@ -243,3 +244,112 @@ def test_padded_share_is_reported_per_epoch_and_grouping_lowers_it(tmp_path: Pat
     padding = result.padding
     assert len(padding["padded_share_per_epoch"]) == PARAMS.epochs
     assert 0 < padding["padded_share"] < padding["padded_share_random"] < 1
+
+
+# ---------------------------------------------------------------- memory: token budget, recompute
+
+
+def test_forward_parts_keep_a_micro_batch_that_fits_and_cut_one_that_does_not() -> None:
+    from pipeline.train.distributed import World
+    from pipeline.train.plan import forward_parts
+
+    lengths = np.array([[10, 12], [50, 40], [5, 5], [30, 31], [100, 90], [8, 9]])
+    micro = np.array([0, 1, 2, 3, 4, 5])
+    # 2 rows x 6 pairs x 100 tokens = 1200 padded tokens.
+    assert forward_parts(micro, lengths, World(), 1200)[0] is micro
+    assert forward_parts(micro, lengths, World(), 0)[0] is micro  # 0: no limit
+    parts = forward_parts(micro, lengths, World(), 130)
+    assert sorted(np.concatenate(parts).tolist()) == micro.tolist()  # every pair, once
+    for part in parts:  # within budget, or a single pair longer than it (the 100-token one)
+        assert 2 * len(part) * lengths[part].max() <= 130 or len(part) == 1
+    assert [len(p) for p in parts] == [1, 1, 2, 2]  # longest first, then as many as fit
+    two = World(rank=0, size=2)
+    parts = forward_parts(micro, lengths, two, 130)
+    assert all(len(p) % 2 == 0 for p in parts)  # both ranks run every part, none empty
+    for part in parts:
+        for rank in range(2):
+            mine = np.array_split(part, 2)[rank]
+            assert 2 * len(mine) * lengths[mine].max() <= 130 or len(mine) == 1
+
+
+def test_a_token_budget_gives_the_gradient_of_one_big_batch(tmp_path: Path) -> None:
+    one = dataclasses.replace(PARAMS, batch_size=8, max_steps=2)
+    # ~20-token pairs: 40 padded tokens per forward means one or two pairs at a time.
+    split = dataclasses.replace(one, max_tokens_per_micro_batch=40)
+    big, _, big_result = run(tmp_path, one, ckpt="big")
+    small, _, small_result = run(tmp_path, split, ckpt="small")
+    for a, b in zip(big_result.log, small_result.log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for (name, a), (_, b) in zip(big.named_parameters(), small.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    batch = collate_pairs(random_pairs(4)[:], 0)
+    grads = []
+    for checkpointed in (False, True):
+        model = tiny_qwen3().train()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        calls, projection = [], model.model.layers[0].mlp.down_proj
+        projection.forward = lambda x, run=projection.forward, n=calls: n.append(1) or run(x)
+        batch_logps(CompletionScorer(model), batch, CPU).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert len(calls) == (2 if checkpointed else 1)  # recomputed in backward, not stored
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.train.loop as loop
+    from pipeline.train.step import OutOfMemory
+
+    real_step, calls = loop.optimizer_step, []
+
+    def step_that_runs_out_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", step_that_runs_out_at_step_3)
+    with pytest.raises(OutOfMemory) as error:
+        run(tmp_path, dataclasses.replace(PARAMS, max_tokens_per_micro_batch=4096), ckpt="oom")
+    message = str(error.value)
+    assert "step 3" in message and "train.max_tokens_per_micro_batch (now 4096)" in message
+    assert "train.gradient_checkpointing: true" in message
+    assert "checkpoint of step 2 is kept" in message
+    assert [p.name for p in (tmp_path / "oom").iterdir()] == ["step-00000002"]
+
+
+def test_policy_is_saved_in_the_base_models_dtype(tmp_path: Path, demo_tokenizer) -> None:
+    from safetensors import safe_open
+
+    from pipeline.model.loading import load_causal_lm
+    from pipeline.model.scoring import score_pairs
+    from pipeline.train.run import base_dtype, save_policy
+
+    tiny_qwen3().to(torch.bfloat16).save_pretrained(tmp_path / "base")  # ships in bf16, as Qwen3
+    assert base_dtype(tmp_path / "base", trust_remote_code=False) == torch.bfloat16
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        trained = CompletionScorer(tiny_qwen3(seed=1))  # fp32 master weights after training
+        save_policy(tmp_path / name, trained, demo_tokenizer, None, dtype)
+    weights = {n: tmp_path / n / "model.safetensors" for n in ("fp32", "bf16")}
+    with safe_open(weights["bf16"], "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert weights["bf16"].stat().st_size < 0.6 * weights["fp32"].stat().st_size
+    data = random_pairs(8)
+    scores = [
+        np.concatenate(
+            score_pairs(
+                CompletionScorer(load_causal_lm(tmp_path / n, CPU, False)), data, 4, CPU, 0, n
+            )
+        )
+        for n in ("fp32", "bf16")
+    ]
+    # Evaluation upcasts to fp32: the saved bf16 weights change log-probs by bf16 rounding only.
+    np.testing.assert_allclose(scores[1], scores[0], rtol=2e-2)
+    assert not np.array_equal(scores[1], scores[0])

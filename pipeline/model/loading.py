@@ -81,3 +81,15 @@ def assert_frozen(model: torch.nn.Module) -> None:
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id right-padding uses (masked out everywhere): pad if the tokenizer has one, else EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing: it works under DDP and FSDP and with inputs that need no grad.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -30,7 +30,7 @@ from pipeline.train.distributed import (
     load_full_states,
 )
 from pipeline.train.plan import epoch_steps, padding_report, pair_lengths, total_steps
-from pipeline.train.step import TrainContext, make_context, optimizer_step
+from pipeline.train.step import OutOfMemory, TrainContext, make_context, optimizer_step
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
@@ -106,12 +106,12 @@ def train_policy(
     if (reference is None) != params.reference_free:
         raise ValueError("pass reference=None exactly when train.reference_free is true")
     torch.manual_seed(params.seed)
-    ctx = make_context(policy, params, runtime, pad_token_id, len(dataset))
+    lengths = pair_lengths(dataset)
+    ctx = make_context(policy, params, runtime, pad_token_id, lengths)
     _resume(policy, ctx, resume)
     policy.train()
     started, done = time.perf_counter(), Window()  # `done`: pairs and tokens of this process
     last = total_steps(params, len(dataset), ctx.world)
-    lengths = pair_lengths(dataset)
     show = bar(total=last, initial=ctx.progress.step, desc="train", unit="step",
                disable=not ctx.world.is_main)  # fmt: skip
     window, planned_epoch, steps = Window(), -1, []
@@ -152,15 +152,36 @@ def _timed_step(
     ctx: TrainContext,
     windows: tuple[Window, ...],
 ) -> tuple[dict[str, float], int]:
-    """`optimizer_step`, its wall time and counts added to every window -> (metric means, pairs)."""
+    """`optimizer_step`, its wall time and counts added to every window -> (metric means, pairs).
+
+    Running out of accelerator memory becomes an OutOfMemory that says what to lower.
+    """
     t0 = time.perf_counter()
-    metrics, grad_norm, pairs, tokens = optimizer_step(
-        policy, reference, dataset, micro_batches, ctx
-    )
+    try:
+        metrics, grad_norm, pairs, tokens = optimizer_step(
+            policy, reference, dataset, micro_batches, ctx
+        )
+    except torch.cuda.OutOfMemoryError as error:
+        raise OutOfMemory(_out_of_memory(ctx, micro_batches)) from error
     seconds = time.perf_counter() - t0
     for window in windows:
         window.add(metrics, pairs, grad_norm, tokens, seconds)
     return metrics, pairs
+
+
+def _out_of_memory(ctx: TrainContext, micro_batches: list[Any]) -> str:
+    """What ran out of memory, what to lower, and what is kept."""
+    budget = ctx.params.max_tokens_per_micro_batch
+    longest = max(int(ctx.lengths[m].max()) for m in micro_batches)
+    kept = ctx.progress.step - ctx.progress.step % ctx.params.save_every
+    lower = f"lower train.max_tokens_per_micro_batch (now {budget or 'no limit'})"
+    if not ctx.params.gradient_checkpointing:
+        lower += " or set train.gradient_checkpointing: true"
+    keep = f"the checkpoint of step {kept} is kept, a re-run resumes from it" if kept else ""
+    return (
+        f"out of accelerator memory in step {ctx.progress.step + 1} (longest sequence {longest} "
+        f"tokens): {lower}" + (f"; {keep}" if keep else "")
+    )
 
 
 def _resume(policy: torch.nn.Module, ctx: TrainContext, resume: Resume) -> None:

@@ -81,6 +81,34 @@ def padded_share(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> flo
     return 1.0 - real / padded if padded else 0.0
 
 
+def forward_parts(
+    global_micro: np.ndarray, lengths: np.ndarray, world: World, budget: int
+) -> list[np.ndarray]:
+    """Cut a global micro-batch into parts whose forward stays within `budget` padded tokens
+    (2 rows x pairs x longest row) on every rank; 0 = no limit.
+
+    A micro-batch that fits is returned whole and untouched. Otherwise its pairs are sorted by
+    length and cut greedily in units of one pair per rank, so every rank runs the same number of
+    forwards (DDP and FSDP communicate in each) and a part never leaves a rank empty. A single
+    pair longer than the budget forms a part of its own. The pairs, and so the step's summed loss
+    and its gradient, are the same; only the grouping into forwards changes.
+    """
+    per_rank = -(-len(global_micro) // world.size)
+    if not budget or 2 * per_rank * lengths[global_micro].max() <= budget:
+        return [global_micro]
+    ordered = global_micro[np.argsort(-lengths[global_micro].max(axis=1), kind="stable")]
+    parts, start = [], 0
+    while start < len(ordered):
+        longest, units = lengths[ordered[start]].max(), 1  # a part's first pair is its longest
+        while start + (units + 1) * world.size <= len(ordered) and (
+            2 * (units + 1) * longest <= budget
+        ):
+            units += 1
+        parts.append(ordered[start : start + units * world.size])
+        start += units * world.size
+    return parts
+
+
 def epoch_plan(lengths: np.ndarray, params: TrainParams, epoch: int, world: World = SINGLE) -> Any:
     """The epoch's pair order: length-grouped or plain random, both a function of (seed, epoch).
 

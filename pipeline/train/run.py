@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from pipeline.fingerprint import fingerprint
 from pipeline.model import reference
-from pipeline.model.loading import Runtime, freeze
+from pipeline.model.loading import Runtime, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ReferenceScores
-from pipeline.model.scoring import load_scorer
+from pipeline.model.scoring import CompletionScorer, load_scorer
 from pipeline.params import Params, TrainParams
 from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE
 from pipeline.train import distributed
@@ -24,7 +25,13 @@ from pipeline.train.loop import TrainResult
 
 # Settings that do not change the maths; a checkpoint stays resumable when only these change.
 # (nproc does: batch_size is per process, so it sets the global batch.)
-NOT_IN_FINGERPRINT = ("log_every", "save_every", "parallel")
+NOT_IN_FINGERPRINT = (
+    "log_every",
+    "save_every",
+    "parallel",
+    "max_tokens_per_micro_batch",
+    "gradient_checkpointing",
+)
 
 
 def run_key(train: TrainParams, model_dir: Path, train_split: Path) -> str:
@@ -46,6 +53,56 @@ def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> Referenc
         return reference.CachedReference(logps, runtime.device)
     model = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
     return reference.ModelReference(freeze(model), runtime)
+
+
+def load_policy(params: Params, runtime: Runtime) -> CompletionScorer:
+    """The base model as the trainable policy scorer (fp32 master weights), with activation
+    checkpointing when train.gradient_checkpointing is on."""
+    scorer = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
+    if params.train.gradient_checkpointing:
+        enable_activation_checkpointing(scorer.model)
+    return scorer
+
+
+def base_dtype(model_dir: Path, trust_remote_code: bool) -> torch.dtype:
+    """The dtype the base model ships in (bf16 for Qwen3); fp32 when its config names none."""
+    dtype = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def save_policy(
+    folder: Path,
+    scorer: CompletionScorer,
+    tokenizer: PreTrainedTokenizerBase,
+    state: dict[str, torch.Tensor] | None,
+    dtype: torch.dtype,
+) -> None:
+    """Write the trained policy as a HF folder in `dtype` (the base model's), not in the fp32 of
+    the master weights: half the disk for a bf16 model in models/policy, the DVC cache and every
+    MLflow version. `state` is the gathered FSDP state, None when the model holds its weights."""
+    model = scorer.model
+    if dtype != torch.float32:
+        state = _cast(model.state_dict() if state is None else state, dtype)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+    if dtype != torch.float32:  # save_pretrained writes the dtype of the (fp32) module
+        config = AutoConfig.from_pretrained(folder)
+        config.dtype = dtype
+        config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype`; tensors sharing storage (tied embeddings) stay shared."""
+    cast: dict[tuple[int, int], torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key not in cast:
+            cast[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        out[name] = cast[key]
+    return out
 
 
 def policy_state(scorer: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -31,11 +31,15 @@ from pipeline.train.distributed import (
     no_sync_unless,
     rank_slice,
 )
-from pipeline.train.plan import total_steps
+from pipeline.train.plan import forward_parts, total_steps
 
 
 class NonFiniteLoss(FloatingPointError):
     """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
+
+
+class OutOfMemory(RuntimeError):
+    """The accelerator ran out of memory in a step; the message names the settings to lower."""
 
 
 @dataclasses.dataclass
@@ -48,18 +52,29 @@ class TrainContext:
     progress: Progress
     log: list[dict[str, float]]
     world: World
+    lengths: np.ndarray  # (N, 2) prompt + answer tokens of every pair (plan.pair_lengths)
 
 
 def make_context(
-    policy: torch.nn.Module, params: TrainParams, runtime: Runtime, pad_token_id: int, n_pairs: int
+    policy: torch.nn.Module,
+    params: TrainParams,
+    runtime: Runtime,
+    pad_token_id: int,
+    lengths: np.ndarray,
 ) -> TrainContext:
     world = current_world()
+    # The fused kernel updates every parameter in a few launches instead of several per tensor.
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=params.lr, weight_decay=params.weight_decay
+        policy.parameters(),
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        fused=True if runtime.device.type == "cuda" else None,
     )
-    steps = total_steps(params, n_pairs, world)
+    steps = total_steps(params, len(lengths), world)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * steps), steps)
-    return TrainContext(params, runtime, pad_token_id, optimizer, scheduler, Progress(), [], world)
+    return TrainContext(
+        params, runtime, pad_token_id, optimizer, scheduler, Progress(), [], world, lengths
+    )
 
 
 def pair_forward(
@@ -99,21 +114,29 @@ def optimizer_step(
 ) -> tuple[dict[str, float], float, int, int]:
     """One optimizer step over its micro-batches -> (metric means, grad norm, pairs, tokens).
 
-    `micro_batches` are global (all ranks); this rank runs its slice of each. The loss is the sum
+    `micro_batches` are global (all ranks); each runs as one forward, or as several when it holds
+    more than `max_tokens_per_micro_batch` padded tokens (`plan.forward_parts`), and this rank
+    runs its slice of each forward. The loss is the sum
     of per-pair losses over the whole step divided by its pairs; DDP averages gradients over
     ranks, hence the factor world.size.
     """
     step_pairs = sum(len(m) for m in micro_batches)
+    budget = ctx.params.max_tokens_per_micro_batch
+    parts = [
+        part
+        for global_micro in micro_batches
+        for part in forward_parts(global_micro, ctx.lengths, ctx.world, budget)
+    ]
     sums = dict.fromkeys(STEP_METRIC_KEYS, 0.0)
     tokens = 0
-    for i, global_micro in enumerate(micro_batches):
-        indices = rank_slice(global_micro, ctx.world)
+    for i, part in enumerate(parts):
+        indices = rank_slice(part, ctx.world)
         batch = collate_pairs(dataset[indices.tolist()], ctx.pad_token_id).to(ctx.runtime.device)
         losses, metrics = pair_forward(policy, reference, batch, indices, ctx.runtime, ctx.params)
         loss = losses.sum() * ctx.world.size / step_pairs
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite DPO loss at step {ctx.progress.step + 1}: {loss}")
-        with no_sync_unless(i == len(micro_batches) - 1, policy):
+        with no_sync_unless(i == len(parts) - 1, policy):  # gradients reduced once per step
             loss.backward()
         for key, value in metrics.items():
             sums[key] += value * batch.n_pairs
