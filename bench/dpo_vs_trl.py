@@ -1,11 +1,19 @@
 """Benchmark: this pipeline's DPO training against TRL's DPOTrainer on the same work.
 
     python bench/dpo_vs_trl.py [--steps 10] [--reps 3] [--batch 8] [--dvc-reps 3] [--dvc-only]
+    python bench/dpo_vs_trl.py --device cuda --model qwen3-0.6b --steps 30 --reps 1 --dvc-reps 0
 
-Same tiny Qwen3 architecture (2 layers, 128 wide) with the real Qwen3 vocabulary (151,936), same
-pairs (identical token ids, checked), batch, sequence lengths, steps, optimizer and fp32 on CPU.
-Every run is a fresh process (so peak resident memory is its own); figures are medians over
-`--reps` alternating repetitions. Also times a second `dvc exp run -S train.lr=...` of the demo
+CPU (default): a tiny Qwen3 (2 layers, 128 wide) with the real Qwen3 vocabulary (151,936), fp32.
+CUDA: `--model qwen3-0.6b` builds random weights with Qwen3-0.6B's exact config locally (no
+download), fp32 master weights + bf16 autocast on both sides; rows for the pipeline's defaults
+(cached reference), the reference on the fly, activation checkpointing, TRL's defaults and TRL's
+fastest setting (`precompute_ref_log_probs`, no gradient checkpointing). Same pairs (identical
+token ids, checked), batch, sequence lengths, steps and optimizer everywhere. Every run is a
+fresh process (so peak memory is its own: process RSS on CPU, `torch.cuda.max_memory_allocated`
+on CUDA); figures are medians over `--reps` alternating repetitions. Steady-state pairs/s,
+tokens/s and MFU leave out the first `STEADY_FROM` steps (warm-up, allocator growth).
+MFU = 6 x parameters x tokens/s / the device's dense bf16 peak (989 TFLOP/s on an H100 or H200,
+`--peak-tflops` otherwise). Also times a second `dvc exp run -S train.lr=...` of the demo
 against the first (`--dvc-reps` pairs, each from a fresh copy; `--dvc-only` runs just that and
 writes bench/results/dvc.json). Prints a table and writes bench/results/latest.json. TRL is a
 benchmark-only dependency (`pip install -e .[reference]`); the pipeline never imports it.
@@ -28,14 +36,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 VOCAB = 151_936
+STEADY_FROM = 4  # steady-state figures count steps after this many
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak of the H100 SXM (H200: the same)
+# Qwen3-0.6B's config.json, built here with random weights; "tiny" is the CPU benchmark model.
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+}  # fmt: skip
 TEMPLATE = "Question: {question}\n\nAnswer:\n"  # ends on a newline: no token merges at the seam
 MAX_LENGTH = 512
 PIPELINE_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 TRL_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # DPOTrainer's tokenized columns
 
 
-def make_assets(workdir: Path, n_pairs: int, seed: int = 0) -> None:
-    """Tiny Qwen3 with the full vocabulary, the demo tokenizer, and long text pairs."""
+def make_assets(workdir: Path, n_pairs: int, seed: int = 0, model: str = "tiny") -> None:
+    """A Qwen3 of shape `model` with the full vocabulary, the demo tokenizer, long text pairs."""
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
@@ -48,12 +66,7 @@ def make_assets(workdir: Path, n_pairs: int, seed: int = 0) -> None:
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
+        **MODEL_SHAPES[model],
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
@@ -105,19 +118,27 @@ def tokenized_rows(workdir: Path) -> list[dict[str, list[int]]]:
     ]
 
 
-def run_ours(workdir: Path, steps: int, batch: int, cached: bool) -> dict:
+def run_ours(args: argparse.Namespace, cached: bool, checkpointing: bool = False) -> dict:
     import datasets
     import numpy as np
 
-    from pipeline.model.loading import freeze, load_causal_lm, resolve_runtime
+    from pipeline.model.loading import (
+        enable_activation_checkpointing,
+        freeze,
+        load_causal_lm,
+        resolve_runtime,
+    )
     from pipeline.model.reference import CachedReference, ModelReference
     from pipeline.model.scoring import CompletionScorer, score_pairs
     from pipeline.train.loop import Resume, train_policy
     from tests.helpers import train_params
 
-    runtime = resolve_runtime("cpu")
+    workdir, steps, batch = args.workdir, args.steps, args.batch
+    runtime = resolve_runtime(args.device)
     data = datasets.Dataset.from_list(tokenized_rows(workdir))
     policy = CompletionScorer(load_causal_lm(workdir / "model", runtime, False))
+    if checkpointing:
+        enable_activation_checkpointing(policy.model)
     base = freeze(CompletionScorer(load_causal_lm(workdir / "model", runtime, False)))
     t0 = time.perf_counter()
     if cached:  # what the reference stage stores once per base model and data
@@ -134,17 +155,28 @@ def run_ours(workdir: Path, steps: int, batch: int, cached: bool) -> dict:
         max_steps=steps,
         cached_reference=cached,
         length_grouping=False,
+        max_tokens_per_micro_batch=_default_token_budget(),
+        gradient_checkpointing=checkpointing,
     )
-    t0 = time.perf_counter()
+    stamps = [_now()]
     result = train_policy(
-        policy, reference, data, params, runtime, 0, Resume(Path(tempfile.mkdtemp()), "bench")
+        policy,
+        reference,
+        data,
+        params,
+        runtime,
+        0,
+        Resume(Path(tempfile.mkdtemp()), "bench"),
+        on_log=lambda row: stamps.append(_now()),
     )
-    seconds = time.perf_counter() - t0
     losses = [row["loss"] for row in result.log]
-    return _summary(losses, seconds, steps * batch, _tokens(data, steps * batch), setup)
+    n_params = sum(p.numel() for p in policy.parameters())
+    return _summary(losses, stamps, data, batch, n_params, args, setup)
 
 
-def run_trl(workdir: Path, steps: int, batch: int) -> dict:
+def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
+    """TRL's DPOTrainer: its defaults, or (`fast`) its fastest setting: reference log-probs
+    precomputed before training and no gradient checkpointing."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -152,23 +184,29 @@ def run_trl(workdir: Path, steps: int, batch: int) -> dict:
 
     from pipeline.train.plan import epoch_order
 
+    workdir, steps, batch = args.workdir, args.steps, args.batch
     pairs = datasets.Dataset.from_list(json.loads((workdir / "pairs.json").read_text()))
     order = epoch_order(len(pairs), 0, 0)  # the pipeline's epoch-0 order (seed 0), read in turn
     pairs = pairs.select(order.tolist())
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     losses: list[float] = []
-    times: list[float] = []
+    stamps: list[float] = []
 
     class Record(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if not times:
-                times.append(time.perf_counter())
+            if not stamps:
+                stamps.append(_now())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(_now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    cuda = args.device == "cuda"
+    speed = {"precompute_ref_log_probs": True, "gradient_checkpointing": False} if fast else {}
     config = DPOConfig(
         output_dir=str(Path(tempfile.mkdtemp())),
         per_device_train_batch_size=batch,
@@ -183,11 +221,13 @@ def run_trl(workdir: Path, steps: int, batch: int) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=cuda,  # autocast over fp32 master weights, as the pipeline runs on CUDA
         seed=0,
         dataloader_drop_last=False,
         disable_tqdm=True,
         train_sampling_strategy="sequential",
+        **speed,
     )
     trainer = DPOTrainer(
         model=model,
@@ -198,10 +238,8 @@ def run_trl(workdir: Path, steps: int, batch: int) -> dict:
     )
     _check_same_ids(trainer.train_dataset, workdir, order)
     trainer.train()
-    seconds = time.perf_counter() - times[0]
-    return _summary(
-        losses, seconds, steps * batch, _tokens(trainer.train_dataset, steps * batch, TRL_COLUMNS)
-    )
+    n_params = sum(p.numel() for p in model.parameters())
+    return _summary(losses, stamps, trainer.train_dataset, batch, n_params, args, 0.0, TRL_COLUMNS)
 
 
 def _check_same_ids(trl_dataset, workdir: Path, order) -> None:
@@ -225,28 +263,100 @@ def _tokens(data, n: int, columns: tuple[str, str, str] = PIPELINE_COLUMNS) -> i
     )
 
 
+def _now() -> float:
+    """Wall clock after the device has finished what was queued (CUDA runs asynchronously)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _default_token_budget() -> int:
+    """train.max_tokens_per_micro_batch of params.yaml: the pipeline runs with its defaults."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    return int(params["train"]["max_tokens_per_micro_batch"])
+
+
 def _summary(
-    losses: list[float], seconds: float, pairs: int, tokens: int, setup: float = 0.0
+    losses: list[float],
+    stamps: list[float],
+    data,
+    batch: int,
+    n_params: int,
+    args: argparse.Namespace,
+    setup: float,
+    columns: tuple[str, str, str] = PIPELINE_COLUMNS,
 ) -> dict:
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Whole-run and steady-state throughput, peak memory, MFU and losses of one run.
+
+    `stamps` are the times before the first step and after each step; step k uses the pairs
+    k * batch .. (k + 1) * batch - 1 of `data` (sequential order on both sides).
+    """
+    import torch
+
+    steps = len(stamps) - 1
+    first = min(STEADY_FROM, steps - 1)
+    seconds, steady = stamps[-1] - stamps[0], stamps[-1] - stamps[first]
+    tokens = _tokens(data, steps * batch, columns)
+    steady_tokens = tokens - _tokens(data, first * batch, columns)
+    cuda = args.device == "cuda"
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    peak_flops = _peak_tflops(args) * 1e12 if cuda else None
     return {
         "seconds": seconds,
-        "pairs_per_s": pairs / seconds,
+        "pairs_per_s": steps * batch / seconds,
         "tokens_per_s": tokens / seconds,
-        "peak_rss_mb": peak_kb / 1024,
+        "steady_pairs_per_s": (steps - first) * batch / steady,
+        "steady_tokens_per_s": steady_tokens / steady,
+        "mfu": 6 * n_params * steady_tokens / steady / peak_flops if peak_flops else None,
+        "peak_mb": peak_mb,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "setup_seconds": setup,
     }
 
 
+def _peak_tflops(args: argparse.Namespace) -> float | None:
+    """Dense bf16 peak of the device: `--peak-tflops`, or the H100/H200 figure by name."""
+    import torch
+
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    return H100_BF16_DENSE_TFLOPS if ("H100" in name or "H200" in name) else None
+
+
+# Rows of the table: what each worker process runs. CUDA adds checkpointing and TRL's fastest.
+RUNS = {
+    "ours": lambda args: run_ours(args, cached=True),
+    "ours_live": lambda args: run_ours(args, cached=False),
+    "ours_ckpt": lambda args: run_ours(args, cached=True, checkpointing=True),
+    "trl": lambda args: run_trl(args),
+    "trl_fast": lambda args: run_trl(args, fast=True),
+}
+ROW_NAMES = {
+    "ours": "pipeline (defaults: cached reference)",
+    "ours_live": "pipeline (reference on the fly)",
+    "ours_ckpt": "pipeline + activation checkpointing",
+    "trl": "TRL DPOTrainer (defaults)",
+    "trl_fast": "TRL (precomputed reference, no ckpt)",
+}
+
+
+def rows_for(device: str) -> list[str]:
+    return list(RUNS) if device == "cuda" else ["ours", "ours_live", "trl"]
+
+
 def worker(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.worker == "trl":
-        out = run_trl(args.workdir, args.steps, args.batch)
-    else:
-        out = run_ours(args.workdir, args.steps, args.batch, cached=args.worker == "ours")
-    print("RESULT " + json.dumps(out))
+    print("RESULT " + json.dumps(RUNS[args.worker](args)))
 
 
 def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
@@ -261,6 +371,9 @@ def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
         str(args.steps),
         "--batch",
         str(args.batch),
+        "--device",
+        args.device,
+        *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -280,8 +393,10 @@ def dvc_timing(workdir: Path, reps: int) -> dict:
 
 
 def medians(runs: list[dict]) -> dict:
-    """Key by key median of repeated runs' figures."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    """Key by key median of repeated runs' figures (None where a figure does not apply)."""
+    return {
+        k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]
+    }
 
 
 def _dvc_pair(folder: Path) -> dict:
@@ -311,9 +426,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=list(MODEL_SHAPES), default="tiny")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
     parser.add_argument("--dvc-reps", type=int, default=3, help="dvc exp run pairs timed (0: none)")
     parser.add_argument("--dvc-only", action="store_true", help="only the dvc exp run timing")
-    parser.add_argument("--worker", choices=["ours", "ours_live", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dvc_only and args.dvc_reps < 1:
@@ -326,35 +444,56 @@ def main() -> None:
         write_report(report, REPO / "bench" / "results" / "dvc.json")
         print_dvc(report["dvc_exp_run"])
         return None
-    make_assets(workdir, args.steps * args.batch)
-    runs: dict[str, list[dict]] = {"ours": [], "ours_live": [], "trl": []}
+    make_assets(workdir, args.steps * args.batch, model=args.model)
+    runs: dict[str, list[dict]] = {kind: [] for kind in rows_for(args.device)}
     for _ in range(args.reps):
         for kind in runs:
             runs[kind].append(spawn(kind, workdir, args))
     table = {kind: medians(rs) for kind, rs in runs.items()}
-    report = {
-        "config": {
-            "steps": args.steps,
-            "reps": args.reps,
-            "batch": args.batch,
-            "vocab": VOCAB,
-            "max_length": MAX_LENGTH,
-        },
-        "median": table,
-        "runs": runs,
-    }
-    report["ratios"] = {
-        "pairs_per_s_ours_vs_trl": table["ours"]["pairs_per_s"] / table["trl"]["pairs_per_s"],
-        "pairs_per_s_ours_live_vs_trl": table["ours_live"]["pairs_per_s"]
-        / table["trl"]["pairs_per_s"],
-        "peak_rss_ours_vs_trl": table["ours"]["peak_rss_mb"] / table["trl"]["peak_rss_mb"],
-        "final_loss_rel_diff": abs(table["ours"]["loss_last"] - table["trl"]["loss_last"])
-        / table["trl"]["loss_last"],
-    }
+    report = {"config": config(args), "median": table, "runs": runs, "ratios": ratios(table)}
     if args.dvc_reps:
         report["dvc_exp_run"] = dvc_timing(workdir, args.dvc_reps)
-    write_report(report, REPO / "bench" / "results" / "latest.json")
+    name = "latest.json" if args.device == "cpu" else f"{args.device}-{args.model}.json"
+    write_report(report, REPO / "bench" / "results" / name)
     print_table(report)
+
+
+def config(args: argparse.Namespace) -> dict:
+    """What was measured, on what, with which versions."""
+    from importlib.metadata import version
+
+    import torch
+
+    return {
+        "steps": args.steps,
+        "steady_from_step": STEADY_FROM + 1,
+        "reps": args.reps,
+        "batch": args.batch,
+        "model": args.model,
+        "vocab": VOCAB,
+        "max_length": MAX_LENGTH,
+        "max_tokens_per_micro_batch": _default_token_budget(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "peak_tflops_bf16": _peak_tflops(args) if args.device == "cuda" else None,
+        "mfu_formula": "6 x parameters x steady tokens/s / peak dense bf16 FLOP/s",
+        "versions": {p: version(p) for p in ("torch", "transformers", "trl")},
+        "cuda": torch.version.cuda,
+    }
+
+
+def ratios(table: dict[str, dict]) -> dict[str, float]:
+    """Each pipeline row against each TRL row: steady pairs/s and peak memory; final losses."""
+    out = {}
+    for ours in (k for k in table if k.startswith("ours")):
+        for trl in (k for k in table if k.startswith("trl")):
+            out[f"pairs_per_s {ours} / {trl}"] = (
+                table[ours]["steady_pairs_per_s"] / table[trl]["steady_pairs_per_s"]
+            )
+            out[f"peak_mb {ours} / {trl}"] = table[ours]["peak_mb"] / table[trl]["peak_mb"]
+    out["final_loss_rel_diff ours / trl"] = (
+        abs(table["ours"]["loss_last"] - table["trl"]["loss_last"]) / table["trl"]["loss_last"]
+    )
+    return out
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -364,17 +503,16 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def print_table(report: dict) -> None:
-    names = {
-        "ours": "pipeline (cached reference)",
-        "ours_live": "pipeline (reference on the fly)",
-        "trl": "TRL DPOTrainer",
-    }
-    columns = ("pairs/s", "tokens/s", "peak RSS MB", "loss step 1", "final loss")
-    print(f"{'':34}" + "".join(f"{c:>13}" for c in columns))
+    columns = ("pairs/s", "steady/s", "tokens/s", "MFU", "peak MB", "loss 1", "final loss")
+    print(f"{report['config']['device']}, {report['config']['model']}, batch "
+          f"{report['config']['batch']}")  # fmt: skip
+    print(f"{'':40}" + "".join(f"{c:>11}" for c in columns))
     for kind, row in report["median"].items():
+        mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(
-            f"{names[kind]:34}{row['pairs_per_s']:13.2f}{row['tokens_per_s']:13.0f}"
-            f"{row['peak_rss_mb']:13.0f}{row['loss_first']:13.4f}{row['loss_last']:13.4f}"
+            f"{ROW_NAMES[kind]:40}{row['pairs_per_s']:11.2f}{row['steady_pairs_per_s']:11.2f}"
+            f"{row['steady_tokens_per_s']:11.0f}{mfu:>11}{row['peak_mb']:11.0f}"
+            f"{row['loss_first']:11.4f}{row['loss_last']:11.4f}"
         )
     for key, value in report["ratios"].items():
         print(f"{key}: {value:.3f}")

@@ -163,12 +163,17 @@ class PairBatch:
     n_pairs: int  # B
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.completion_mask.to(device),
-            self.n_pairs,
-        )
+        """On CUDA through pinned memory, without waiting: the copy overlaps queued GPU work."""
+        if device.type != "cuda":
+            return PairBatch(
+                self.input_ids.to(device),
+                self.attention_mask.to(device),
+                self.completion_mask.to(device),
+                self.n_pairs,
+            )
+        tensors = (self.input_ids, self.attention_mask, self.completion_mask)
+        moved = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+        return PairBatch(*moved, self.n_pairs)
 
     @property
     def real_tokens(self) -> int:
