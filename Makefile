@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build of torch, as tested. On a GPU machine pass the CUDA build, e.g.
-# make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" (README).
+# The tested torch. From the default index that is the CUDA build on Linux (several GB); for the
+# CPU build: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# and for a given CUDA version the matching index, e.g. .../whl/cu128 (README).
 TORCH ?= torch==2.13.0
 
 .PHONY: install demo test bench

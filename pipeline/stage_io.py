@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,20 @@ CHECKPOINTS = Path("checkpoints/train")
 REGISTRY = Path("registry")
 # Name of the resolved-params file saved beside every artifact.
 RESOLVED_PARAMS = "resolved_params.json"
+
+
+class StageError(Exception):
+    """An expected failure (bad params or data, no network, out of memory): the stage prints its
+    message as one line and exits 1. Anything else is a bug and keeps its traceback."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main; a StageError becomes one line on stderr and exit status 1."""
+    try:
+        main()
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def asset_cache_dir() -> Path:

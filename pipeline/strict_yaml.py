@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.stage_io import StageError
 
-class ParamsError(ValueError):
+
+class ParamsError(StageError, ValueError):
     """A params.yaml problem; the message names the key."""
 
 

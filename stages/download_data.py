@@ -2,7 +2,7 @@
 
 from pipeline.download.data import describe_fetch, fetch_data
 from pipeline.params import load_params, save_resolved
-from pipeline.stage_io import DATA_RAW, asset_cache_dir, atomic_dir
+from pipeline.stage_io import DATA_RAW, asset_cache_dir, atomic_dir, run_stage
 
 
 def main() -> None:
@@ -14,4 +14,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 from transformers import AutoTokenizer
 
-from pipeline.evaluate.metrics import evaluate_policy, json_safe, margin_histogram
+from pipeline.evaluate.metrics import evaluate_policy, headline, json_safe, margin_histogram
 from pipeline.model import reference
 from pipeline.model.loading import freeze, pad_token_id, resolve_runtime
 from pipeline.model.scoring import load_scorer, score_pairs
@@ -18,6 +18,8 @@ from pipeline.stage_io import (
     MODEL_BASE,
     MODEL_POLICY,
     PLOTS,
+    REPORTS,
+    run_stage,
     write_csv_atomic,
     write_json_atomic,
 )
@@ -40,7 +42,8 @@ def main() -> None:
     metrics, scored = evaluate_policy(
         policy_scores, (cached[:, 0], cached[:, 1]), dataset, params.train
     )
-    write_json_atomic(METRICS / "eval.json", json_safe(metrics))
+    write_json_atomic(REPORTS / "eval.json", json_safe(metrics))
+    write_json_atomic(METRICS / "eval.json", json_safe(headline(metrics)))
     runs.configure()
     with mlflow.start_run(run_id=runs.read_run_id(MODEL_POLICY)):
         runs.log_flat_metrics({k: v for k, v in metrics.items() if k != "reference"}, "eval/")
@@ -53,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -13,7 +13,7 @@ from pipeline.model import reference
 from pipeline.model.loading import freeze, pad_token_id, resolve_runtime
 from pipeline.model.scoring import load_scorer, score_pairs
 from pipeline.params import load_params, save_resolved
-from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE, atomic_dir
+from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE, atomic_dir, run_stage
 
 
 def main() -> None:
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -5,7 +5,7 @@ import dataclasses
 import json
 
 from pipeline.params import load_params
-from pipeline.stage_io import METRICS, MODEL_POLICY, REGISTRY, write_json_atomic
+from pipeline.stage_io import METRICS, MODEL_POLICY, REGISTRY, run_stage, write_json_atomic
 from pipeline.track.registry import log_policy, register_policy, version_tags
 from pipeline.track.runs import configure, read_run_id
 
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,7 +7,14 @@ import pyarrow.parquet as pq
 from pipeline.data.schema import read_split
 from pipeline.data.subsample import subsample
 from pipeline.params import load_params, save_resolved
-from pipeline.stage_io import DATA_RAW, DATA_SUBSAMPLED, REPORTS, atomic_dir, write_json_atomic
+from pipeline.stage_io import (
+    DATA_RAW,
+    DATA_SUBSAMPLED,
+    REPORTS,
+    atomic_dir,
+    run_stage,
+    write_json_atomic,
+)
 
 
 def main() -> None:
@@ -31,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -13,6 +13,7 @@ from pipeline.stage_io import (
     MODEL_BASE,
     REPORTS,
     atomic_dir,
+    run_stage,
     write_json_atomic,
 )
 
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

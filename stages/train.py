@@ -17,6 +17,7 @@ from pipeline.stage_io import (
     PLOTS,
     REPORTS,
     atomic_dir,
+    run_stage,
     write_csv_atomic,
     write_json_atomic,
 )
@@ -63,12 +64,14 @@ def main() -> None:
             save_resolved(params, tmp, "train")
             runs.write_run_file(tmp, run_id)
         write_csv_atomic(PLOTS / "train.csv", result.log, LOG_KEYS)
-        write_json_atomic(METRICS / "train.json", run.summary(result))
-        runs.log_flat_metrics(run.summary(result), "train_summary/")
+        figures = run.summary(result)
+        write_json_atomic(REPORTS / "train.json", figures)
+        write_json_atomic(METRICS / "train.json", {k: figures[k] for k in run.HEADLINE})
+        runs.log_flat_metrics(figures, "train_summary/")
         mlflow.end_run()
     distributed.barrier(world)
     distributed.shutdown(world)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,15 +7,18 @@ aliases, the champion loads back and generates, and params.yaml is left as commi
 
 import csv
 import io
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from tests.e2e import copy_repo, environment, run
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 STAGES = (
     "download_model",
     "download_data",
@@ -28,49 +31,102 @@ STAGES = (
 )
 
 
+def readme_block(marker: str) -> str:
+    """The code of the fenced block that follows `<!-- marker: ... -->` in the README."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(f"<!-- {marker}:") :]
+    start = after.index("```")
+    body = after[after.index("\n", start) + 1 :]
+    return body[: body.index("```")]
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The README's demo-experiment lines, keyed by experiment name (and "show")."""
+    commands = {}
+    for line in readme_block("demo-experiments").splitlines():
+        words = shlex.split(line)
+        if words[:3] == ["python", "-m", "pipeline.demo"]:
+            commands[words[words.index("--name") + 1]] = [sys.executable, *words[1:]]
+        elif words[:3] == ["dvc", "exp", "show"]:
+            commands["show"] = [sys.executable, "-m", *words]
+    return commands
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
+    """The README's experiments around a default demo run: lr 1e-6 first (the first version is
+    champion), the default demo (should win), a `dvc exp run` that fails offline and leaves
+    train.beta=0.5 in params.yaml, then lr 2e-6 (should lose, and must not pick up beta)."""
     repo = copy_repo(tmp_path_factory.mktemp("full-dag"))
     env = environment(asset_cache)
     params_before = (repo / "params.yaml").read_text()
-    first = run(repo, env, sys.executable, "-m", "pipeline.demo", "--name", "demo-first")
-    second = run(
-        repo,
-        env,
-        sys.executable,
-        "-m",
-        "pipeline.demo",
-        "--name",
-        "demo-lr",
-        "-S",
-        "train.lr=1e-06",
-    )
+    readme = readme_commands()
+    outputs = {"demo-lr-1e-6": run(repo, env, *readme["demo-lr-1e-6"])}
+    demo = [sys.executable, "-m", "pipeline.demo", "--name", "demo-default"]
+    outputs["demo-default"] = run(repo, env, *demo)
     assert (repo / "params.yaml").read_text() == params_before, "the demo modified params.yaml"
+    failed = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.beta=0.5"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert failed.returncode != 0 and "beta: 0.5" in (repo / "params.yaml").read_text()
+    outputs["demo-lr-2e-6"] = run(repo, env, *readme["demo-lr-2e-6"])
+    outputs["failed"] = failed.stdout + failed.stderr
+    outputs["show"] = run(repo, env, *readme["show"])
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    return repo, env, first, second, client
+    return repo, env, outputs, client
 
 
 def test_first_experiment_runs_every_stage(demo_runs) -> None:
-    _, _, first, _, _ = demo_runs
+    _, _, outputs, _ = demo_runs
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in first, stage
+        assert f"Running stage '{stage}'" in outputs["demo-lr-1e-6"], stage
 
 
 def test_second_experiment_restores_data_and_reference_from_cache(demo_runs) -> None:
-    _, _, _, second, _ = demo_runs
+    _, _, outputs, _ = demo_runs
     for stage in STAGES[:5]:
-        assert f"Running stage '{stage}'" not in second, f"{stage} should come from the cache"
+        assert f"Running stage '{stage}'" not in outputs["demo-default"], f"{stage} from the cache"
     for stage in STAGES[5:]:
-        assert f"Running stage '{stage}'" in second, stage
+        assert f"Running stage '{stage}'" in outputs["demo-default"], stage
 
 
-def test_dvc_exp_show_lists_both_experiments_with_metrics(demo_runs) -> None:
-    repo, env, _, _, _ = demo_runs
+def test_a_failed_experiment_is_one_line_and_does_not_leak_into_the_next_demo(demo_runs) -> None:
+    _, _, outputs, client = demo_runs
+    assert "Traceback" not in outputs["failed"]
+    assert "error: model.name: cannot get 'Qwen/Qwen3-0.6B'" in outputs["failed"]
+    assert "params.yaml has uncommitted changes (train.beta: 0.5" in outputs["demo-lr-2e-6"]
+    recorded = runs_by_name(client)["demo-lr-2e-6"].data.params
+    assert float(recorded["train.beta"]) == 0.1 and float(recorded["train.lr"]) == 2e-6
+
+
+def test_the_readme_comparison_fits_one_screen(demo_runs) -> None:
+    _, _, outputs, _ = demo_runs
+    table = outputs["show"]
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    columns = [c for c in header.replace("┃", "|").split("|") if c.strip()]
+    assert len(columns) <= 12, columns
+    for name in ("train.lr", "win_rate", "kendall_tau", "eval_loss", "final_loss"):
+        assert any(name in c for c in columns), (name, columns)
+    for experiment in ("demo-lr-1e-6", "demo-default", "demo-lr-2e-6"):
+        assert experiment in table
+    assert max(len(line) for line in table.splitlines()) <= 160
+
+
+def test_dvc_exp_show_lists_the_experiments_with_metrics(demo_runs) -> None:
+    repo, env, _, _ = demo_runs
     table = run(repo, env, sys.executable, "-m", "dvc", "exp", "show", "--csv")
     rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(table))}
-    assert {"demo-first", "demo-lr"} <= set(rows)
-    assert float(rows["demo-first"]["win_rate"]) >= 0.8
-    assert float(rows["demo-lr"]["train.lr"]) == 1e-6
+    assert {"demo-default", "demo-lr-1e-6", "demo-lr-2e-6"} <= set(rows)
+    assert float(rows["demo-default"]["win_rate"]) >= 0.8
+    assert float(rows["demo-lr-1e-6"]["train.lr"]) == 1e-6
+    # The metrics files hold the headline figures only; token statistics, the reference's
+    # scores and timings stay in reports/ and MLflow.
+    shown = {c for c in rows["demo-default"] if "." not in c and "/" not in c}
+    assert shown - {"Experiment", "rev", "typ", "Created", "parent"} == {
+        "final_loss", "padded_share", "pairs_per_s", "steps",
+        "win_rate", "kendall_tau", "eval_loss", "pairwise_tau", "pairs",
+    }  # fmt: skip
 
 
 def runs_by_name(client: MlflowClient) -> dict:
@@ -79,46 +135,57 @@ def runs_by_name(client: MlflowClient) -> dict:
     return {r.data.tags["dvc_exp_name"]: r for r in runs}
 
 
-def test_mlflow_has_both_runs_with_params_steps_and_eval(demo_runs) -> None:
-    _, _, _, _, client = demo_runs
+def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
+    _, _, _, client = demo_runs
     runs = runs_by_name(client)
-    assert {"demo-first", "demo-lr"} <= set(runs)
-    first, second = runs["demo-first"], runs["demo-lr"]
-    assert (
-        float(second.data.params["train.lr"]) == 1e-6 and second.data.params["train.lr"] == "1e-06"
-    )
-    assert first.data.metrics["eval/win_rate"] >= 0.8
-    assert first.data.metrics["eval_reference/win_rate"] == 0.5
-    history = client.get_metric_history(first.info.run_id, "train/loss")
+    assert {"demo-default", "demo-lr-1e-6", "demo-lr-2e-6"} <= set(runs)
+    default, slow = runs["demo-default"], runs["demo-lr-1e-6"]
+    assert float(slow.data.params["train.lr"]) == 1e-6 and slow.data.params["train.lr"] == "1e-06"
+    assert default.data.metrics["eval/win_rate"] >= 0.8
+    assert default.data.metrics["eval_reference/win_rate"] == 0.5
+    assert "eval_reference/kendall_tau" not in default.data.metrics  # undefined: not a NaN
+    history = client.get_metric_history(default.info.run_id, "train/loss")
     assert len(history) >= 5 and history[0].step < history[-1].step
     assert abs(history[0].value - 0.6931) < 0.05  # first window starts at ln 2
-    assert first.data.tags["git_commit"] != "unknown" and first.data.tags["params_hash"]
-    for run_ in (first, second):
+    assert default.data.tags["git_commit"] != "unknown" and default.data.tags["params_hash"]
+    for run_ in runs.values():
         assert client.get_metric_history(run_.info.run_id, "train/loss")
 
 
-def test_registry_versions_aliases_and_champion_generates(demo_runs) -> None:
-    repo, _, _, _, client = demo_runs
-    versions = client.search_model_versions("name='qwen3-dpo'")
-    assert len(versions) == 2
+def test_the_better_experiment_takes_champion_and_the_worse_challenger(demo_runs) -> None:
+    _, _, outputs, client = demo_runs
+    assert len(client.search_model_versions("name='qwen3-dpo'")) == 3
     champion = client.get_model_version_by_alias("qwen3-dpo", "champion")
     challenger = client.get_model_version_by_alias("qwen3-dpo", "challenger")
-    # lr=1e-6 barely moves the tiny model: it must not take the champion's place.
-    assert champion.tags["dvc_exp_name"] == "demo-first"
-    assert challenger.tags["dvc_exp_name"] == "demo-lr"
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/qwen3-dpo@champion")
-    answers = model.predict(
-        ["Question: How do I reverse a list in Python?\n\nAnswer: "], params={"max_new_tokens": 12}
+    # Same win rate on the demo, a much lower held-out loss: the default lr wins the tie-break.
+    assert champion.tags["dvc_exp_name"] == "demo-default"
+    assert challenger.tags["dvc_exp_name"] == "demo-lr-2e-6"
+    assert (
+        "as @champion" in outputs["demo-default"] and "beats champion v1" in outputs["demo-default"]
     )
-    assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip()
+    assert "as @challenger" in outputs["demo-lr-2e-6"]
+
+
+def test_the_readme_served_model_snippet_honours_max_new_tokens(demo_runs) -> None:
+    repo, env, _, _ = demo_runs
+    snippet = readme_block("served-model")
+    assert 'params={"max_new_tokens": 64}' in snippet
+    lengths = {}
+    for tokens in (4, 48):
+        code = snippet.replace('"max_new_tokens": 64', f'"max_new_tokens": {tokens}')
+        code = code.replace("model.predict(", "answer = model.predict(")
+        out = run(repo, env, sys.executable, "-c", code + "print('ANSWER', len(answer[0]))\n")
+        assert "Ignoring provided params" not in out and "Add type hints" not in out
+        lengths[tokens] = int(out.split("ANSWER ")[1].split()[0])
+    assert lengths[4] < lengths[48]
 
 
 def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) -> None:
-    repo, env, _, _, _ = demo_runs
+    repo, env, _, _ = demo_runs
     diff = run(
-        repo, env, sys.executable, "-m", "dvc", "exp", "diff", "--all", "demo-first", "demo-lr"
-    )
+        repo, env, sys.executable, "-m", "dvc", "exp", "diff", "--all", "demo-default",
+        "demo-lr-1e-6",
+    )  # fmt: skip
     assert "train.lr" in diff and "win_rate" in diff
     out = tmp_path / "plots"
     run(
@@ -129,15 +196,15 @@ def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) ->
         "dvc",
         "plots",
         "diff",
-        "demo-first",
-        "demo-lr",
+        "demo-default",
+        "demo-lr-1e-6",
         "-o",
         str(out),
     )
     page = (out / "index.html").read_text()
-    assert "rewards/margins" in page and "demo-lr" in page
+    assert "rewards/margins" in page and "demo-lr-1e-6" in page
 
-    run(repo, env, sys.executable, "-m", "dvc", "exp", "apply", "demo-first")
+    run(repo, env, sys.executable, "-m", "dvc", "exp", "apply", "demo-default")
     assert "win_rate" in run(repo, env, sys.executable, "-m", "dvc", "metrics", "diff", "--all")
     shown = tmp_path / "shown"
     run(repo, env, sys.executable, "-m", "dvc", "plots", "show", "-o", str(shown))
@@ -152,7 +219,7 @@ def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
     import time
     import urllib.request
 
-    repo, env, _, _, client = demo_runs
+    repo, env, _, client = demo_runs
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -187,7 +254,7 @@ def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
         )
         runs = json.load(urllib.request.urlopen(request, timeout=10))["runs"]
         names = {r["info"]["run_name"] for r in runs}
-        assert {"demo-first", "demo-lr"} <= names
+        assert {"demo-default", "demo-lr-1e-6", "demo-lr-2e-6"} <= names
         for r in runs:
             url = f"{base}/metrics/get-history?run_id={r['info']['run_id']}&metric_key=train/loss"
             history = json.load(urllib.request.urlopen(url, timeout=10))["metrics"]

@@ -120,3 +120,13 @@ def test_loss_settings_a_variant_would_ignore_are_errors(params_file: Path) -> N
     edit(params_file, "train", "gamma", 0.5)
     params = load_params(params_file).train
     assert (params.loss, params.gamma, params.reference_free) == ("simpo", 0.5, True)
+
+
+def test_a_failed_experiments_leftovers_are_set_back_for_the_demo() -> None:
+    from pipeline.demo.experiment import committed_values_back
+
+    committed = {"train": {"beta": 0.1, "lr": 5e-6, "seed": 42}, "data": {"seed": 42}}
+    workspace = {"train": {"beta": 0.5, "lr": "abc", "seed": 42}, "data": {"seed": 42}}
+    # train.lr is the user's own -S here: it is theirs to set; beta goes back to the commit.
+    assert committed_values_back(workspace, committed, {"train.lr"}) == {"train.beta": 0.1}
+    assert committed_values_back(committed, committed, set()) == {}

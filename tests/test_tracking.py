@@ -29,6 +29,27 @@ def test_store_and_artifacts_live_at_dvc_root(store: Path) -> None:
     experiment = mlflow.get_experiment(tracking.experiment_id("qwen3-dpo"))
     assert experiment.artifact_location == (store / "mlartifacts").as_uri()
     assert tracking.experiment_id("qwen3-dpo") == experiment.experiment_id  # found, not re-made
+    # Marked as model training, not GenAI development, as MLflow 3 records it.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(store: Path) -> None:
+    tracking.configure()
+    old = mlflow.create_experiment("made-earlier")
+    tracking.experiment_id("made-earlier")
+    assert mlflow.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_champion_gate_compares_win_rate_then_held_out_loss() -> None:
+    from pipeline.track.registry import beats
+
+    champion = {"win_rate": "0.91", "eval_loss": "0.22"}  # registry tags are strings
+    assert beats({"win_rate": 0.92, "eval_loss": 0.5}, champion)
+    assert not beats({"win_rate": 0.90, "eval_loss": 0.1}, champion)
+    assert beats({"win_rate": 0.91, "eval_loss": 0.2}, champion)  # a tie broken by the loss
+    assert not beats({"win_rate": 0.91, "eval_loss": 0.66}, champion)
+    assert not beats({"win_rate": 0.91, "eval_loss": 0.22}, champion)  # a full tie keeps it
+    assert beats({"win_rate": 0.91, "eval_loss": 0.5}, {"win_rate": "0.91"})  # an old champion
 
 
 def test_tracking_uri_overrides_the_default(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,6 +58,13 @@ def test_tracking_uri_overrides_the_default(store: Path, monkeypatch: pytest.Mon
     assert tracking.configure() == f"sqlite:///{other}"
     experiment = mlflow.get_experiment(tracking.experiment_id("x"))
     assert "mlartifacts" not in experiment.artifact_location  # the server decides
+
+
+def test_nan_metrics_are_left_out(store: Path) -> None:
+    tracking.configure()
+    with mlflow.start_run() as run:
+        tracking.log_flat_metrics({"tau": float("nan"), "nested": {"rate": 0.5}}, "eval/")
+    assert MlflowClient().get_run(run.info.run_id).data.metrics == {"eval/nested/rate": 0.5}
 
 
 def test_run_logs_params_as_numbers_tags_and_steps(store: Path, params_file: Path) -> None:

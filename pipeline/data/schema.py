@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.stage_io import StageError
+
 # The hub dataset's columns, in its order. response_j is the preferred answer.
 SOURCE_SCHEMA = pa.schema(
     [
@@ -42,7 +44,7 @@ TOKENIZED_SCHEMA = pa.schema(
 _STRING_LIKE = {pa.string(), pa.large_string(), pa.string_view()}
 
 
-class SchemaError(ValueError):
+class SchemaError(StageError, ValueError):
     """Data that does not have the expected columns or types; the message names them."""
 
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, conform
 from pipeline.params import TokenizeParams
+from pipeline.stage_io import StageError
 
 # An answer needs at least one token plus EOS; less room than this drops the pair.
 MIN_COMPLETION_TOKENS = 2
@@ -160,7 +161,7 @@ def percentiles(values: np.ndarray) -> dict[str, float]:
     }
 
 
-class TooManyDropped(ValueError):
+class TooManyDropped(StageError, ValueError):
     """More of a split was dropped than tokenize.max_drop_share allows."""
 
 

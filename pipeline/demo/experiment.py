@@ -56,6 +56,27 @@ def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
     params_file.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
 
 
+def committed_params(path: Path = Path("params.yaml")) -> dict[str, Any] | None:
+    """The params file as committed at HEAD; None outside a git checkout or without a commit."""
+    done = subprocess.run(
+        ["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, text=True, check=False
+    )
+    return yaml.safe_load(done.stdout) if done.returncode == 0 else None
+
+
+def committed_values_back(
+    workspace: Mapping[str, Any], committed: Mapping[str, Any], keep: set[str]
+) -> dict[str, Any]:
+    """Dotted keys whose workspace value differs from the committed one, with the committed value.
+
+    A failed `dvc exp run -S train.beta=0.5` leaves `beta: 0.5` in params.yaml, and a demo run
+    copies the workspace: without these, the next demo would record values nobody asked for.
+    Keys in `keep` (the demo's and the user's own overrides) are left to those.
+    """
+    now, then = flatten(workspace), flatten(committed)
+    return {key: value for key, value in then.items() if now.get(key) != value and key not in keep}
+
+
 def venv_env() -> dict[str, str]:
     """Environment where dvc.yaml's `python` is this interpreter (the project's venv)."""
     env = dict(os.environ)
@@ -76,7 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("target", nargs="?", help="stage to run up to (default: all)")
     args = parser.parse_args(argv)
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_flags(demo_overrides())]
+    overrides = demo_overrides()
+    explicit = {extra.split("=", 1)[0] for extra in args.set}
+    committed = committed_params()
+    if committed is not None:
+        workspace = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+        back = committed_values_back(workspace, committed, set(overrides) | explicit)
+        if back:
+            changed = ", ".join(f"{k}: {flatten(workspace).get(k)!r}" for k in back)
+            print(
+                f"params.yaml has uncommitted changes ({changed}; left by a failed `dvc exp "
+                "run`?): the demo uses the committed values. `git checkout params.yaml` "
+                "discards them.",
+                file=sys.stderr,
+            )
+        overrides = {**back, **overrides}
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_flags(overrides)]
     for extra in args.set:
         cmd += ["-S", extra]
     cmd += ["-n", args.name] if args.name else []

@@ -7,6 +7,7 @@ rows costs kilobytes, not the 22 GB of the full repository).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -22,6 +23,7 @@ from huggingface_hub import HfFileSystem
 
 from pipeline.data.schema import SOURCE_SCHEMA, check_schema, conform
 from pipeline.demo.dataset import ensure_demo_dataset
+from pipeline.download.hub import reaching_the_hub
 from pipeline.params import DEMO_DATASET, DataParams
 from pipeline.stage_io import bar, write_json_atomic
 
@@ -128,13 +130,15 @@ def fetch_data(params: DataParams, out_dir: Path, cache_dir: Path) -> dict[str, 
     Writes into `out_dir` directly; the stage wraps it in atomic_dir so the pair lands at once.
     """
     fs, root = open_dataset(params.dataset, params.revision, cache_dir)
-    train_shards = list_shards(fs, root, params.train_dir)
-    eval_shards = list_shards(fs, root, params.eval_dir)
-    train_needed = math.ceil(params.fraction * sum(s.rows for s in train_shards))
-    return {
-        "train": fetch_split(fs, train_shards, train_needed, out_dir / "train"),
-        "eval": fetch_split(fs, eval_shards, params.eval_size, out_dir / "eval"),
-    }
+    hub = isinstance(fs, HfFileSystem)
+    with reaching_the_hub("data.dataset", params.dataset) if hub else contextlib.nullcontext():
+        train_shards = list_shards(fs, root, params.train_dir)
+        eval_shards = list_shards(fs, root, params.eval_dir)
+        train_needed = math.ceil(params.fraction * sum(s.rows for s in train_shards))
+        return {
+            "train": fetch_split(fs, train_shards, train_needed, out_dir / "train"),
+            "eval": fetch_split(fs, eval_shards, params.eval_size, out_dir / "eval"),
+        }
 
 
 def describe_fetch(manifests: dict[str, dict[str, Any]]) -> str:

@@ -15,6 +15,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.demo.model import ensure_demo_model
+from pipeline.download.hub import reaching_the_hub
 from pipeline.params import DEMO_MODEL, ModelParams
 
 # What a causal LM folder needs; anything else in a hub repo (ONNX, GGUF, images) is skipped.
@@ -32,7 +33,10 @@ def resolve_model_dir(params: ModelParams, cache_dir: Path) -> Path:
     if local.exists():
         raise ValueError(f"model.name: {params.name!r} is a file, expected a model folder")
     patterns = MODEL_FILES + (PICKLE_FILES if params.allow_pickle_weights else [])
-    return Path(snapshot_download(params.name, revision=params.revision, allow_patterns=patterns))
+    with reaching_the_hub("model.name", params.name):
+        return Path(
+            snapshot_download(params.name, revision=params.revision, allow_patterns=patterns)
+        )
 
 
 def check_model_dir(source: Path, params: ModelParams) -> None:

@@ -105,6 +105,16 @@ def evaluate_policy(
     return metrics, scored
 
 
+# What metrics/eval.json holds, for `dvc exp show` and the registry; every figure (and the
+# reference judged as a policy) goes to reports/eval.json and MLflow.
+HEADLINE = ("win_rate", "kendall_tau", "eval_loss", "pairwise_tau", "pairs")
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few held-out figures worth a column in `dvc exp show`."""
+    return {key: metrics[key] for key in HEADLINE}
+
+
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN (e.g. tau when no question has 3 distinct answers) -> null: strict JSON for tools."""
     return {

@@ -19,13 +19,13 @@ import torch
 from pipeline.fingerprint import fingerprint
 from pipeline.model.loading import Runtime, assert_frozen, attention_implementation
 from pipeline.model.scoring import PairBatch, batch_logps
-from pipeline.stage_io import write_json_atomic
+from pipeline.stage_io import StageError, write_json_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOGPS_FILE = "logps.npy"  # (N, 2) float32: chosen, rejected; row i is pair i of the split
 
 
-class StaleReference(ValueError):
+class StaleReference(StageError, ValueError):
     """Cached reference log-probs made from other inputs or another numeric setting."""
 
 

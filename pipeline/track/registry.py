@@ -1,12 +1,13 @@
 """Model Registry: log the policy to its run, register a version, move the aliases.
 
-The champion alias moves only to a version with a strictly higher held-out win rate than the
-current champion's (a tie keeps the old champion); otherwise the new version is the challenger.
+The champion alias moves only to a version that `beats` the current champion on the held-out
+pairs (win rate first, then DPO loss); otherwise the new version is the challenger.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ class Registration:
         else:
             verdict = f"does not beat champion v{self.previous_champion}"
         return (
-            f"registered {self.name} v{self.version} as @{self.alias} "
-            f"(win rate {float(self.metrics['win_rate']):.4f}, {verdict})"
+            f"registered {self.name} v{self.version} as @{self.alias} (win rate "
+            f"{float(self.metrics['win_rate']):.4f}, eval loss "
+            f"{float(self.metrics['eval_loss']):.4f}, {verdict})"
         )
 
 
@@ -52,6 +54,7 @@ def version_tags(metrics: dict[str, Any], run_id: str) -> dict[str, Any]:
     where it came from."""
     return {
         "win_rate": metrics["win_rate"],
+        "eval_loss": metrics["eval_loss"],
         "kendall_tau": metrics["kendall_tau"],
         "eval_pairs": metrics["pairs"],
         **provenance_tags(),
@@ -69,7 +72,10 @@ def log_policy(run_id: str, policy_dir: Path) -> str:
     signature = mlflow.models.infer_signature(
         ["Question: ...\n\nAnswer: "], ["..."], params={"max_new_tokens": MAX_NEW_TOKENS}
     )
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The explicit signature says what an input example would; running one would load and
+        # generate with the model at registration time for nothing.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
         info = mlflow.pyfunc.log_model(
             name="policy",
             python_model=str(SERVING_CODE),
@@ -87,6 +93,16 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
+def beats(new: dict[str, Any], champion: dict[str, Any]) -> bool:
+    """The champion gate: a higher held-out win rate wins; at an equal win rate (tiny models
+    often rank the same pairs right) the lower held-out DPO loss wins; a full tie keeps the
+    champion. A champion registered without an eval_loss tag loses such a tie."""
+    new_rate, old_rate = float(new["win_rate"]), float(champion.get("win_rate", "-inf"))
+    if new_rate != old_rate:
+        return new_rate > old_rate
+    return float(new["eval_loss"]) < float(champion.get("eval_loss", "inf"))
+
+
 def register_policy(
     model_uri: str,
     run_id: str,
@@ -99,11 +115,8 @@ def register_policy(
     client = MlflowClient()
     version_ = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     champion = current_champion(client, name, champion_alias)
-    new_rate = float(tags["win_rate"])
-    if champion is None or new_rate > float(champion.tags.get("win_rate", "-inf")):
-        alias = champion_alias
-    else:
-        alias = challenger_alias
+    wins = champion is None or beats(tags, champion.tags)
+    alias = champion_alias if wins else challenger_alias
     client.set_registered_model_alias(name, alias, version_.version)
     return Registration(
         name,

@@ -40,16 +40,23 @@ def configure() -> str:
     return uri
 
 
+# MLflow 3 records what an experiment is for in this tag; ours holds model training runs, not
+# GenAI traces. (Which pages the UI opens on is a per-browser choice: see the README.)
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(name: str) -> str:
     """The experiment's id, created on first use (artifacts beside a local store)."""
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if KIND_TAG not in found.tags:  # made by an older version of this project
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
         return found.experiment_id
     location = None
     # Not an environment check: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI itself.
     if mlflow.get_tracking_uri() == default_uri():
         location = (repo_root() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
 
 
 def flat_params(params: Params) -> dict[str, Any]:
@@ -143,4 +150,5 @@ def log_flat_metrics(metrics: dict[str, Any], prefix: str) -> None:
         if isinstance(value, dict):
             log_flat_metrics(value, f"{prefix}{key}/")
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            mlflow.log_metric(f"{prefix}{key}", float(value))
+            if value == value:  # NaN (tau with no ranked question) is no figure: not logged
+                mlflow.log_metric(f"{prefix}{key}", float(value))

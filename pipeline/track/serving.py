@@ -25,9 +25,14 @@ class PolicyTextGenerator(mlflow.pyfunc.PythonModel):
         self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device)
         self.model.eval()
 
+    # model_input is hinted as a DataFrame, a type MLflow infers no signature from: a hint such
+    # as list[str] would make MLflow 3 replace the logged signature, and with it the params
+    # schema that lets callers pass max_new_tokens (they would be ignored).
     def predict(
-        self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
+        """Prompts (a one-column DataFrame, a list of strings or one string) -> one greedy answer
+        each, at most params["max_new_tokens"] tokens long."""
         prompts = _prompts(model_input)
         # The signature (pipeline/track/registry.py) declares max_new_tokens with its default.
         max_new = int((params or {}).get("max_new_tokens", 64))

@@ -114,8 +114,13 @@ def policy_state(scorer: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return {k.removeprefix("model."): v for k, v in full.items()}
 
 
+# What metrics/train.json holds, for `dvc exp show`; the whole summary goes to
+# reports/train.json and MLflow.
+HEADLINE = ("final_loss", "epoch_losses", "steps", "pairs_per_s", "padded_share")
+
+
 def summary(result: TrainResult) -> dict[str, Any]:
-    """metrics/train.json: the run's figures (per-step rows go to plots/train.csv)."""
+    """reports/train.json: the run's figures (per-step rows go to plots/train.csv)."""
     return {
         "steps": result.steps,
         "final_loss": result.log[-1]["loss"],

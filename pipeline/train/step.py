@@ -22,6 +22,7 @@ from pipeline.model.scoring import PairBatch, batch_logps, collate_pairs
 from pipeline.objective.losses import PairLogps, compute_loss
 from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metrics
 from pipeline.params import TrainParams
+from pipeline.stage_io import StageError
 from pipeline.train.checkpoint import Progress
 from pipeline.train.distributed import (
     World,
@@ -34,11 +35,11 @@ from pipeline.train.distributed import (
 from pipeline.train.plan import forward_parts, total_steps
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(StageError, FloatingPointError):
     """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(StageError, RuntimeError):
     """The accelerator ran out of memory in a step; the message names the settings to lower."""
 
 

@@ -1,0 +1,28 @@
+"""Failures to reach the Hugging Face Hub, told as one line with the way out."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from collections.abc import Iterator
+
+from pipeline.stage_io import StageError
+
+
+@contextlib.contextmanager
+def reaching_the_hub(key: str, name: str) -> Iterator[None]:
+    """Around calls that download `name` (set by params key `key`): whatever the network or the
+    hub raises (no connection, HF_HUB_OFFLINE, a missing repository) becomes a StageError."""
+    try:
+        yield
+    except StageError:
+        raise
+    except (
+        Exception
+    ) as error:  # httpx, huggingface_hub and OS errors alike: the hub is out of reach
+        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+        reason = textwrap.shorten(first, 200, placeholder=" ...")
+        raise StageError(
+            f"{key}: cannot get {name!r} from the Hugging Face Hub ({type(error).__name__}: "
+            f"{reason}). Offline? `make demo` runs the offline demo; or set {key} to a local folder"
+        ) from error

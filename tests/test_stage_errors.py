@@ -1,0 +1,52 @@
+"""A stage's expected failures are one line on stderr and exit status 1, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(stage: str, workdir: Path, **params: dict) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage>` in `workdir` with params.yaml changed by `params`."""
+    settings = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in params.items():
+        settings[section].update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+    shutil.copy(REPO / "dvc.yaml", workdir / "dvc.yaml")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(workdir / "hf-home"),  # an empty hub cache: nothing to fall back on
+    }
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_bad_param_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    done = run_stage("train", tmp_path, train={"lr": "abc"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: train.lr must be a number, got 'abc'"
+
+
+def test_an_unreachable_hub_says_what_to_do_in_one_line(tmp_path: Path) -> None:
+    done = run_stage("download_model", tmp_path)  # the real params: Qwen/Qwen3-0.6B from the hub
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.name: cannot get 'Qwen/Qwen3-0.6B' from the Hugging")
+    assert "make demo" in last and "local folder" in last
+    assert not (tmp_path / "models" / "base").exists()  # nothing half-written
