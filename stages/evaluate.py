@@ -6,23 +6,13 @@ import mlflow
 import numpy as np
 from transformers import AutoTokenizer
 
+from pipeline import stage_io
 from pipeline.evaluate.metrics import evaluate_policy, headline, json_safe, margin_histogram
 from pipeline.model import reference
 from pipeline.model.loading import freeze, pad_token_id, resolve_runtime
 from pipeline.model.scoring import load_scorer, score_pairs
 from pipeline.params import load_params
-from pipeline.stage_io import (
-    DATA_REFERENCE,
-    DATA_TOKENIZED,
-    METRICS,
-    MODEL_BASE,
-    MODEL_POLICY,
-    PLOTS,
-    REPORTS,
-    run_stage,
-    write_csv_atomic,
-    write_json_atomic,
-)
+from pipeline.stage_io import run_stage
 from pipeline.track import runs
 
 
@@ -30,25 +20,29 @@ def main() -> None:
     params = load_params()
     runtime = resolve_runtime(params.eval.device)
     trust = params.model.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_POLICY, trust_remote_code=trust)
-    dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "eval"))
+    tokenizer = AutoTokenizer.from_pretrained(stage_io.MODEL_POLICY, trust_remote_code=trust)
+    dataset = datasets.load_from_disk(str(stage_io.DATA_TOKENIZED / "eval"))
     # The reference side comes from the reference stage, computed once per base model and data.
-    identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "eval", runtime)
-    cached = reference.load(DATA_REFERENCE / "eval", identity, len(dataset)).astype(np.float64)
-    policy = freeze(load_scorer(MODEL_POLICY, runtime, trust))
+    identity = reference.describe(stage_io.MODEL_BASE, stage_io.DATA_TOKENIZED / "eval", runtime)
+    cached = reference.load(stage_io.DATA_REFERENCE / "eval", identity, len(dataset)).astype(
+        np.float64
+    )
+    policy = freeze(load_scorer(stage_io.MODEL_POLICY, runtime, trust))
     policy_scores = score_pairs(
         policy, dataset, params.eval.batch_size, runtime, pad_token_id(tokenizer), "policy"
     )
     metrics, scored = evaluate_policy(
         policy_scores, (cached[:, 0], cached[:, 1]), dataset, params.train
     )
-    write_json_atomic(REPORTS / "eval.json", json_safe(metrics))
-    write_json_atomic(METRICS / "eval.json", json_safe(headline(metrics)))
+    stage_io.write_json_atomic(stage_io.REPORTS / "eval.json", json_safe(metrics))
+    stage_io.write_json_atomic(stage_io.METRICS / "eval.json", json_safe(headline(metrics)))
     runs.configure()
-    with mlflow.start_run(run_id=runs.read_run_id(MODEL_POLICY)):
+    with mlflow.start_run(run_id=runs.read_run_id(stage_io.MODEL_POLICY)):
         runs.log_flat_metrics({k: v for k, v in metrics.items() if k != "reference"}, "eval/")
         runs.log_flat_metrics(metrics["reference"], "eval_reference/")
-    write_csv_atomic(PLOTS / "eval_margins.csv", margin_histogram(scored), ("margin", "pairs"))
+    stage_io.write_csv_atomic(
+        stage_io.PLOTS / "eval_margins.csv", margin_histogram(scored), ("margin", "pairs")
+    )
     print(
         f"win_rate {metrics['win_rate']:.4f} (reference {metrics['reference']['win_rate']:.4f}), "
         f"kendall_tau {metrics['kendall_tau']:.4f} over {metrics['kendall_questions']} questions"
