@@ -92,6 +92,26 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraParams:
+    # Train low-rank adapters (peft LoRA) instead of every weight: the base stays frozen, so the
+    # reference is the same model with its adapters switched off (no second copy in memory).
+    enabled: bool = False
+    # Rank r of each adapter's two factors.
+    rank: int = dataclasses.field(default=16, metadata=positive())
+    # Scale: the adapter's update is multiplied by alpha / rank.
+    alpha: float = dataclasses.field(default=32.0, metadata=positive())
+    # Dropout on the adapters' input during training.
+    dropout: float = dataclasses.field(
+        default=0.0, metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+    )
+    # Comma-separated module names that get adapters: every linear layer of attention and MLP.
+    target_modules: str = dataclasses.field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata=check(lambda v: bool(v.strip(",")), "must name at least one module"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainParams:
     # Peak learning rate of AdamW (reached after warmup, then linear decay to 0).
     lr: float = dataclasses.field(metadata=positive())
@@ -153,6 +173,8 @@ class TrainParams:
     sft_weight: float = 0.0
     # No reference model: its log-probs are taken as 0 (required by simpo).
     reference_free: bool = False
+    # Low-rank adapters (README: "Bigger models on one GPU"); off trains every weight.
+    lora: LoraParams = dataclasses.field(default_factory=LoraParams)
 
     def __post_init__(self) -> None:
         try:

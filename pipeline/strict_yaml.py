@@ -40,6 +40,8 @@ def non_negative() -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert one YAML value to the field's type, or raise ParamsError naming `key`."""
+    if dataclasses.is_dataclass(hint):  # a nested section, e.g. train.lora
+        return parse_section(key, value, hint)
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):

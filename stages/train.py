@@ -23,6 +23,7 @@ from pipeline.stage_io import (
 )
 from pipeline.track import runs
 from pipeline.train import distributed, run
+from pipeline.train.adapters import trainable_parameters
 from pipeline.train.checkpoint import resumable_extra
 from pipeline.train.loop import LOG_KEYS, Resume, train_policy
 
@@ -34,17 +35,18 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
     scorer = run.load_policy(params, runtime)
-    reference = run.reference_scores(params, runtime, len(dataset))
+    reference = run.reference_scores(params, runtime, len(dataset), scorer)
     key = run.run_key(params.train, MODEL_BASE, DATA_TOKENIZED / "train")
     run_id = None
     if world.is_main:  # rank 0 alone talks to MLflow, continuing the run a checkpoint names
         previous = resumable_extra(CHECKPOINTS, key).get("run_id")
         run_id = runs.start_training_run(params, str(runtime.device), previous)
         runs.log_reports(REPORTS, ("tokenize", "subsample"))
-        n_params = sum(p.numel() for p in scorer.model.parameters())
+        trainable = trainable_parameters(scorer)
+        mlflow.log_param("train.trainable_parameters", trainable)
         print(
             f"train: {len(dataset)} pairs on {world.size} x {runtime.device} (autocast "
-            f"{runtime.autocast_dtype}), {n_params:,} params, MLflow run {run_id}"
+            f"{runtime.autocast_dtype}), {trainable:,} trainable params, MLflow run {run_id}"
         )
     wrapped = distributed.wrap(scorer, world, runtime, params.train.parallel)
     result = train_policy(

@@ -49,10 +49,13 @@ def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
     """Write the overrides into a params file (for a throwaway copy of the repository)."""
     tree = yaml.safe_load(params_file.read_text(encoding="utf-8"))
     for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        if section not in tree or name not in tree[section]:
+        *path, name = key.split(".")
+        node = tree
+        for part in path:  # nested sections too: train.lora.enabled
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
             raise KeyError(f"demo override {key} is not a key of {params_file}")
-        tree[section][name] = value
+        node[name] = value
     params_file.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
 
 

@@ -61,10 +61,16 @@ def experiment_id(name: str) -> str:
 
 def flat_params(params: Params) -> dict[str, Any]:
     """{"train.lr": 1e-06, ...}: values are the parsed numbers, not DVC's spelling of them."""
-    flat = {}
-    for section in dataclasses.fields(params):
-        for key, value in dataclasses.asdict(getattr(params, section.name)).items():
-            flat[f"{section.name}.{key}"] = value
+    return _flatten(dataclasses.asdict(params))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # nested sections: train.lora.rank
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
     return flat
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from pipeline.fingerprint import fingerprint
@@ -19,8 +20,9 @@ from pipeline.model.loading import Runtime, enable_activation_checkpointing, fre
 from pipeline.model.reference import ReferenceScores
 from pipeline.model.scoring import CompletionScorer, load_scorer
 from pipeline.params import Params, TrainParams
-from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE
+from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE, StageError
 from pipeline.train import distributed
+from pipeline.train.adapters import AdaptersOffReference, add_adapters
 from pipeline.train.loop import TrainResult
 
 # Settings that do not change the maths; a checkpoint stays resumable when only these change.
@@ -42,15 +44,20 @@ def run_key(train: TrainParams, model_dir: Path, train_split: Path) -> str:
     return fingerprint(config, model_dir, train_split)
 
 
-def reference_scores(params: Params, runtime: Runtime, n_pairs: int) -> ReferenceScores | None:
-    """The reference stage's cache (checked against base model, data and runtime), a frozen
-    copy of the base model when train.cached_reference is false, None when reference-free."""
+def reference_scores(
+    params: Params, runtime: Runtime, n_pairs: int, policy: CompletionScorer
+) -> ReferenceScores | None:
+    """The reference stage's cache (checked against base model, data and runtime); when
+    train.cached_reference is false, the policy with its adapters off (LoRA) or a frozen copy of
+    the base model; None when reference-free."""
     if params.train.reference_free:
         return None
     if params.train.cached_reference:
         identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime)
         logps = reference.load(DATA_REFERENCE / "train", identity, n_pairs)
         return reference.CachedReference(logps, runtime.device)
+    if params.train.lora.enabled:
+        return AdaptersOffReference(policy, runtime)
     model = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
     return reference.ModelReference(freeze(model), runtime)
 
@@ -61,6 +68,10 @@ def load_policy(params: Params, runtime: Runtime) -> CompletionScorer:
     scorer = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
     if params.train.gradient_checkpointing:
         enable_activation_checkpointing(scorer.model)
+    if params.train.lora.enabled:
+        if params.train.nproc > 1 and params.train.parallel == "fsdp":
+            raise StageError("train.lora with train.parallel: fsdp is not supported: use ddp")
+        scorer.model = add_adapters(scorer.model, params.train.lora)
     return scorer
 
 
@@ -83,6 +94,9 @@ def save_policy(
     the master weights: half the disk for a bf16 model in models/policy, the DVC cache and every
     MLflow version. `state` is the gathered FSDP state, None when the model holds its weights."""
     model = scorer.model
+    if isinstance(model, PeftModel):  # the adapter alone, then the merged model for serving
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
     if dtype != torch.float32:
         state = _cast(model.state_dict() if state is None else state, dtype)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state)

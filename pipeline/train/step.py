@@ -66,7 +66,7 @@ def make_context(
     world = current_world()
     # The fused kernel updates every parameter in a few launches instead of several per tensor.
     optimizer = torch.optim.AdamW(
-        policy.parameters(),
+        [p for p in policy.parameters() if p.requires_grad],  # all, or the adapters alone (LoRA)
         lr=params.lr,
         weight_decay=params.weight_decay,
         fused=True if runtime.device.type == "cuda" else None,
