@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: train a tiny model with
-DDP or FSDP over gloo, let rank 0 write the per-step log, then resume from the final checkpoint
-(a collective state gather and scatter under FSDP) and gather the full weights."""
+DDP, FSDP or DDP with LoRA adapters over gloo, let rank 0 write the per-step log, then resume from
+the final checkpoint (a collective state gather and scatter under FSDP) and gather the full
+weights."""
 
 import json
 import sys
@@ -8,24 +9,24 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.loading import Runtime, freeze
-from pipeline.model.reference import ModelReference
-from pipeline.model.scoring import CompletionScorer
+from pipeline.model.loading import Runtime
 from pipeline.train import distributed
 from pipeline.train.loop import Resume, train_policy
-from tests.helpers import random_pairs, tiny_qwen3
-from tests.test_distributed import PARAMS, PER_RANK_BATCH
+from tests.helpers import random_pairs
+from tests.test_distributed import PARAMS, PER_RANK_BATCH, policy_and_reference
 
 if __name__ == "__main__":
     out, strategy = Path(sys.argv[1]), sys.argv[2]
     world, runtime = distributed.init_from_env(Runtime(torch.device("cpu"), None))
-    reference = ModelReference(freeze(CompletionScorer(tiny_qwen3())), runtime)
+    lora = strategy.endswith("-lora")
+    strategy = strategy.removesuffix("-lora")
     params = PARAMS.__class__(
         **{**PARAMS.__dict__, "batch_size": PER_RANK_BATCH, "parallel": strategy}
     )
     runs = []
     for _ in range(2):  # the second run finds the final checkpoint and restores it
-        policy = distributed.wrap(CompletionScorer(tiny_qwen3()), world, runtime, strategy)
+        scorer, reference = policy_and_reference(lora, runtime)
+        policy = distributed.wrap(scorer, world, runtime, strategy)
         result = train_policy(
             policy,
             reference,

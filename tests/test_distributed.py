@@ -15,6 +15,8 @@ import torch
 from pipeline.model.loading import Runtime, freeze
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer
+from pipeline.params import LoraParams
+from pipeline.train.adapters import AdaptersOffReference, add_adapters
 from pipeline.train.loop import Resume, train_policy
 from tests.helpers import random_pairs, tiny_qwen3, train_params
 
@@ -26,8 +28,19 @@ PARAMS = train_params(
 )  # fmt: skip
 
 
+def policy_and_reference(lora: bool, runtime: Runtime):
+    """A fresh tiny policy scorer and its reference: a frozen copy, or with LoRA adapters the
+    policy itself with its adapters off."""
+    if not lora:
+        return CompletionScorer(tiny_qwen3()), ModelReference(
+            freeze(CompletionScorer(tiny_qwen3())), runtime
+        )
+    policy = CompletionScorer(add_adapters(tiny_qwen3(), LoraParams(enabled=True, rank=4)))
+    return policy, AdaptersOffReference(policy, runtime)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-lora"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     tmp_path: Path, strategy: str
 ) -> None:
@@ -55,9 +68,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     assert ddp["world"] == 2 and ddp["sharded"] == (strategy == "fsdp")
 
     runtime = Runtime(torch.device("cpu"), None)
-    reference = ModelReference(freeze(CompletionScorer(tiny_qwen3())), runtime)
     # 22 pairs: the 2-process run drops none (22 % 2 == 0); steps of 2 x 4 pairs, last one short.
-    policy = CompletionScorer(tiny_qwen3())
+    policy, reference = policy_and_reference(strategy.endswith("-lora"), runtime)
     single = train_policy(
         policy,
         reference,

@@ -77,7 +77,14 @@ from pipeline.model.scoring import (  # noqa: E402
 )
 from pipeline.objective.losses import PairLogps, compute_loss  # noqa: E402
 from pipeline.objective.metrics import completion_token_counts, step_metrics  # noqa: E402
-from pipeline.params import TokenizeParams, TrainParams, parse_section, read_yaml  # noqa: E402
+from pipeline.params import (  # noqa: E402
+    LoraParams,
+    TokenizeParams,
+    TrainParams,
+    parse_section,
+    read_yaml,
+)
+from pipeline.train.adapters import AdaptersOffReference, add_adapters  # noqa: E402
 from pipeline.train.loop import Resume, train_policy  # noqa: E402
 from pipeline.train.plan import epoch_plan, pair_lengths  # noqa: E402
 from tests.plain_dpo import full_logits_logps  # noqa: E402
@@ -544,40 +551,48 @@ def pre_ordered(rows: list[dict], order: np.ndarray) -> datasets.Dataset:
     return texts([rows[int(i)] for i in order], SAFE_TEMPLATE)
 
 
-def test_twenty_steps_follow_trl(
-    demo_model_dir: Path, tok: PreTrainedTokenizerBase, rows: list[dict], tmp_path: Path
-) -> None:
-    lr = 1e-3
+def trajectories(
+    model_dir: Path,
+    tok: PreTrainedTokenizerBase,
+    rows: list[dict],
+    tmp_path: Path,
+    steps: int,
+    lr: float,
+    lora: LoraParams | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """`steps` optimizer steps of the pipeline and of TRL's DPOTrainer on the same pairs, order,
+    schedule and seed -> (the pipeline's log rows, TRL's). With `lora`, both train the same peft
+    adapters (same seed, same initial weights) and take the reference with the adapters off."""
     params = section(
         "train",
         TrainParams,
         lr=lr,
-        epochs=STEPS * BATCH // N_PAIRS,
+        epochs=-(-steps * BATCH // N_PAIRS),  # enough epochs for `steps`, as few as possible
         batch_size=BATCH,
         grad_accum=1,
         beta=BETA,
         warmup_ratio=0.0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        max_steps=STEPS,
+        max_steps=steps,
         seed=3,
         cached_reference=False,
         length_grouping=False,
         device="cpu",
         nproc=1,
         log_every=1,
-        save_every=10 * STEPS,
+        save_every=10 * steps,
     )
     pairs = ours(tok, rows, tokenize_params(SAFE_TEMPLATE, MAX_LENGTH, MAX_PROMPT_LENGTH))
     data = datasets.Dataset.from_dict(columns(pairs))
+    policy = CompletionScorer(adapted(model_dir, lora))
+    reference = (
+        AdaptersOffReference(policy, CPU)
+        if lora
+        else ModelReference(freeze(CompletionScorer(load(model_dir))), CPU)
+    )
     result = train_policy(
-        CompletionScorer(load(demo_model_dir)),
-        ModelReference(freeze(CompletionScorer(load(demo_model_dir))), CPU),
-        data,
-        params,
-        CPU,
-        pad_token_id(tok),
-        Resume(tmp_path / "ckpt", "parity"),
+        policy, reference, data, params, CPU, pad_token_id(tok), Resume(tmp_path / "ckpt", "p")
     )
     # TRL sees our epochs' pair orders back to back, read sequentially, as one long epoch.
     order = np.concatenate(
@@ -586,7 +601,7 @@ def test_twenty_steps_follow_trl(
     args = trl_config(
         tmp_path / "trl",
         learning_rate=lr,
-        max_steps=STEPS,
+        max_steps=steps,
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
@@ -599,25 +614,42 @@ def test_twenty_steps_follow_trl(
         seed=3,
     )
     trainer = trl.DPOTrainer(
-        model=load(demo_model_dir),
-        ref_model=load(demo_model_dir),
+        model=adapted(model_dir, lora),
+        ref_model=None if lora else load(model_dir),  # with adapters: TRL disables them
         args=args,
         train_dataset=pre_ordered(rows, order),
         processing_class=tok,
     )
     trainer.train()
-    theirs = [row for row in trainer.state.log_history if "loss" in row]
-    mine = result.log
-    assert len(mine) == len(theirs) == STEPS
+    return result.log, [row for row in trainer.state.log_history if "loss" in row]
 
-    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(mine, theirs, strict=True))
-    norm_diff = max(
-        abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"]
-        for a, b in zip(mine, theirs, strict=True)
+
+def adapted(model_dir: Path, lora: LoraParams | None) -> torch.nn.Module:
+    """The demo model, with seeded LoRA adapters when `lora` is given (identical on both sides)."""
+    model = load(model_dir)
+    if lora is None:
+        return model
+    torch.manual_seed(11)
+    return add_adapters(model, lora)
+
+
+def max_diffs(mine: list[dict], theirs: list[dict]) -> tuple[float, float, float]:
+    """Largest |loss| diff, relative grad-norm diff and |reward margin| diff over the steps."""
+    pairs = list(zip(mine, theirs, strict=True))
+    return (
+        max(abs(a["loss"] - b["loss"]) for a, b in pairs),
+        max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in pairs),
+        max(abs(a["rewards/margins"] - b["rewards/margins"]) for a, b in pairs),
     )
-    margin_diff = max(
-        abs(a["rewards/margins"] - b["rewards/margins"]) for a, b in zip(mine, theirs, strict=True)
-    )
+
+
+def test_twenty_steps_follow_trl(
+    demo_model_dir: Path, tok: PreTrainedTokenizerBase, rows: list[dict], tmp_path: Path
+) -> None:
+    lr = 1e-3
+    mine, theirs = trajectories(demo_model_dir, tok, rows, tmp_path, STEPS, lr)
+    assert len(mine) == len(theirs) == STEPS
+    loss_diff, norm_diff, margin_diff = max_diffs(mine, theirs)
     report("20-step loss trajectory, max |diff|", loss_diff)
     report("20-step grad norm, max relative diff", norm_diff)
     report("20-step reward margins, max |diff|", margin_diff)
@@ -634,3 +666,17 @@ def test_twenty_steps_follow_trl(
     schedule = [lr * (1 - k / STEPS) for k in range(STEPS + 1)]
     assert [b["learning_rate"] for b in theirs] == pytest.approx(schedule[:-1])
     assert [a["lr"] for a in mine] == pytest.approx(schedule[1:])
+
+
+def test_ten_lora_steps_follow_trl_with_the_same_peft_adapters(
+    demo_model_dir: Path, tok: PreTrainedTokenizerBase, rows: list[dict], tmp_path: Path
+) -> None:
+    lora = LoraParams(enabled=True, rank=8, alpha=16.0)
+    mine, theirs = trajectories(demo_model_dir, tok, rows, tmp_path, 10, 5e-3, lora)
+    assert len(mine) == len(theirs) == 10
+    loss_diff, norm_diff, margin_diff = max_diffs(mine, theirs)
+    report("10-step LoRA loss trajectory, max |diff|", loss_diff)
+    report("10-step LoRA grad norm, max relative diff", norm_diff)
+    assert mine[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start as a no-op
+    assert mine[-1]["loss"] < math.log(2) - 0.01  # the adapters really trained
+    assert loss_diff <= 1e-4 and norm_diff <= 1e-4 and margin_diff <= 1e-4
