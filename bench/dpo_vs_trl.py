@@ -38,13 +38,17 @@ sys.path.insert(0, str(REPO))
 VOCAB = 151_936
 STEADY_FROM = 4  # steady-state figures count steps after this many
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak of the H100 SXM (H200: the same)
-# Qwen3-0.6B's config.json, built here with random weights; "tiny" is the CPU benchmark model.
+# Qwen3-0.6B's and a Qwen3-4B-shaped config, built here with random weights; "tiny" is the CPU
+# benchmark model.
 MODEL_SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rope_theta=1_000_000.0, rms_norm_eps=1e-6),
 }  # fmt: skip
 TEMPLATE = "Question: {question}\n\nAnswer:\n"  # ends on a newline: no token merges at the seam
 MAX_LENGTH = 512
@@ -118,7 +122,9 @@ def tokenized_rows(workdir: Path) -> list[dict[str, list[int]]]:
     ]
 
 
-def run_ours(args: argparse.Namespace, cached: bool, checkpointing: bool = False) -> dict:
+def run_ours(
+    args: argparse.Namespace, cached: bool, checkpointing: bool = False, lora: bool = False
+) -> dict:
     import datasets
     import numpy as np
 
@@ -130,6 +136,8 @@ def run_ours(args: argparse.Namespace, cached: bool, checkpointing: bool = False
     )
     from pipeline.model.reference import CachedReference, ModelReference
     from pipeline.model.scoring import CompletionScorer, score_pairs
+    from pipeline.params import LoraParams
+    from pipeline.train.adapters import add_adapters
     from pipeline.train.loop import Resume, train_policy
     from tests.helpers import train_params
 
@@ -139,6 +147,8 @@ def run_ours(args: argparse.Namespace, cached: bool, checkpointing: bool = False
     policy = CompletionScorer(load_causal_lm(workdir / "model", runtime, False))
     if checkpointing:
         enable_activation_checkpointing(policy.model)
+    if lora:  # the project's default adapters: r=16, alpha 32, every attention and MLP linear
+        policy.model = add_adapters(policy.model, LoraParams(enabled=True))
     base = freeze(CompletionScorer(load_causal_lm(workdir / "model", runtime, False)))
     t0 = time.perf_counter()
     if cached:  # what the reference stage stores once per base model and data
@@ -338,6 +348,7 @@ RUNS = {
     "ours": lambda args: run_ours(args, cached=True),
     "ours_live": lambda args: run_ours(args, cached=False),
     "ours_ckpt": lambda args: run_ours(args, cached=True, checkpointing=True),
+    "ours_lora": lambda args: run_ours(args, cached=True, lora=True),
     "trl": lambda args: run_trl(args),
     "trl_fast": lambda args: run_trl(args, fast=True),
 }
@@ -345,13 +356,17 @@ ROW_NAMES = {
     "ours": "pipeline (defaults: cached reference)",
     "ours_live": "pipeline (reference on the fly)",
     "ours_ckpt": "pipeline + activation checkpointing",
+    "ours_lora": "pipeline, LoRA r=16 (cached reference)",
     "trl": "TRL DPOTrainer (defaults)",
     "trl_fast": "TRL (precomputed reference, no ckpt)",
 }
 
 
-def rows_for(device: str) -> list[str]:
-    return list(RUNS) if device == "cuda" else ["ours", "ours_live", "trl"]
+def rows_for(args: argparse.Namespace) -> list[str]:
+    """`--rows`, else every row on CUDA and the three CPU rows on the CPU."""
+    if args.rows:
+        return args.rows.split(",")
+    return list(RUNS) if args.device == "cuda" else ["ours", "ours_live", "trl"]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -429,6 +444,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=list(MODEL_SHAPES), default="tiny")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
+    parser.add_argument("--rows", help=f"comma-separated rows to run, of {','.join(RUNS)}")
     parser.add_argument("--dvc-reps", type=int, default=3, help="dvc exp run pairs timed (0: none)")
     parser.add_argument("--dvc-only", action="store_true", help="only the dvc exp run timing")
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
@@ -445,7 +461,7 @@ def main() -> None:
         print_dvc(report["dvc_exp_run"])
         return None
     make_assets(workdir, args.steps * args.batch, model=args.model)
-    runs: dict[str, list[dict]] = {kind: [] for kind in rows_for(args.device)}
+    runs: dict[str, list[dict]] = {kind: [] for kind in rows_for(args)}
     for _ in range(args.reps):
         for kind in runs:
             runs[kind].append(spawn(kind, workdir, args))
@@ -490,9 +506,12 @@ def ratios(table: dict[str, dict]) -> dict[str, float]:
                 table[ours]["steady_pairs_per_s"] / table[trl]["steady_pairs_per_s"]
             )
             out[f"peak_mb {ours} / {trl}"] = table[ours]["peak_mb"] / table[trl]["peak_mb"]
-    out["final_loss_rel_diff ours / trl"] = (
-        abs(table["ours"]["loss_last"] - table["trl"]["loss_last"]) / table["trl"]["loss_last"]
-    )
+    if "ours" in table and "trl" in table:
+        out["final_loss_rel_diff ours / trl"] = (
+            abs(table["ours"]["loss_last"] - table["trl"]["loss_last"]) / table["trl"]["loss_last"]
+        )
+    if "ours" in table and "ours_lora" in table:  # the LoRA target: <= 0.5x at the same batch
+        out["peak_mb ours_lora / ours"] = table["ours_lora"]["peak_mb"] / table["ours"]["peak_mb"]
     return out
 
 

@@ -90,3 +90,56 @@ def test_run_file_round_trip(tmp_path: Path) -> None:
     assert tracking.read_run_id(tmp_path) == "abc"
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         tracking.read_run_id(tmp_path / "missing")
+
+
+RACER = """
+import sys, time
+import mlflow
+from pipeline.track import registry, runs
+version, start = sys.argv[1], float(sys.argv[2])
+runs.configure()
+read = registry.current_champion
+def slow_read(*args):  # widen the gap between reading the champion and setting the alias
+    champion = read(*args)
+    time.sleep(1.5)
+    return champion
+registry.current_champion = slow_read
+while time.time() < start:
+    time.sleep(0.01)
+print(registry.assign_alias(mlflow.MlflowClient(), "m", version, "champion", "challenger")[0])
+"""
+
+
+def test_two_registers_at_once_end_with_the_better_one_as_champion(store: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tracking.configure()
+    client = MlflowClient()
+    client.create_registered_model("m")
+    tags = {"better": {"win_rate": "0.9", "eval_loss": "0.2"}, "worse": {"win_rate": "0.8"}}
+    versions = {k: client.create_model_version("m", str(store), tags=t) for k, t in tags.items()}
+    start = time.time() + 8  # both processes past their imports, the better one a bit first
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    racers = {
+        name: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RACER,
+                str(v.version),
+                str(start + (0.2 if name == "worse" else 0)),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name, v in versions.items()
+    }
+    said = {name: p.communicate(timeout=120)[0].strip() for name, p in racers.items()}
+    assert said == {"better": "champion", "worse": "challenger"}, said
+    champion = client.get_model_version_by_alias("m", "champion")
+    assert str(champion.version) == str(versions["better"].version)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.track.runs import provenance_tags
+from pipeline.track.runs import provenance_tags, repo_root
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MAX_NEW_TOKENS = 64  # default answer length of the served model
@@ -103,6 +104,24 @@ def beats(new: dict[str, Any], champion: dict[str, Any]) -> bool:
     return float(new["eval_loss"]) < float(champion.get("eval_loss", "inf"))
 
 
+def assign_alias(
+    client: MlflowClient, name: str, version: str, champion_alias: str, challenger_alias: str
+) -> tuple[str, Any | None]:
+    """Compare `version` with the current champion and set its alias -> (alias, champion seen).
+
+    The read-compare-set runs under a lock beside the tracking store: two register stages that
+    finish together (parallel queue workers) would otherwise both read the old champion and both
+    take the alias, the worse one possibly last.
+    """
+    with FileLock(str(repo_root() / ".mlflow-registry.lock"), timeout=600):
+        new = client.get_model_version(name, version)
+        champion = current_champion(client, name, champion_alias)
+        wins = champion is None or beats(new.tags, champion.tags)
+        alias = champion_alias if wins else challenger_alias
+        client.set_registered_model_alias(name, alias, version)
+    return alias, champion
+
+
 def register_policy(
     model_uri: str,
     run_id: str,
@@ -114,10 +133,8 @@ def register_policy(
     """Register a version of `name` and give it the champion or the challenger alias."""
     client = MlflowClient()
     version_ = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    champion = current_champion(client, name, champion_alias)
-    wins = champion is None or beats(tags, champion.tags)
-    alias = champion_alias if wins else challenger_alias
-    client.set_registered_model_alias(name, alias, version_.version)
+    alias, champion = assign_alias(client, name, str(version_.version), champion_alias,
+                                   challenger_alias)  # fmt: skip
     return Registration(
         name,
         str(version_.version),
