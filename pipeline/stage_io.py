@@ -50,6 +50,12 @@ def run_stage(main: Callable[[], None]) -> None:
         raise SystemExit(1) from None
 
 
+def repo_root() -> Path:
+    """The repository root: DVC_ROOT when DVC runs the stage in a temporary or queued copy (the
+    copy is deleted afterwards; what must outlive it lives at the real root), else the cwd."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
 def asset_cache_dir() -> Path:
     """Cache for the locally built demo model and dataset (like the hub's download cache)."""
     default = Path.home() / ".cache" / "dpo-qwen3"

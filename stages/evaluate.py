@@ -9,9 +9,10 @@ from transformers import AutoTokenizer
 from pipeline import stage_io
 from pipeline.evaluate.metrics import evaluate_policy, headline, json_safe, margin_histogram
 from pipeline.model import reference
-from pipeline.model.loading import freeze, pad_token_id, resolve_runtime
+from pipeline.model.loading import Runtime, freeze, pad_token_id, resolve_runtime
 from pipeline.model.scoring import load_scorer, score_pairs
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
+from pipeline.resources import stage_share
 from pipeline.stage_io import run_stage
 from pipeline.track import runs
 
@@ -19,6 +20,11 @@ from pipeline.track import runs
 def main() -> None:
     params = load_params()
     runtime = resolve_runtime(params.eval.device)
+    with stage_share(stage_io.repo_root(), runtime.device.type):
+        evaluate(params, runtime)
+
+
+def evaluate(params: Params, runtime: Runtime) -> None:
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(stage_io.MODEL_POLICY, trust_remote_code=trust)
     dataset = datasets.load_from_disk(str(stage_io.DATA_TOKENIZED / "eval"))

@@ -12,12 +12,25 @@ from transformers import AutoTokenizer
 from pipeline.model import reference
 from pipeline.model.loading import freeze, pad_token_id, resolve_runtime
 from pipeline.model.scoring import load_scorer, score_pairs
-from pipeline.params import load_params, save_resolved
-from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE, atomic_dir, run_stage
+from pipeline.params import Params, load_params, save_resolved
+from pipeline.resources import stage_share
+from pipeline.stage_io import (
+    DATA_REFERENCE,
+    DATA_TOKENIZED,
+    MODEL_BASE,
+    atomic_dir,
+    repo_root,
+    run_stage,
+)
 
 
 def main() -> None:
     params = load_params()
+    with stage_share(repo_root(), resolve_runtime(params.train.device).device.type):
+        score_reference(params)
+
+
+def score_reference(params: Params) -> None:
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     pad = pad_token_id(tokenizer)

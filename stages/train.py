@@ -7,7 +7,8 @@ import mlflow
 from transformers import AutoTokenizer
 
 from pipeline.model.loading import pad_token_id, resolve_runtime
-from pipeline.params import load_params, save_resolved
+from pipeline.params import Params, load_params, save_resolved
+from pipeline.resources import stage_share
 from pipeline.stage_io import (
     CHECKPOINTS,
     DATA_TOKENIZED,
@@ -17,6 +18,7 @@ from pipeline.stage_io import (
     PLOTS,
     REPORTS,
     atomic_dir,
+    repo_root,
     run_stage,
     write_csv_atomic,
     write_json_atomic,
@@ -30,6 +32,11 @@ from pipeline.train.loop import LOG_KEYS, Resume, train_policy
 
 def main() -> None:
     params = load_params()
+    with stage_share(repo_root(), resolve_runtime(params.train.device).device.type):
+        train(params)
+
+
+def train(params: Params) -> None:
     world, runtime = distributed.init_from_env(resolve_runtime(params.train.device))
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)

@@ -121,7 +121,7 @@ def test_two_registers_at_once_end_with_the_better_one_as_champion(store: Path) 
     client.create_registered_model("m")
     tags = {"better": {"win_rate": "0.9", "eval_loss": "0.2"}, "worse": {"win_rate": "0.8"}}
     versions = {k: client.create_model_version("m", str(store), tags=t) for k, t in tags.items()}
-    start = time.time() + 8  # both processes past their imports, the better one a bit first
+    start = time.time() + 15  # both processes past their imports, the better one a bit first
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     racers = {
         name: subprocess.Popen(
@@ -140,6 +140,7 @@ def test_two_registers_at_once_end_with_the_better_one_as_champion(store: Path) 
         for name, v in versions.items()
     }
     said = {name: p.communicate(timeout=120)[0].strip() for name, p in racers.items()}
-    assert said == {"better": "champion", "worse": "challenger"}, said
+    # The better one ends as champion whatever the order the lock let them in.
+    assert said["better"] == "champion", said
     champion = client.get_model_version_by_alias("m", "champion")
     assert str(champion.version) == str(versions["better"].version)

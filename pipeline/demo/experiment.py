@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra override on top of demo/params.yaml (repeatable)",
     )
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue the experiment (run the queue with `dvc queue start -j N`) instead of now",
+    )
     parser.add_argument("target", nargs="?", help="stage to run up to (default: all)")
     args = parser.parse_args(argv)
     overrides = demo_overrides()
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         overrides = {**back, **overrides}
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", *set_flags(overrides)]
+    mode = "--queue" if args.queue else "--temp"
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", mode, *set_flags(overrides)]
     for extra in args.set:
         cmd += ["-S", extra]
     cmd += ["-n", args.name] if args.name else []

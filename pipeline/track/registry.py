@@ -17,7 +17,8 @@ from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.track.runs import provenance_tags, repo_root
+from pipeline.stage_io import repo_root
+from pipeline.track.runs import provenance_tags
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MAX_NEW_TOKENS = 64  # default answer length of the served model

@@ -19,13 +19,9 @@ from typing import Any
 import mlflow
 
 from pipeline.params import Params
-from pipeline.stage_io import write_json_atomic
+from pipeline.stage_io import repo_root, write_json_atomic
 
 RUN_FILE = "mlflow_run.json"  # written into models/policy: how evaluate and register find the run
-
-
-def repo_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def default_uri() -> str:
