@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from pipeline.stage_io import repo_root
+
 POLL_SECONDS = 1.0
 
 
@@ -90,13 +92,15 @@ def available_cores() -> int:
 
 
 @contextlib.contextmanager
-def stage_share(root: Path, device_type: str) -> Iterator[Share]:
-    """`claim` for a stage process: torch threads set to its share of the cores and, on CUDA,
-    the claimed GPU made the current device, for as long as the stage runs. Under torchrun with
-    several processes each rank's GPU is its LOCAL_RANK, so only the threads are shared."""
+def stage_share(device: str) -> Iterator[Share]:
+    """`claim` for a stage process running on `device` (train.device or eval.device): torch
+    threads set to its share of the cores and, on CUDA, the claimed GPU made the current device,
+    for as long as the stage runs. Under torchrun with several processes each rank's GPU is its
+    LOCAL_RANK, so only the threads are shared."""
     gpus_wanted = 1 if int(os.environ.get("WORLD_SIZE", "1")) == 1 else 0
-    devices = torch.cuda.device_count() if device_type == "cuda" else 0
-    with claim(lock_folder(root), available_cores(), devices, gpus_wanted) as share:
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    devices = torch.cuda.device_count() if cuda else 0
+    with claim(lock_folder(repo_root()), available_cores(), devices, gpus_wanted) as share:
         torch.set_num_threads(share.threads)
         if share.gpus:
             torch.cuda.set_device(share.gpus[0])

@@ -20,7 +20,7 @@ from pipeline.track import runs
 def main() -> None:
     params = load_params()
     runtime = resolve_runtime(params.eval.device)
-    with stage_share(stage_io.repo_root(), runtime.device.type):
+    with stage_share(params.eval.device):
         evaluate(params, runtime)
 
 

@@ -18,7 +18,6 @@ from pipeline.stage_io import (
     PLOTS,
     REPORTS,
     atomic_dir,
-    repo_root,
     run_stage,
     write_csv_atomic,
     write_json_atomic,
@@ -32,7 +31,7 @@ from pipeline.train.loop import LOG_KEYS, Resume, train_policy
 
 def main() -> None:
     params = load_params()
-    with stage_share(repo_root(), resolve_runtime(params.train.device).device.type):
+    with stage_share(params.train.device):
         train(params)
 
 
