@@ -4,7 +4,8 @@ Qwen3's vocabulary has 151,936 entries: fp32 logits for 8 pairs x 2 answers x 51
 ~5 GB, most of them for prompt and padding positions DPO never reads. The scorer runs the decoder,
 keeps the hidden states of completion positions only, and applies the LM head plus log-softmax in
 chunks; with gradients on, each chunk is recomputed in backward (activation checkpointing), so at
-most one chunk of logits is alive at a time. Same numbers as `dpo.sequence_logps` on full logits.
+most one chunk of logits is alive at a time. tests/plain_dpo.py scores from the full logits, the
+plain way, and the tests check that both give the same numbers.
 """
 
 from __future__ import annotations

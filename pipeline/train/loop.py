@@ -98,7 +98,8 @@ def train_policy(
 ) -> TrainResult:
     """Train `policy` in place on the tokenized `dataset`, resuming from `resume.folder`.
 
-    `reference` gives the reference log-probs: a frozen model or the reference stage's cache;
+    `reference` gives the reference log-probs: the reference stage's cache, a frozen model, or
+    the policy itself with its LoRA adapters off;
     None exactly when `params.reference_free` (a reference is never silently ignored). `on_log`
     gets every log row (rank 0 only). Under torchrun, `policy` is the DDP-wrapped (or FSDP-
     sharded) scorer and every rank calls this.
