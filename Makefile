@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # CPU build: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 # and for a given CUDA version the matching index, e.g. .../whl/cu128 (README).
 TORCH ?= torch==2.13.0
+# Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
+EXTRAS ?= test,reference
 
 .PHONY: install demo test bench
 install: $(VENV)/.installed
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -c .ci/constraints.txt -e ".[test,reference]"
+	$(BIN)/pip install --quiet -c .ci/constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 # The whole DAG on the offline demo (tiny Qwen3 + generated pairs), CPU, as a DVC experiment.

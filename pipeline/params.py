@@ -109,6 +109,19 @@ class LoraParams:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         metadata=check(lambda v: bool(v.strip(",")), "must name at least one module"),
     )
+    # "nf4": load the frozen base in 4-bit NormalFloat (QLoRA: bitsandbytes, bf16 compute, double
+    # quantisation), for bases whose bf16 weights do not fit the GPU next to the adapters' state.
+    # Needs adapters (a 4-bit weight cannot be trained) and CUDA (the stage refuses the CPU);
+    # the reference is then that same 4-bit base, in the reference stage's cache as on the fly.
+    quantize: Literal["none", "nf4"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantize != "none" and not self.enabled:
+            raise ParamsError(
+                f"train.lora.quantize: {self.quantize} needs train.lora.enabled: true (only "
+                "adapters train on a 4-bit base); set train.lora.quantize: none for a full "
+                "fine-tune"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +200,12 @@ class TrainParams:
             )
         except ValueError as error:  # its message starts with the setting's name
             raise ParamsError(f"train.{error}") from None
+        if self.lora.quantize != "none" and self.nproc > 1 and self.parallel == "fsdp":
+            # FSDP would have to shard bitsandbytes' packed 4-bit weights: not built, not tested.
+            raise ParamsError(
+                f"train.lora.quantize: {self.lora.quantize} with train.parallel: fsdp is not "
+                "supported: use train.parallel: ddp (each GPU holds the 4-bit base)"
+            )
 
     def loss_settings(self) -> dict[str, float]:
         """The keyword settings of `pipeline.objective.losses.compute_loss`."""
@@ -262,15 +281,14 @@ def stage_param_keys(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]
 
 
 def resolve_keys(params: Params, keys: list[str]) -> dict[str, Any]:
-    """Nested dict of the values behind `keys` ("train" or "train.lr")."""
+    """Nested dict of the values behind `keys` ("train", "train.lr" or "train.lora.quantize")."""
     resolved: dict[str, Any] = {}
     for key in keys:
-        section, _, name = key.partition(".")
-        value = dataclasses.asdict(getattr(params, section))
-        if name:
-            resolved.setdefault(section, {})[name] = value[name]
-        else:
-            resolved[section] = value
+        section, *path = key.split(".")
+        node, name, value = resolved, section, dataclasses.asdict(getattr(params, section))
+        for part in path:  # down one level per dot, keeping the nesting of params.yaml
+            node, name, value = node.setdefault(name, {}), part, value[part]
+        node[name] = value
     return resolved
 
 

@@ -29,7 +29,10 @@ def evaluate(params: Params, runtime: Runtime) -> None:
     tokenizer = AutoTokenizer.from_pretrained(stage_io.MODEL_POLICY, trust_remote_code=trust)
     dataset = datasets.load_from_disk(str(stage_io.DATA_TOKENIZED / "eval"))
     # The reference side comes from the reference stage, computed once per base model and data.
-    identity = reference.describe(stage_io.MODEL_BASE, stage_io.DATA_TOKENIZED / "eval", runtime)
+    quantize = params.train.lora.quantize  # the reference a 4-bit policy trained against
+    identity = reference.describe(
+        stage_io.MODEL_BASE, stage_io.DATA_TOKENIZED / "eval", runtime, quantize
+    )
     cached = reference.load(stage_io.DATA_REFERENCE / "eval", identity, len(dataset)).astype(
         np.float64
     )

@@ -3,6 +3,8 @@ model's completion log-probs of every pair, with a fingerprint of what they were
 
 Train and evaluate read them instead of running a second model. A change of lr or any other train
 setting leaves this stage's inputs alone, so `dvc exp run -S train.lr=...` restores it from cache.
+With train.lora.quantize: nf4 both splits are scored by the 4-bit base the policy trains on:
+DPO's reference must be the policy's own starting point (README, "Bigger models on one GPU").
 """
 
 from pathlib import Path
@@ -12,7 +14,13 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from pipeline.model import reference
-from pipeline.model.loading import Runtime, freeze, pad_token_id, resolve_runtime
+from pipeline.model.loading import (
+    Runtime,
+    check_quantize,
+    freeze,
+    pad_token_id,
+    resolve_runtime,
+)
 from pipeline.model.scoring import load_scorer, score_pairs
 from pipeline.params import Params, load_params, save_resolved
 from pipeline.resources import stage_share
@@ -27,6 +35,7 @@ from pipeline.stage_io import (
 
 def main() -> None:
     params = load_params()
+    check_devices(params)
     tokenizer = AutoTokenizer.from_pretrained(
         MODEL_BASE, trust_remote_code=params.model.trust_remote_code
     )
@@ -38,14 +47,23 @@ def main() -> None:
         save_resolved(params, tmp, "reference")
 
 
+def check_devices(params: Params) -> None:
+    """Refuse a 4-bit base off CUDA for either split before any work (QLoRA needs a GPU)."""
+    if params.train.lora.quantize == "none":
+        return
+    for key, device in (("train.device", params.train.device), ("eval.device", params.eval.device)):
+        check_quantize(params.train.lora.quantize, resolve_runtime(device), key)
+
+
 def score_split(params: Params, split: str, runtime: Runtime, pad: int, out: Path) -> None:
     """One split's reference log-probs and their fingerprint, into `out / split`."""
-    model = freeze(load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code))
+    quantize = params.train.lora.quantize
+    model = freeze(load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code, quantize))
     dataset = datasets.load_from_disk(str(DATA_TOKENIZED / split))
     chosen, rejected = score_pairs(
         model, dataset, params.reference.batch_size, runtime, pad, f"reference {split}"
     )
-    identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / split, runtime)
+    identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / split, runtime, quantize)
     reference.save(out / split, np.stack([chosen, rejected], axis=1), identity)
     print(f"{split}: reference log-probs of {len(dataset)} pairs on {runtime.device}")
 

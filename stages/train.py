@@ -68,7 +68,8 @@ def train(params: Params) -> None:
     state = run.policy_state(wrapped)  # a collective under FSDP: every rank gathers
     if world.is_main:
         with atomic_dir(MODEL_POLICY) as tmp:
-            run.save_policy(tmp, scorer, tokenizer, state, run.base_dtype(MODEL_BASE, trust))
+            dtype, base = run.base_dtype(MODEL_BASE, trust), run.BaseFolder(MODEL_BASE, trust)
+            run.save_policy(tmp, scorer, tokenizer, state, dtype, base)
             save_resolved(params, tmp, "train")
             runs.write_run_file(tmp, run_id)
         write_csv_atomic(PLOTS / "train.csv", result.log, LOG_KEYS)

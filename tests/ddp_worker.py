@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: train a tiny model with
-DDP, FSDP or DDP with LoRA adapters over gloo, let rank 0 write the per-step log, then resume from
-the final checkpoint (a collective state gather and scatter under FSDP) and gather the full
-weights."""
+DDP or FSDP, with or without LoRA adapters, over gloo, let rank 0 write the per-step log, then
+resume from the final checkpoint (a collective state gather and scatter under FSDP), gather the
+full weights and, with adapters, save the policy as the train stage does (adapter + merged)."""
 
 import json
 import sys
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from pipeline.model.loading import Runtime
-from pipeline.train import distributed
+from pipeline.train import distributed, run
 from pipeline.train.loop import Resume, train_policy
-from tests.helpers import random_pairs
+from tests.helpers import NoTokenizer, random_pairs
 from tests.test_distributed import PARAMS, PER_RANK_BATCH, policy_and_reference
 
 if __name__ == "__main__":
@@ -43,4 +43,10 @@ if __name__ == "__main__":
         out.write_text(json.dumps({"world": world.size, "log": runs[0], "resumed_log": runs[1],
                                    "sharded": distributed.is_sharded(policy),
                                    "weights_abs_sum": checksum}))  # fmt: skip
+    if lora:  # after the checksum: merging in place changes the weights
+        policy_state = run.policy_state(policy)  # the train stage's gather: a collective in FSDP
+        if world.is_main:
+            base = run.BaseFolder(out.parent / "base", False)
+            run.save_policy(out.parent / "policy", scorer, NoTokenizer(), policy_state,
+                            torch.float32, base)  # fmt: skip
     distributed.shutdown(world)

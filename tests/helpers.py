@@ -66,6 +66,13 @@ def tiny_qwen3(vocab_size: int = 96, seed: int = 0):
     return Qwen3ForCausalLM(config).eval()
 
 
+class NoTokenizer:
+    """What save_policy needs of a tokenizer, for the tiny models that have none."""
+
+    def save_pretrained(self, folder: Path) -> None:
+        pass
+
+
 def random_pairs(n: int, vocab_size: int = 96, seed: int = 0):
     """A datasets.Dataset of tokenized pairs with random ids and varied lengths."""
     import datasets

@@ -1,6 +1,7 @@
-"""torchrun with 2 CPU processes (gloo), DDP or FSDP2, takes the same steps as 1 process with the
-same global batch: per-step loss and gradient norm agree to 1e-5; the checkpoint it writes (full
-states gathered from the shards) resumes to the same weights."""
+"""torchrun with 2 CPU processes (gloo), DDP or FSDP2, with or without LoRA adapters, takes the
+same steps as 1 process with the same global batch: per-step loss and gradient norm agree to 1e-5;
+the checkpoint it writes (full states gathered from the shards) resumes to the same weights, and
+with adapters the saved adapter and merged model equal the single process's."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline.model.loading import Runtime, freeze
 from pipeline.model.reference import ModelReference
@@ -18,7 +20,8 @@ from pipeline.model.scoring import CompletionScorer
 from pipeline.params import LoraParams
 from pipeline.train.adapters import AdaptersOffReference, add_adapters
 from pipeline.train.loop import Resume, train_policy
-from tests.helpers import random_pairs, tiny_qwen3, train_params
+from pipeline.train.run import save_policy
+from tests.helpers import NoTokenizer, random_pairs, tiny_qwen3, train_params
 
 REPO = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 2
@@ -40,13 +43,14 @@ def policy_and_reference(lora: bool, runtime: Runtime):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-lora"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     tmp_path: Path, strategy: str
 ) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun comes with torch"
     out = tmp_path / "ddp.json"
+    tiny_qwen3().save_pretrained(tmp_path / "base")  # what a sharded LoRA policy merges onto
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [
@@ -65,7 +69,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    assert ddp["world"] == 2 and ddp["sharded"] == (strategy == "fsdp")
+    assert ddp["world"] == 2 and ddp["sharded"] == strategy.startswith("fsdp")
 
     runtime = Runtime(torch.device("cpu"), None)
     # 22 pairs: the 2-process run drops none (22 % 2 == 0); steps of 2 x 4 pairs, last one short.
@@ -87,3 +91,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     assert ddp["resumed_log"] == ddp["log"]
     weights = float(sum(t.double().abs().sum() for t in policy.state_dict().values()))
     assert ddp["weights_abs_sum"] == pytest.approx(weights, rel=1e-6)
+    if strategy.endswith("-lora"):
+        save_policy(tmp_path / "single-policy", policy, NoTokenizer(), None, torch.float32)
+        for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
+            multi, one = (load_file(tmp_path / d / name) for d in ("policy", "single-policy"))
+            assert multi.keys() == one.keys(), name
+            for key in one:
+                torch.testing.assert_close(multi[key], one[key], atol=1e-5, rtol=1e-4, msg=key)

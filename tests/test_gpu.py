@@ -1,6 +1,6 @@
 """The CUDA paths: bf16 autocast, the chunked scorer, activation checkpointing, the token budget,
-and the real reference, train and evaluate stages on a tiny model. Skipped without a GPU; run them
-on one with `pytest -m gpu`."""
+QLoRA's 4-bit base, and the real reference, train and evaluate stages on a tiny model. Skipped
+without a GPU; run them on one with `pytest -m gpu`."""
 
 from __future__ import annotations
 
@@ -91,3 +91,47 @@ def test_demo_dag_on_cuda(tmp_path, asset_cache) -> None:
     with (repo / "plots" / "train.csv").open() as f:
         first = next(csv.DictReader(f))
     assert float(first["loss"]) == pytest.approx(math.log(2), abs=5e-3)
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_and_saves_the_dequantised_merge(
+    cuda, tmp_path
+) -> None:
+    """train.lora.quantize: nf4 on CUDA: the stages' check passes, the reference stage's frozen
+    4-bit base scores as the adapters-off policy does, training starts at ln 2 and learns, and
+    the saved merge scores as the trained policy (bf16 rounding of the saved weights apart)."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (.[qlora])")
+    from pipeline.model.loading import check_quantize, load_causal_lm
+    from pipeline.model.scoring import load_scorer
+    from pipeline.params import LoraParams
+    from pipeline.train.adapters import AdaptersOffReference, add_adapters
+    from pipeline.train.run import BaseFolder, save_policy
+    from tests.helpers import NoTokenizer
+
+    check_quantize("nf4", cuda, "train.device")  # CUDA and bitsandbytes: accepted
+    tiny_qwen3().save_pretrained(tmp_path / "base")
+    lora = LoraParams(enabled=True, rank=4, alpha=8.0, quantize="nf4")
+    model = load_causal_lm(tmp_path / "base", cuda, False, "nf4")
+    policy = CompletionScorer(add_adapters(model, lora))
+    adapters_off = AdaptersOffReference(policy, cuda)
+    batch = collate_pairs(random_pairs(6, seed=3)[:], 0).to(cuda.device)
+    cached = freeze(load_scorer(tmp_path / "base", cuda, False, "nf4"))  # the reference stage's
+    with torch.no_grad():
+        torch.testing.assert_close(
+            batch_logps(cached, batch, cuda), adapters_off(batch, None), atol=2e-2, rtol=1e-3
+        )
+    params = train_params(lr=1e-2, epochs=3, seed=5, lora=lora, device="cuda")
+    result = train_policy(
+        policy, adapters_off, random_pairs(16), params, cuda, 0, Resume(tmp_path / "ck", "k")
+    )
+    assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.log[-1]["loss"] < math.log(2) - 0.01
+    with torch.no_grad():
+        trained = batch_logps(policy, batch, cuda)
+    folder = tmp_path / "policy"
+    save_policy(
+        folder, policy, NoTokenizer(), None, torch.bfloat16, BaseFolder(tmp_path / "base", False)
+    )
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    served = CompletionScorer(load_causal_lm(folder, cuda, False))
+    with torch.no_grad():
+        torch.testing.assert_close(batch_logps(served, batch, cuda), trained, atol=5e-2, rtol=2e-2)

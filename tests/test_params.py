@@ -96,6 +96,8 @@ def test_resolved_params_follow_dvc_yaml() -> None:
     assert keys == ["data.fraction", "data.eval_size", "data.seed"]
     assert resolve_keys(params, keys) == {"data": {"fraction": 0.01, "eval_size": 2000, "seed": 42}}
     assert resolve_keys(params, ["eval"])["eval"]["batch_size"] == params.eval.batch_size
+    nested = resolve_keys(params, ["train.device", "train.lora.quantize"])
+    assert nested == {"train": {"device": "auto", "lora": {"quantize": "none"}}}
 
 
 def test_demo_overrides_are_valid_params(params_file: Path) -> None:
@@ -120,6 +122,26 @@ def test_loss_settings_a_variant_would_ignore_are_errors(params_file: Path) -> N
     edit(params_file, "train", "gamma", 0.5)
     params = load_params(params_file).train
     assert (params.loss, params.gamma, params.reference_free) == ("simpo", 0.5, True)
+
+
+def test_a_4bit_base_needs_adapters_and_is_not_sharded(params_file: Path) -> None:
+    def set_lora(**values: object) -> None:
+        tree = yaml.safe_load(params_file.read_text())
+        tree["train"]["lora"].update(values)
+        params_file.write_text(yaml.safe_dump(tree))
+
+    set_lora(quantize="int4")
+    with pytest.raises(ParamsError, match=re.escape("train.lora.quantize must be one of")):
+        load_params(params_file)
+    set_lora(quantize="nf4")
+    with pytest.raises(ParamsError, match=re.escape("needs train.lora.enabled: true")):
+        load_params(params_file)
+    set_lora(enabled=True)
+    assert load_params(params_file).train.lora.quantize == "nf4"
+    edit(params_file, "train", "nproc", 2)
+    edit(params_file, "train", "parallel", "fsdp")
+    with pytest.raises(ParamsError, match=re.escape("with train.parallel: fsdp is not supported")):
+        load_params(params_file)
 
 
 def test_a_failed_experiments_leftovers_are_set_back_for_the_demo() -> None:

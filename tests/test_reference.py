@@ -60,29 +60,29 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_stale_cache_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, data_dir = inputs
-    identity = reference.describe(model_dir, data_dir, CPU)
+    identity = reference.describe(model_dir, data_dir, CPU, "none")
     reference.save(tmp_path / "cache", np.zeros((6, 2)), identity)
     assert reference.load(tmp_path / "cache", identity, 6).shape == (6, 2)
     # Another base model: same architecture, other weights.
     tiny_qwen3(seed=1).save_pretrained(model_dir)
     with pytest.raises(StaleReference, match="inputs"):
-        reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, CPU), 6)
+        reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, CPU, "none"), 6)
     # Other data.
     shutil.rmtree(data_dir)
     random_pairs(6, seed=5).save_to_disk(str(data_dir))
     with pytest.raises(StaleReference, match="inputs"):
-        reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, CPU), 6)
+        reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, CPU, "none"), 6)
 
 
 def test_other_numeric_setting_or_size_is_refused(
     inputs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     model_dir, data_dir = inputs
-    identity = reference.describe(model_dir, data_dir, CPU)
+    identity = reference.describe(model_dir, data_dir, CPU, "none")
     reference.save(tmp_path / "cache", np.zeros((6, 2)), identity)
     bf16 = dataclasses.replace(CPU, autocast_dtype=torch.bfloat16)
     with pytest.raises(StaleReference, match="autocast"):
-        reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, bf16), 6)
+        reference.load(tmp_path / "cache", reference.describe(model_dir, data_dir, bf16, "none"), 6)
     with pytest.raises(StaleReference, match="6 cached pairs, the split has 7"):
         reference.load(tmp_path / "cache", identity, 7)
     with pytest.raises(FileNotFoundError, match="run the reference stage"):

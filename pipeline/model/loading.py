@@ -3,6 +3,8 @@
 CUDA runs the forward under bf16 autocast with fp32 master weights; the CPU runs plain fp32.
 The reference is the same weights, frozen and in eval mode, run under the same autocast so that
 at step 1 policy and reference produce bit-identical log-probs (loss exactly ln 2).
+With `train.lora.quantize: nf4` (QLoRA) the frozen base is loaded in 4-bit through bitsandbytes
+instead; the policy and the reference then both run on that same 4-bit base.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
+
+from pipeline.stage_io import StageError
+
+Quantize = Literal["none", "nf4"]  # train.lora.quantize
 
 CUDA_ATTENTION_BACKENDS = [
     SDPBackend.FLASH_ATTENTION,
@@ -63,16 +75,62 @@ def attention_implementation(runtime: Runtime) -> str:
     return "sdpa"
 
 
-def load_causal_lm(path: Path, runtime: Runtime, trust_remote_code: bool) -> PreTrainedModel:
-    """Load fp32 weights (safetensors only) on the runtime's device."""
+def load_causal_lm(
+    path: Path, runtime: Runtime, trust_remote_code: bool, quantize: Quantize = "none"
+) -> PreTrainedModel:
+    """Load fp32 weights (safetensors only) on the runtime's device; with `quantize="nf4"` every
+    linear layer but the LM head in 4-bit (the rest stays fp32). Stages call
+    `check_quantize` first: this function itself also runs where bitsandbytes' CPU backend
+    does, which the tests use."""
+    quantized = quantize != "none"
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.float32,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         attn_implementation=attention_implementation(runtime),
+        quantization_config=nf4_config() if quantized else None,
+        # bitsandbytes quantises while loading onto the device; a 4-bit model cannot be moved.
+        device_map=runtime.device if quantized else None,
     )
-    return model.to(runtime.device)
+    return model if quantized else model.to(runtime.device)
+
+
+def nf4_config() -> BitsAndBytesConfig:
+    """QLoRA's recipe: 4-bit NormalFloat weights, bf16 compute, quantised quantisation scales."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def check_quantize(quantize: Quantize, runtime: Runtime, device_key: str) -> None:
+    """Refuse, in one line with the way out, a 4-bit base where the stages do not support it:
+    off CUDA (bitsandbytes' CPU backend is built for inference: an eval-mode forward without
+    gradients repacks the 4-bit weights into a layout whose matmul has no backward) or without
+    bitsandbytes. `device_key` names the setting that chose the device."""
+    if quantize == "none":
+        return
+    if runtime.device.type != "cuda":
+        raise StageError(
+            f"train.lora.quantize: {quantize} needs a CUDA GPU, but {device_key} runs on "
+            f"{runtime.device.type}: set train.lora.quantize: none (LoRA on the full-precision "
+            f"base) or run on a GPU with {device_key}: auto or cuda"
+        )
+    if not is_bitsandbytes_available():
+        raise StageError(
+            f"train.lora.quantize: {quantize} needs the bitsandbytes package "
+            f"(>= {BITSANDBYTES_MIN_VERSION}): pip install bitsandbytes "
+            "(or pip install -e '.[qlora]')"
+        )
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True for a model (or a peft wrapper of one) loaded in 4-bit."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False))
 
 
 def use_packing(runtime: Runtime) -> bool:

@@ -3,8 +3,8 @@
 The reference model never changes during DPO, so its completion log-probs for every pair can be
 computed once (the `reference` stage) and stored beside the shards. Training then holds no second
 model and runs no second forward. A cache is only valid for the exact base model, tokenized data
-and numeric setting (device type, autocast dtype) it was computed with; its fingerprint records
-them and a mismatch is an error, never a silent fallback.
+and numeric setting (device type, autocast dtype, a 4-bit base) it was computed with; its
+fingerprint records them and a mismatch is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import fingerprint
-from pipeline.model.loading import Runtime, assert_frozen, attention_implementation
+from pipeline.model.loading import Quantize, Runtime, assert_frozen, attention_implementation
 from pipeline.model.scoring import PairBatch, batch_logps
 from pipeline.stage_io import StageError, write_json_atomic
 
@@ -58,13 +58,22 @@ class CachedReference:
         return torch.cat([picked[:, 0], picked[:, 1]])  # [chosen; rejected], like the batch
 
 
-def describe(model_dir: Path, split_dir: Path, runtime: Runtime) -> dict[str, Any]:
-    """What a cache must match: inputs' content hash and the numeric setting."""
+def describe(
+    model_dir: Path, split_dir: Path, runtime: Runtime, quantize: Quantize
+) -> dict[str, Any]:
+    """What a cache must match: inputs' content hash and the numeric setting.
+
+    `quantize` is train.lora.quantize: the reference must be the base the policy trains on, so a
+    4-bit (nf4) policy needs log-probs of the same 4-bit base. The full-precision base's differ
+    by the quantisation error, which would enter every implicit reward as an offset the
+    adapters learn to undo instead of the preferences, and step 1 would no longer be ln 2.
+    """
     return {
         "inputs": fingerprint({}, model_dir, split_dir),
         "device": runtime.device.type,
         "autocast": str(runtime.autocast_dtype),
         "attention": attention_implementation(runtime),  # flash-attention also means packing
+        "quantize": quantize,
     }
 
 

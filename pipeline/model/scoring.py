@@ -20,7 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from pipeline.model.loading import Runtime, load_causal_lm, use_packing
+from pipeline.model.loading import Quantize, Runtime, load_causal_lm, use_packing
 from pipeline.stage_io import bar
 
 # Logit elements per LM-head chunk: 256 tokens x 151,936 fp32 = 156 MB per tensor in flight
@@ -150,9 +150,12 @@ def pack_rows(
     return input_ids[keep], positions, rows, completion_mask[keep].bool()
 
 
-def load_scorer(path: Path, runtime: Runtime, trust_remote_code: bool) -> CompletionScorer:
-    """The causal LM at `path` as a CompletionScorer, packed where `use_packing` says so."""
-    model = load_causal_lm(path, runtime, trust_remote_code)
+def load_scorer(
+    path: Path, runtime: Runtime, trust_remote_code: bool, quantize: Quantize = "none"
+) -> CompletionScorer:
+    """The causal LM at `path` as a CompletionScorer, packed where `use_packing` says so; with
+    `quantize="nf4"` on a 4-bit base (`loading.load_causal_lm`)."""
+    model = load_causal_lm(path, runtime, trust_remote_code, quantize)
     return CompletionScorer(model, packed=use_packing(runtime))
 
 

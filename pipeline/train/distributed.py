@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.model.loading import Runtime
+from pipeline.model.loading import Runtime, is_quantized
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -102,11 +102,24 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def full_states(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model, optimizer) state dicts with full tensors, for checkpoints (collective under FSDP)."""
+    """(model, optimizer) state dicts with full tensors, for checkpoints (collective under FSDP).
+    On a 4-bit base (QLoRA, never sharded), the trainable weights alone (`_adapters_only`)."""
+    if _adapters_only(model):
+        module = getattr(model, "module", model)
+        trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+        return trainable, optimizer.state_dict()
     if not is_sharded(model):
         return full_model_state(model), optimizer.state_dict()
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_on_cpu())
     return full_model_state(model), optimizer_state
+
+
+def _adapters_only(model: torch.nn.Module) -> bool:
+    """True for a policy scorer (possibly DDP-wrapped) on a 4-bit base. Its checkpoints hold the
+    trainable adapters alone: the frozen base is re-read from models/base (in the run key), and
+    load_state_dict refuses the quantisation-state entries its own state_dict writes for them."""
+    scorer = getattr(model, "module", model)
+    return is_quantized(getattr(scorer, "model", scorer))
 
 
 def _full_on_cpu() -> Any:
@@ -121,7 +134,14 @@ def load_full_states(
 ) -> None:
     """Inverse of `full_states`: every rank loads the full state and keeps its shard."""
     if not is_sharded(model):
-        getattr(model, "module", model).load_state_dict(model_state)
+        module = getattr(model, "module", model)
+        if _adapters_only(model):  # every trainable weight, nothing else
+            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+            if set(model_state) != trainable:
+                raise ValueError("a 4-bit policy's checkpoint must hold its trainable weights")
+            module.load_state_dict(model_state, strict=False)
+        else:
+            module.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
     options = StateDictOptions(full_state_dict=True)

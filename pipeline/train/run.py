@@ -8,21 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.fingerprint import fingerprint
 from pipeline.model import reference
-from pipeline.model.loading import Runtime, enable_activation_checkpointing, freeze
+from pipeline.model.loading import (
+    Runtime,
+    check_quantize,
+    enable_activation_checkpointing,
+    freeze,
+    is_quantized,
+)
 from pipeline.model.reference import ReferenceScores
 from pipeline.model.scoring import CompletionScorer, load_scorer
 from pipeline.params import Params, TrainParams
-from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE, StageError
+from pipeline.stage_io import DATA_REFERENCE, DATA_TOKENIZED, MODEL_BASE
 from pipeline.train import distributed
-from pipeline.train.adapters import AdaptersOffReference, add_adapters
+from pipeline.train.adapters import (
+    AdaptersOffReference,
+    add_adapters,
+    dequantized_weights,
+    merge_onto_base,
+)
 from pipeline.train.loop import TrainResult
 
 # Settings that do not change the maths; a checkpoint stays resumable when only these change.
@@ -53,7 +64,8 @@ def reference_scores(
     if params.train.reference_free:
         return None
     if params.train.cached_reference:
-        identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime)
+        quantize = params.train.lora.quantize  # a 4-bit policy needs the 4-bit base's log-probs
+        identity = reference.describe(MODEL_BASE, DATA_TOKENIZED / "train", runtime, quantize)
         logps = reference.load(DATA_REFERENCE / "train", identity, n_pairs)
         return reference.CachedReference(logps, runtime.device)
     if params.train.lora.enabled:
@@ -63,15 +75,16 @@ def reference_scores(
 
 
 def load_policy(params: Params, runtime: Runtime) -> CompletionScorer:
-    """The base model as the trainable policy scorer (fp32 master weights), with activation
-    checkpointing when train.gradient_checkpointing is on."""
-    scorer = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code)
+    """The base model as the trainable policy scorer (fp32 master weights, or a 4-bit base under
+    fp32 adapters with train.lora.quantize: nf4), with activation checkpointing when
+    train.gradient_checkpointing is on."""
+    lora = params.train.lora
+    check_quantize(lora.quantize, runtime, "train.device")
+    scorer = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code, lora.quantize)
     if params.train.gradient_checkpointing:
         enable_activation_checkpointing(scorer.model)
-    if params.train.lora.enabled:
-        if params.train.nproc > 1 and params.train.parallel == "fsdp":
-            raise StageError("train.lora with train.parallel: fsdp is not supported: use ddp")
-        scorer.model = add_adapters(scorer.model, params.train.lora)
+    if lora.enabled:
+        scorer.model = add_adapters(scorer.model, lora)
     return scorer
 
 
@@ -83,20 +96,29 @@ def base_dtype(model_dir: Path, trust_remote_code: bool) -> torch.dtype:
     return dtype or torch.float32
 
 
+class BaseFolder(NamedTuple):
+    """Where a merge that cannot happen in place loads the frozen base from afresh."""
+
+    folder: Path
+    trust_remote_code: bool
+
+
 def save_policy(
     folder: Path,
     scorer: CompletionScorer,
     tokenizer: PreTrainedTokenizerBase,
     state: dict[str, torch.Tensor] | None,
     dtype: torch.dtype,
+    base: BaseFolder | None = None,
 ) -> None:
     """Write the trained policy as a HF folder in `dtype` (the base model's), not in the fp32 of
     the master weights: half the disk for a bf16 model in models/policy, the DVC cache and every
-    MLflow version. `state` is the gathered FSDP state, None when the model holds its weights."""
+    MLflow version. `state` is the gathered FSDP state, None when the model holds its weights.
+    With adapters, `adapter/` holds them alone; `base` is needed when they cannot merge in place
+    (`merged_policy`)."""
     model = scorer.model
     if isinstance(model, PeftModel):  # the adapter alone, then the merged model for serving
-        model.save_pretrained(folder / "adapter", safe_serialization=True)
-        model = model.merge_and_unload()
+        model, state = merged_policy(model, state, folder / "adapter", base), None
     if dtype != torch.float32:
         state = _cast(model.state_dict() if state is None else state, dtype)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state)
@@ -105,6 +127,27 @@ def save_policy(
         config.dtype = dtype
         config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def merged_policy(
+    model: PeftModel,
+    state: dict[str, torch.Tensor] | None,
+    adapter_dir: Path,
+    base: BaseFolder | None,
+) -> PreTrainedModel:
+    """Save the adapter to `adapter_dir` (from `state`, the gathered weights, when sharded) and
+    return the plain merged model. In place when the policy holds its full-precision weights;
+    sharded (FSDP) or on a 4-bit base, onto a fresh load of the base instead, for nf4 with the
+    base's dequantised bf16 weights: the merged model is what was trained, not the original
+    base plus the adapters."""
+    model.save_pretrained(adapter_dir, safe_serialization=True, state_dict=state)
+    quantized = is_quantized(model)
+    if state is None and not quantized:
+        return model.merge_and_unload()
+    if base is None:
+        raise ValueError("merging a sharded or 4-bit policy needs the base model's folder")
+    weights = dequantized_weights(model) if quantized else None
+    return merge_onto_base(adapter_dir, base.folder, base.trust_remote_code, weights)
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
