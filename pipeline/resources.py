@@ -5,8 +5,11 @@ Left alone, every process would use every CPU core (two workers then run slower 
 every GPU stage would land on cuda:0. So each torch stage claims, under file locks kept in one
 folder of the repository (`DVC_ROOT` for temporary and queued experiments):
 
-* a worker slot: its torch threads are the cores divided by the slots held at that moment;
-* on CUDA machines, free GPUs: one lock per device, taken without waiting where free.
+* a worker slot: its torch threads are the cores divided by the slots held, re-divided every few
+  seconds while training (`Share.rebalance`), so a stage that started alone gives cores back when
+  a second starts and takes them again when it ends;
+* on CUDA machines, free GPUs: one lock per device; a stage of train.nproc processes takes that
+  many at once (or waits until they are free) and its ranks see only those.
 
 An OS file lock dies with its process, so a crash releases everything it held.
 """
@@ -26,12 +29,27 @@ from filelock import FileLock, Timeout
 from pipeline.stage_io import repo_root
 
 POLL_SECONDS = 1.0
+REBALANCE_SECONDS = 2.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Share:
     threads: int  # torch intra-op threads for this process
     gpus: tuple[int, ...]  # CUDA devices claimed (empty on a CPU)
+    folder: Path | None = None  # the lock folder (None: nothing to re-divide)
+    cores: int = 1  # the cores divided among the worker slots
+    checked: float = dataclasses.field(default_factory=time.monotonic)
+
+    def rebalance(self) -> None:
+        """Re-divide the cores by the slots held now and set torch's threads to the result. Cheap
+        to call after every step: it looks at most every REBALANCE_SECONDS."""
+        if self.folder is None or time.monotonic() - self.checked < REBALANCE_SECONDS:
+            return
+        self.checked = time.monotonic()
+        threads = max(1, self.cores // max(1, _held(self.folder, "worker")))
+        if threads != self.threads:
+            self.threads = threads
+            torch.set_num_threads(threads)
 
 
 def lock_folder(root: Path) -> Path:
@@ -61,26 +79,45 @@ def _held(folder: Path, prefix: str) -> int:
     return held
 
 
+def _take_slots(folder: Path, slots: int) -> list[FileLock]:
+    """`slots` worker-slot locks: the first free numbers."""
+    taken: list[FileLock] = []
+    number = 0
+    while len(taken) < slots:
+        if (lock := _try(folder / f"worker-{number}.lock")) is not None:
+            taken.append(lock)
+        number += 1
+    return taken
+
+
+def _take_gpus(folder: Path, devices: int, wanted: int) -> tuple[list[FileLock], list[int]]:
+    """`wanted` free GPUs of `devices`, all at once: a partial set is given back and tried again
+    later, so two stages each holding part of what the other needs never wait on each other."""
+    while True:
+        taken: list[tuple[FileLock, int]] = []
+        for device in range(devices):
+            if len(taken) < wanted and (lock := _try(folder / f"cuda-{device}.lock")) is not None:
+                taken.append((lock, device))
+        if len(taken) == wanted:
+            return [lock for lock, _ in taken], [device for _, device in taken]
+        for lock, _ in taken:
+            lock.release()
+        time.sleep(POLL_SECONDS)  # not enough free GPUs: wait for a stage to finish
+
+
 @contextlib.contextmanager
-def claim(folder: Path, cores: int, devices: int, gpus_wanted: int) -> Iterator[Share]:
-    """Hold a worker slot and `gpus_wanted` of `devices` GPUs (waiting for free ones) meanwhile."""
+def claim(
+    folder: Path, cores: int, devices: int, gpus_wanted: int, slots: int = 1
+) -> Iterator[Share]:
+    """Hold `slots` worker slots (one per process the stage runs) and `gpus_wanted` of `devices`
+    GPUs (waiting for free ones) meanwhile. Threads are per process."""
     locks: list[FileLock] = []
     try:
-        slot = 0
-        while (lock := _try(folder / f"worker-{slot}.lock")) is None:
-            slot += 1
-        locks.append(lock)
+        locks += _take_slots(folder, slots)
         workers = _held(folder, "worker")  # ours included: a second lock on it is refused too
-        gpus: list[int] = []
-        while len(gpus) < min(gpus_wanted, devices):
-            for device in range(devices):
-                if device not in gpus and len(gpus) < gpus_wanted:
-                    if (lock := _try(folder / f"cuda-{device}.lock")) is not None:
-                        locks.append(lock)
-                        gpus.append(device)
-            if len(gpus) < min(gpus_wanted, devices):
-                time.sleep(POLL_SECONDS)  # every GPU busy: wait for a stage to finish
-        yield Share(threads=max(1, cores // max(1, workers)), gpus=tuple(gpus))
+        gpu_locks, gpus = _take_gpus(folder, devices, min(gpus_wanted, devices))
+        locks += gpu_locks
+        yield Share(max(1, cores // max(1, workers)), tuple(gpus), folder, cores)
     finally:
         for lock in reversed(locks):
             lock.release()
@@ -92,16 +129,29 @@ def available_cores() -> int:
 
 
 @contextlib.contextmanager
-def stage_share(device: str) -> Iterator[Share]:
-    """`claim` for a stage process running on `device` (train.device or eval.device): torch
-    threads set to its share of the cores and, on CUDA, the claimed GPU made the current device,
-    for as long as the stage runs. Under torchrun with several processes each rank's GPU is its
-    LOCAL_RANK, so only the threads are shared."""
-    gpus_wanted = 1 if int(os.environ.get("WORLD_SIZE", "1")) == 1 else 0
+def stage_share(device: str, processes: int = 1) -> Iterator[Share]:
+    """`claim` for a stage running `processes` processes on `device` (train.device or
+    eval.device), held for as long as the stage runs: torch threads set to one process's share of
+    the cores and, on CUDA, `processes` GPUs, the first made the current device. A torchrun rank
+    claims nothing: its launcher (`stages/train.py`) claimed for every rank and made only those
+    GPUs visible; the rank still re-divides the cores as stages come and go."""
+    folder, cores = lock_folder(repo_root()), available_cores()
+    if "LOCAL_RANK" in os.environ:
+        yield Share(torch.get_num_threads(), (), folder, cores)
+        return
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     devices = torch.cuda.device_count() if cuda else 0
-    with claim(lock_folder(repo_root()), available_cores(), devices, gpus_wanted) as share:
+    with claim(folder, cores, devices, processes, slots=processes) as share:
         torch.set_num_threads(share.threads)
         if share.gpus:
             torch.cuda.set_device(share.gpus[0])
         yield share
+
+
+def rank_environment(share: Share) -> dict[str, str]:
+    """What a launcher passes to the ranks it starts: only the claimed GPUs visible (rank i
+    takes the i-th), and each rank's share of the cores."""
+    env = {"OMP_NUM_THREADS": str(share.threads)}
+    if share.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in share.gpus)
+    return env

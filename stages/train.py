@@ -1,6 +1,12 @@
 """train: models/base + data/tokenized/train -> models/policy/ (HF folder + MLflow run id),
 metrics/train.json, plots/train.csv. Resumes from checkpoints/train/ (and continues the same
-MLflow run) when a run with the same inputs was killed."""
+MLflow run) when a run with the same inputs was killed. With train.nproc > 1 it claims that many
+GPUs and starts itself under torchrun, one process per GPU (DDP or FSDP)."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 
 import datasets
 import mlflow
@@ -8,7 +14,7 @@ from transformers import AutoTokenizer
 
 from pipeline.model.loading import pad_token_id, resolve_runtime
 from pipeline.params import Params, load_params, save_resolved
-from pipeline.resources import stage_share
+from pipeline.resources import rank_environment, stage_share
 from pipeline.stage_io import (
     CHECKPOINTS,
     DATA_TOKENIZED,
@@ -31,11 +37,19 @@ from pipeline.train.loop import LOG_KEYS, Resume, train_policy
 
 def main() -> None:
     params = load_params()
-    with stage_share(params.train.device):
-        train(params)
+    nproc = params.train.nproc
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:  # the launcher: claim, then start the ranks
+        with stage_share(params.train.device, nproc) as share:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            cmd = [*torchrun, f"--nproc_per_node={nproc}", "-m", "stages.train"]
+            raise SystemExit(
+                subprocess.run(cmd, env={**os.environ, **rank_environment(share)}).returncode
+            )
+    with stage_share(params.train.device) as share:
+        train(params, share.rebalance)
 
 
-def train(params: Params) -> None:
+def train(params: Params, every_step: Callable[[], None]) -> None:
     world, runtime = distributed.init_from_env(resolve_runtime(params.train.device))
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
@@ -64,6 +78,7 @@ def train(params: Params) -> None:
         pad_token_id(tokenizer),
         Resume(CHECKPOINTS, key, {"run_id": run_id}),
         on_log=runs.log_step,
+        every_step=every_step,
     )
     state = run.policy_state(wrapped)  # a collective under FSDP: every rank gathers
     if world.is_main:

@@ -95,14 +95,16 @@ def train_policy(
     pad_token_id: int,
     resume: Resume,
     on_log: LogCallback | None = None,
+    every_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `policy` in place on the tokenized `dataset`, resuming from `resume.folder`.
 
     `reference` gives the reference log-probs: the reference stage's cache, a frozen model, or
     the policy itself with its LoRA adapters off;
     None exactly when `params.reference_free` (a reference is never silently ignored). `on_log`
-    gets every log row (rank 0 only). Under torchrun, `policy` is the DDP-wrapped (or FSDP-
-    sharded) scorer and every rank calls this.
+    gets every log row (rank 0 only); `every_step` runs after each optimizer step on every rank
+    (the train stage re-divides its CPU threads there). Under torchrun, `policy` is the
+    DDP-wrapped (or FSDP-sharded) scorer and every rank calls this.
     """
     if (reference is None) != params.reference_free:
         raise ValueError("pass reference=None exactly when train.reference_free is true")
@@ -125,6 +127,8 @@ def train_policy(
         metrics, pairs = _timed_step(policy, reference, dataset, micro_batches, ctx, (window, done))
         _advance(ctx.progress, metrics["loss"], pairs, len(steps), ctx.world.is_main)
         show.update(1)
+        if every_step is not None:
+            every_step()
         show.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}")
         if _log_due(ctx.progress, params, last):
             window = _log_row(ctx, window, epoch, on_log)
