@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +43,19 @@ def params_file(tmp_path: Path) -> Path:
     target = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", target)
     return target
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh MLflow store: DVC_ROOT at tmp/root, the stage running elsewhere (as in
+    `dvc exp run --temp`)."""
+    root, elsewhere = tmp_path / "root", tmp_path / "exp-copy"
+    root.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    for exported in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(exported, "placeholder")  # restored after the test...
+        monkeypatch.delenv(exported)  # ...because mlflow exports them when set
+    monkeypatch.chdir(elsewhere)
+    yield root
+    if mlflow.active_run():
+        mlflow.end_run()

@@ -1,7 +1,7 @@
 """Model Registry: log the policy to its run, register a version, move the aliases.
 
-The champion alias moves only to a version that `beats` the current champion on the held-out
-pairs (win rate first, then DPO loss); otherwise the new version is the challenger.
+The champion alias moves only to a version that beats the current champion on the same held-out
+pairs (pipeline/track/champion.py); otherwise the new version is the challenger.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from filelock import FileLock
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
-from pipeline.stage_io import repo_root
+from pipeline.track.champion import FIRST, RESCORED, Comparison, Rescore, assign_alias
 from pipeline.track.runs import provenance_tags
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -33,17 +31,25 @@ class Registration:
     alias: str
     run_id: str
     model_uri: str
-    previous_champion: str | None
+    comparison: Comparison  # with which champion, on what basis, its figures
     metrics: dict[str, Any]
 
     def describe(self, champion_alias: str) -> str:
         """One line for the stage's output: what happened and why."""
-        if self.previous_champion is None:
-            verdict = "first version"
-        elif self.alias == champion_alias:
-            verdict = f"beats champion v{self.previous_champion}"
+        seen = self.comparison
+        if seen.basis == FIRST:
+            verdict = FIRST
+        elif seen.champion_figures is None:
+            verdict = f"champion v{seen.champion}: {seen.basis}"
         else:
-            verdict = f"does not beat champion v{self.previous_champion}"
+            won = "beats" if self.alias == champion_alias else "does not beat"
+            verdict = f"{won} champion v{seen.champion}"
+            if seen.basis == RESCORED:
+                figures = seen.champion_figures
+                verdict += (
+                    f", re-scored on these held-out pairs: win rate {figures['win_rate']:.4f}, "
+                    f"eval loss {figures['eval_loss']:.4f}"
+                )
         return (
             f"registered {self.name} v{self.version} as @{self.alias} (win rate "
             f"{float(self.metrics['win_rate']):.4f}, eval loss "
@@ -51,14 +57,16 @@ class Registration:
         )
 
 
-def version_tags(metrics: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Tags of a new model version: its held-out figures (the champion gate reads win_rate) and
-    where it came from."""
+def version_tags(report: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Tags of a new model version from evaluate's report: its held-out figures (the champion
+    gate reads win_rate and eval_loss), the key saying which pairs and scoring they come from,
+    and where the version came from."""
     return {
-        "win_rate": metrics["win_rate"],
-        "eval_loss": metrics["eval_loss"],
-        "kendall_tau": metrics["kendall_tau"],
-        "eval_pairs": metrics["pairs"],
+        "win_rate": report["win_rate"],
+        "eval_loss": report["eval_loss"],
+        "kendall_tau": report["kendall_tau"],
+        "eval_pairs": report["pairs"],
+        **report["comparison_key"],
         **provenance_tags(),
         "run_id": run_id,
     }
@@ -88,60 +96,25 @@ def log_policy(run_id: str, policy_dir: Path) -> str:
     return info.model_uri
 
 
-def current_champion(client: MlflowClient, name: str, alias: str) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def beats(new: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """The champion gate: a higher held-out win rate wins; at an equal win rate (tiny models
-    often rank the same pairs right) the lower held-out DPO loss wins; a full tie keeps the
-    champion. A champion registered without an eval_loss tag loses such a tie."""
-    new_rate, old_rate = float(new["win_rate"]), float(champion.get("win_rate", "-inf"))
-    if new_rate != old_rate:
-        return new_rate > old_rate
-    return float(new["eval_loss"]) < float(champion.get("eval_loss", "inf"))
-
-
-def assign_alias(
-    client: MlflowClient, name: str, version: str, champion_alias: str, challenger_alias: str
-) -> tuple[str, Any | None]:
-    """Compare `version` with the current champion and set its alias -> (alias, champion seen).
-
-    The read-compare-set runs under a lock beside the tracking store: two register stages that
-    finish together (parallel queue workers) would otherwise both read the old champion and both
-    take the alias, the worse one possibly last.
-    """
-    with FileLock(str(repo_root() / ".mlflow-registry.lock"), timeout=600):
-        new = client.get_model_version(name, version)
-        champion = current_champion(client, name, champion_alias)
-        wins = champion is None or beats(new.tags, champion.tags)
-        alias = champion_alias if wins else challenger_alias
-        client.set_registered_model_alias(name, alias, version)
-    return alias, champion
+def policy_folder(name: str, version: str, dest: Path) -> Path:
+    """Download registered `version`'s policy (the HF folder `log_policy` logged) into `dest`."""
+    model = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest))
+    return Path(model) / "artifacts" / "policy"
 
 
 def register_policy(
     model_uri: str,
     run_id: str,
     name: str,
-    champion_alias: str,
-    challenger_alias: str,
+    aliases: tuple[str, str],
     tags: dict[str, Any],
+    rescore: Rescore,
 ) -> Registration:
-    """Register a version of `name` and give it the champion or the challenger alias."""
+    """Register a version of `name` and give it the champion or the challenger alias
+    (`aliases`); `rescore` scores the champion on this version's held-out pairs if needed."""
     client = MlflowClient()
     version_ = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    alias, champion = assign_alias(client, name, str(version_.version), champion_alias,
-                                   challenger_alias)  # fmt: skip
+    alias, comparison = assign_alias(client, name, str(version_.version), aliases, rescore)
     return Registration(
-        name,
-        str(version_.version),
-        alias,
-        run_id,
-        model_uri,
-        None if champion is None else str(champion.version),
-        dict(tags),
+        name, str(version_.version), alias, run_id, model_uri, comparison, dict(tags)
     )

@@ -1,0 +1,124 @@
+"""The champion gate: which registered version holds the champion alias, decided like with like.
+
+A version's held-out figures are only comparable with another's when both were measured on the
+same held-out pairs, against the same base model, scored the same way: each version carries that
+`comparison_key` (pipeline/evaluate/heldout.py) among its tags. Against a champion measured on
+other pairs (another data.eval_size, data.seed, dataset or prompt template) the register stage
+first scores the champion on this run's pairs; a champion trained from another base model is not
+compared at all (its implicit rewards are log-ratios against another reference), so a new version
+never takes its alias automatically: promote it by hand or register it under another name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from filelock import FileLock
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipeline.stage_io import repo_root
+
+KEY_TAGS = ("heldout_pairs", "base_model", "scoring")
+FIGURES = ("win_rate", "eval_loss")  # what the gate reads
+# A champion's held-out figures on one version's pairs: its ModelVersion -> {win_rate, eval_loss}.
+Rescore = Callable[[ModelVersion], dict[str, float]]
+
+FIRST, SAME_PAIRS, RESCORED, OTHER_BASE = (
+    "first version",
+    "same held-out pairs",
+    "champion re-scored on these held-out pairs",
+    "champion trained from another base model, not compared",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    basis: str  # one of FIRST, SAME_PAIRS, RESCORED, OTHER_BASE
+    champion: str | None = None  # the version compared with
+    champion_figures: dict[str, float] | None = None  # its figures the decision used
+
+
+def beats(new: dict[str, Any], champion: dict[str, Any]) -> bool:
+    """A higher held-out win rate wins; at an equal win rate (tiny models often rank the same
+    pairs right) the lower held-out DPO loss wins; a full tie keeps the champion. A champion
+    without an eval_loss loses such a tie."""
+    new_rate, old_rate = float(new["win_rate"]), float(champion.get("win_rate", "-inf"))
+    if new_rate != old_rate:
+        return new_rate > old_rate
+    return float(new["eval_loss"]) < float(champion.get("eval_loss", "inf"))
+
+
+def current_champion(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def key_digest(tags: dict[str, Any]) -> str:
+    """A short name for a comparison key, used to keep re-scored figures on the champion."""
+    joined = "/".join(str(tags.get(k)) for k in KEY_TAGS)
+    return hashlib.sha256(joined.encode()).hexdigest()[:12]
+
+
+def champion_figures(
+    client: MlflowClient, new: dict[str, Any], champion: ModelVersion, rescore: Rescore
+) -> Comparison:
+    """The champion's figures comparable with the `new` version's tags (see module doc)."""
+    theirs = champion.tags
+    if all(theirs.get(k) == new.get(k) for k in KEY_TAGS):
+        return Comparison(SAME_PAIRS, str(champion.version), {k: float(theirs[k]) for k in FIGURES})
+    # Versions registered before keys existed have none: assumed to share the base model.
+    if theirs.get("base_model", new["base_model"]) != new["base_model"]:
+        return Comparison(OTHER_BASE, str(champion.version))
+    prefix = f"rescored.{key_digest(new)}."  # kept on the champion: later versions skip the work
+    if all(prefix + k in theirs for k in FIGURES):
+        figures = {k: float(theirs[prefix + k]) for k in FIGURES}
+    else:
+        scored = rescore(champion)
+        figures = {k: float(scored[k]) for k in FIGURES}
+        for k, value in figures.items():
+            client.set_model_version_tag(champion.name, champion.version, prefix + k, str(value))
+    return Comparison(RESCORED, str(champion.version), figures)
+
+
+def assign_alias(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    aliases: tuple[str, str],
+    rescore: Rescore,
+) -> tuple[str, Comparison]:
+    """Compare `version` with the current champion and give it the champion or the challenger
+    alias (`aliases`) -> (alias, comparison).
+
+    Comparing may mean scoring the champion (minutes on a real model), so it runs outside the
+    lock; the set runs under a lock beside the tracking store and only if the champion is still
+    the one compared with (a compare-and-set): two register stages finishing together (parallel
+    queue workers) would otherwise both take the alias, the worse one possibly last.
+    """
+    champion_alias, challenger_alias = aliases
+    new = client.get_model_version(name, version).tags
+    while True:
+        champion = current_champion(client, name, champion_alias)
+        comparison = (
+            Comparison(FIRST)
+            if champion is None
+            else champion_figures(client, new, champion, rescore)
+        )
+        wins = comparison.basis == FIRST or (
+            comparison.champion_figures is not None and beats(new, comparison.champion_figures)
+        )
+        with FileLock(str(repo_root() / ".mlflow-registry.lock"), timeout=600):
+            now = current_champion(client, name, champion_alias)
+            if (now and now.version) != (champion and champion.version):
+                continue  # another register moved the alias meanwhile: compare again
+            client.set_registered_model_alias(
+                name, champion_alias if wins else challenger_alias, version
+            )
+        return (champion_alias if wins else challenger_alias), comparison

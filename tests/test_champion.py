@@ -1,0 +1,169 @@
+"""The champion gate: like with like, re-scoring a champion measured on other pairs, and a
+compare-and-set that stays right when register stages run at once."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.track import champion as gate
+from pipeline.track import runs as tracking
+
+REPO = Path(__file__).resolve().parents[1]
+ALIASES = ("champion", "challenger")
+KEY = {"heldout_pairs": "pairs-a", "base_model": "base-a", "scoring": "sigmoid-0.1-cpu"}
+
+
+def test_gate_compares_win_rate_then_held_out_loss() -> None:
+    champion = {"win_rate": "0.91", "eval_loss": "0.22"}  # registry tags are strings
+    assert gate.beats({"win_rate": 0.92, "eval_loss": 0.5}, champion)
+    assert not gate.beats({"win_rate": 0.90, "eval_loss": 0.1}, champion)
+    assert gate.beats({"win_rate": 0.91, "eval_loss": 0.2}, champion)  # a tie broken by the loss
+    assert not gate.beats({"win_rate": 0.91, "eval_loss": 0.66}, champion)
+    assert not gate.beats({"win_rate": 0.91, "eval_loss": 0.22}, champion)  # a full tie keeps it
+    assert gate.beats({"win_rate": 0.91, "eval_loss": 0.5}, {"win_rate": "0.91"})  # an old one
+
+
+class Rescorer:
+    """A stand-in for scoring a champion on this run's pairs: fixed figures, calls counted."""
+
+    def __init__(self, win_rate: float, eval_loss: float = 0.3) -> None:
+        self.figures = {"win_rate": win_rate, "eval_loss": eval_loss, "kendall_tau": 0.5}
+        self.calls: list[str] = []
+
+    def __call__(self, version) -> dict[str, float]:
+        self.calls.append(str(version.version))
+        return self.figures
+
+
+def add_version(client: MlflowClient, store: Path, win_rate: float, **key: str) -> str:
+    tags = {"win_rate": str(win_rate), "eval_loss": "0.4", **KEY, **key}
+    return str(client.create_model_version("m", str(store), tags=tags).version)
+
+
+@pytest.fixture
+def client(store: Path) -> MlflowClient:
+    tracking.configure()
+    client = MlflowClient()
+    client.create_registered_model("m")
+    return client
+
+
+def test_same_pairs_compare_the_recorded_figures(client: MlflowClient, store: Path) -> None:
+    first = add_version(client, store, 0.9)
+    never = Rescorer(1.0)
+    assert gate.assign_alias(client, "m", first, ALIASES, never) == (
+        "champion",
+        gate.Comparison(gate.FIRST),
+    )
+    worse = add_version(client, store, 0.85)
+    alias, seen = gate.assign_alias(client, "m", worse, ALIASES, never)
+    assert (alias, seen.basis, seen.champion) == ("challenger", gate.SAME_PAIRS, first)
+    assert seen.champion_figures == {"win_rate": 0.9, "eval_loss": 0.4}
+    assert never.calls == []  # same key: nothing re-scored
+
+
+def test_a_champion_from_other_pairs_is_rescored_on_these_once(client, store: Path) -> None:
+    first = add_version(client, store, 0.95)  # high, but on other pairs
+    client.set_registered_model_alias("m", "champion", first)
+    rescorer = Rescorer(0.80)  # the champion on the new pairs
+    new = add_version(client, store, 0.85, heldout_pairs="pairs-b")
+    alias, seen = gate.assign_alias(client, "m", new, ALIASES, rescorer)
+    assert (alias, seen.basis, seen.champion) == ("champion", gate.RESCORED, first)
+    assert seen.champion_figures == {"win_rate": 0.80, "eval_loss": 0.3}
+    assert rescorer.calls == [first]
+    # The figures are kept on the re-scored version: the next one on pairs-b reuses them.
+    tags = client.get_model_version("m", first).tags
+    assert (
+        float(tags[f"rescored.{gate.key_digest({**KEY, 'heldout_pairs': 'pairs-b'})}.win_rate"])
+        == 0.8
+    )
+    client.set_registered_model_alias("m", "champion", first)  # back, to test the reuse
+    again = add_version(client, store, 0.75, heldout_pairs="pairs-b")
+    alias, seen = gate.assign_alias(client, "m", again, ALIASES, rescorer)
+    assert (alias, seen.basis) == ("challenger", gate.RESCORED)
+    assert rescorer.calls == [first]
+
+
+def test_other_scoring_settings_are_rescored_too(client, store: Path) -> None:
+    client.set_registered_model_alias("m", "champion", add_version(client, store, 0.9))
+    rescorer = Rescorer(0.95)
+    new = add_version(client, store, 0.92, scoring="ipo-0.5-cpu")
+    assert gate.assign_alias(client, "m", new, ALIASES, rescorer)[0] == "challenger"
+    assert len(rescorer.calls) == 1
+
+
+def test_a_champion_from_another_base_model_is_not_compared(client, store: Path) -> None:
+    first = add_version(client, store, 0.6)
+    client.set_registered_model_alias("m", "champion", first)
+    rescorer = Rescorer(0.1)
+    new = add_version(client, store, 0.99, base_model="base-b")
+    alias, seen = gate.assign_alias(client, "m", new, ALIASES, rescorer)
+    assert (alias, seen.basis, seen.champion, seen.champion_figures) == (
+        "challenger", gate.OTHER_BASE, first, None,
+    )  # fmt: skip
+    assert rescorer.calls == []
+
+
+def test_the_alias_is_set_only_if_the_champion_did_not_move_meanwhile(client, store) -> None:
+    old = add_version(client, store, 0.5)
+    gate.assign_alias(client, "m", old, ALIASES, Rescorer(0))
+    strong = add_version(client, store, 0.9, heldout_pairs="pairs-b")
+
+    class ConcurrentRegister(Rescorer):
+        """While this stage scores the old champion, another stage crowns a stronger version."""
+
+        def __call__(self, version) -> dict[str, float]:
+            client.set_registered_model_alias("m", "champion", strong)
+            return super().__call__(version)
+
+    new = add_version(client, store, 0.7, heldout_pairs="pairs-b")
+    alias, seen = gate.assign_alias(client, "m", new, ALIASES, ConcurrentRegister(0.6))
+    # Against the old champion (0.6 re-scored) it would have won; it is judged against 0.9.
+    assert (alias, seen.basis, seen.champion) == ("challenger", gate.SAME_PAIRS, strong)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == strong
+
+
+RACER = """
+import sys, time
+import mlflow
+from pipeline.track import champion, runs
+version, start = sys.argv[1], float(sys.argv[2])
+runs.configure()
+read = champion.current_champion
+def slow_read(*args):  # widen the gap between reading the champion and setting the alias
+    found = read(*args)
+    time.sleep(1.5)
+    return found
+champion.current_champion = slow_read
+while time.time() < start:
+    time.sleep(0.01)
+def never(version):
+    raise AssertionError("same pairs: nothing to re-score")
+client = mlflow.MlflowClient()
+print(champion.assign_alias(client, "m", version, ("champion", "challenger"), never)[0])
+"""
+
+
+def test_two_registers_at_once_end_with_the_better_one_as_champion(client, store) -> None:
+    versions = {"better": add_version(client, store, 0.9), "worse": add_version(client, store, 0.8)}
+    start = time.time() + 15  # both processes past their imports, the better one a bit first
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    racers = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", RACER, version, str(start + (0.2 if name == "worse" else 0))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name, version in versions.items()
+    }
+    said = {name: p.communicate(timeout=120) for name, p in racers.items()}
+    # The better one ends as champion whatever the order the lock let them in.
+    assert said["better"][0].strip() == "champion", said
+    assert str(client.get_model_version_by_alias("m", "champion").version) == versions["better"]
