@@ -6,8 +6,9 @@
 CPU (default): a tiny Qwen3 (2 layers, 128 wide) with the real Qwen3 vocabulary (151,936), fp32.
 CUDA: `--model qwen3-0.6b` builds random weights with Qwen3-0.6B's exact config locally (no
 download), fp32 master weights + bf16 autocast on both sides; rows for the pipeline's defaults
-(cached reference), the reference on the fly, activation checkpointing, TRL's defaults and TRL's
-fastest setting (`precompute_ref_log_probs`, no gradient checkpointing). Same pairs (identical
+(cached reference), the reference on the fly, activation checkpointing, LoRA r=16, QLoRA (nf4
+base: needs bitsandbytes, the `qlora` extra), TRL's defaults and TRL's fastest setting
+(`precompute_ref_log_probs`, no gradient checkpointing). Same pairs (identical
 token ids, checked), batch, sequence lengths, steps and optimizer everywhere. Every run is a
 fresh process (so peak memory is its own: process RSS on CPU, `torch.cuda.max_memory_allocated`
 on CUDA); figures are medians over `--reps` alternating repetitions. Steady-state pairs/s,
@@ -123,8 +124,14 @@ def tokenized_rows(workdir: Path) -> list[dict[str, list[int]]]:
 
 
 def run_ours(
-    args: argparse.Namespace, cached: bool, checkpointing: bool = False, lora: bool = False
+    args: argparse.Namespace,
+    cached: bool,
+    checkpointing: bool = False,
+    lora: bool = False,
+    quantize: str = "none",
 ) -> dict:
+    """The pipeline's trainer; `quantize="nf4"` (with `lora`) is QLoRA: policy and reference on
+    the same 4-bit base, as the stages run it (CUDA and bitsandbytes only)."""
     import datasets
     import numpy as np
 
@@ -144,12 +151,12 @@ def run_ours(
     workdir, steps, batch = args.workdir, args.steps, args.batch
     runtime = resolve_runtime(args.device)
     data = datasets.Dataset.from_list(tokenized_rows(workdir))
-    policy = CompletionScorer(load_causal_lm(workdir / "model", runtime, False))
+    policy = CompletionScorer(load_causal_lm(workdir / "model", runtime, False, quantize))
     if checkpointing:
         enable_activation_checkpointing(policy.model)
     if lora:  # the project's default adapters: r=16, alpha 32, every attention and MLP linear
         policy.model = add_adapters(policy.model, LoraParams(enabled=True))
-    base = freeze(CompletionScorer(load_causal_lm(workdir / "model", runtime, False)))
+    base = freeze(CompletionScorer(load_causal_lm(workdir / "model", runtime, False, quantize)))
     t0 = time.perf_counter()
     if cached:  # what the reference stage stores once per base model and data
         reference = CachedReference(
@@ -349,6 +356,7 @@ RUNS = {
     "ours_live": lambda args: run_ours(args, cached=False),
     "ours_ckpt": lambda args: run_ours(args, cached=True, checkpointing=True),
     "ours_lora": lambda args: run_ours(args, cached=True, lora=True),
+    "ours_qlora": lambda args: run_ours(args, cached=True, lora=True, quantize="nf4"),
     "trl": lambda args: run_trl(args),
     "trl_fast": lambda args: run_trl(args, fast=True),
 }
@@ -357,6 +365,7 @@ ROW_NAMES = {
     "ours_live": "pipeline (reference on the fly)",
     "ours_ckpt": "pipeline + activation checkpointing",
     "ours_lora": "pipeline, LoRA r=16 (cached reference)",
+    "ours_qlora": "pipeline, QLoRA nf4 r=16 (cached reference)",
     "trl": "TRL DPOTrainer (defaults)",
     "trl_fast": "TRL (precomputed reference, no ckpt)",
 }

@@ -98,8 +98,12 @@ def log_policy(run_id: str, policy_dir: Path) -> str:
 
 def policy_folder(name: str, version: str, dest: Path) -> Path:
     """Download registered `version`'s policy (the HF folder `log_policy` logged) into `dest`."""
-    model = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest))
-    return Path(model) / "artifacts" / "policy"
+    model = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest))
+    )
+    # pyfunc stores an artifact under its source folder's name; the MLmodel file maps the key.
+    flavor = mlflow.models.Model.load(str(model)).flavors["python_function"]
+    return model / flavor["artifacts"]["policy"]["path"]
 
 
 def register_policy(
