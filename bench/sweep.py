@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e import copy_repo, environment, run  # noqa: E402
-from tests.test_sweep import DVC, wait_for_queue  # noqa: E402
+from tests.test_sweep import DVC, run_queue  # noqa: E402
 
 LRS = ("3e-4", "6e-4", "9e-4")
 
@@ -34,8 +34,7 @@ def time_sweep(folder: Path, jobs: int, asset_cache: Path) -> dict:
     for lr in LRS:
         run(repo, env, *demo, "--queue", "-S", f"train.lr={lr}", "--name", f"lr-{lr}")
     started = time.monotonic()
-    run(repo, env, *DVC, "queue", "start", "-j", str(jobs))
-    status = wait_for_queue(repo, env)
+    status = run_queue(repo, env, [*DVC, "queue", "start", "-j", str(jobs)])
     seconds = time.monotonic() - started
     if status.count("Success") != len(LRS):
         raise SystemExit(f"-j {jobs}: not every experiment succeeded:\n{status}")
@@ -46,7 +45,8 @@ def train_throughput(repo: Path) -> dict[str, float]:
     """Each swept experiment's training pairs/s (its MLflow run's summary)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     experiment = client.get_experiment_by_name("qwen3-dpo")
     return {
         r.data.tags["dvc_exp_name"]: round(r.data.metrics["train_summary/pairs_per_s"], 2)

@@ -45,6 +45,22 @@ def params_file(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uris_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test leaves MLflow's process-wide store settings as it found them. mlflow's
+    set_tracking_uri / set_registry_uri (run by `pipeline.track.runs.configure`) set module
+    globals and export environment variables; left behind, a later test's
+    MlflowClient(tracking_uri=...) would read another test's registry."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    for exported in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(exported, "placeholder")  # restored after the test...
+        monkeypatch.delenv(exported)  # ...as it was before (absent, here)
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh MLflow store: DVC_ROOT at tmp/root, the stage running elsewhere (as in
@@ -52,9 +68,6 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root, elsewhere = tmp_path / "root", tmp_path / "exp-copy"
     root.mkdir(), elsewhere.mkdir()
     monkeypatch.setenv("DVC_ROOT", str(root))
-    for exported in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.setenv(exported, "placeholder")  # restored after the test...
-        monkeypatch.delenv(exported)  # ...because mlflow exports them when set
     monkeypatch.chdir(elsewhere)
     yield root
     if mlflow.active_run():

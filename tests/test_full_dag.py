@@ -73,7 +73,8 @@ def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     outputs["demo-lr-2e-6"] = run(repo, env, *readme["demo-lr-2e-6"])
     outputs["failed"] = failed.stdout + failed.stderr
     outputs["show"] = run(repo, env, *readme["show"])
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     return repo, env, outputs, client
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,18 @@ def readme_sweep() -> tuple[list[list[str]], list[str]]:
     return queued, start
 
 
-def wait_for_queue(repo: Path, env: dict[str, str], limit: float = 1200) -> str:
-    """Poll `dvc queue status` (as the README says) until no task is queued or running."""
+def run_queue(repo: Path, env: dict[str, str], start: list[str], limit: float = 1200) -> str:
+    """`dvc queue start ...`, then `dvc queue status` (as the README says) until no task is
+    queued or running; then the idle workers are stopped. Returns the last status."""
+    # The workers inherit the command's stdout: with a pipe, waiting for the command would wait
+    # for them to exit too. So the command writes to nowhere and only its exit is awaited.
+    subprocess.run(start, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=120, check=True)  # fmt: skip
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         status = run(repo, env, *DVC, "queue", "status")
         if not any(word in status for word in (" Queued", " Running")):
+            run(repo, env, *DVC, "queue", "stop")
             return status
         time.sleep(2)
     raise AssertionError(f"the queue did not finish in {limit} s:\n{status}")
@@ -62,14 +69,14 @@ def sweep(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     for command in queued:
         run(repo, env, *command)
     started = time.monotonic()
-    run(repo, env, *start)
-    status = wait_for_queue(repo, env)
+    status = run_queue(repo, env, start)
     print(f"3 queued experiments, -j 2: {time.monotonic() - started:.0f} s")
     logs = {
         name: run(repo, env, *DVC, "queue", "logs", name)
         for name in ("sweep-3e-4", "sweep-6e-4", "sweep-eval-200")
     }
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     return repo, env, status, logs, client
 
 

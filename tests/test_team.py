@@ -269,7 +269,7 @@ def team(request, tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_di
         print(f"team fixture: {time.monotonic() - started:.0f} s")
         yield Team(
             backend, backend_uri, server, artifacts, first, clone, repro, leftover, status,
-            repro_clone, MlflowClient(tracking_uri=server),
+            repro_clone, MlflowClient(tracking_uri=server, registry_uri=server),
         )  # fmt: skip
 
 
