@@ -72,3 +72,14 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     yield root
     if mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture
+def saved_model_and_pairs(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Qwen3 and 6 random tokenized pairs on disk: (model folder, dataset folder)."""
+    from tests.helpers import random_pairs, tiny_qwen3
+
+    model_dir, data_dir = tmp_path / "model", tmp_path / "data"
+    tiny_qwen3().save_pretrained(model_dir)
+    random_pairs(6).save_to_disk(str(data_dir))
+    return model_dir, data_dir

@@ -79,18 +79,10 @@ def test_the_stages_refuse_before_loading_anything(
         reference_stage.check_devices(params)
 
 
-@pytest.fixture
-def inputs(tmp_path: Path) -> tuple[Path, Path]:
-    model_dir, data_dir = tmp_path / "model", tmp_path / "data"
-    tiny_qwen3().save_pretrained(model_dir)
-    random_pairs(6).save_to_disk(str(data_dir))
-    return model_dir, data_dir
-
-
 def test_a_cache_of_the_other_base_precision_is_refused(
-    inputs: tuple[Path, Path], tmp_path: Path
+    saved_model_and_pairs: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    model_dir, data_dir = inputs
+    model_dir, data_dir = saved_model_and_pairs
     plain, nf4 = (reference.describe(model_dir, data_dir, CUDA, q) for q in ("none", "nf4"))
     assert plain != nf4
     reference.save(tmp_path / "plain", np.zeros((6, 2)), plain)

@@ -50,16 +50,8 @@ def test_training_on_the_cache_matches_training_on_the_fly(tmp_path: Path) -> No
     assert runs["cached"] == pytest.approx(runs["live"], abs=1e-5)
 
 
-@pytest.fixture
-def inputs(tmp_path: Path) -> tuple[Path, Path]:
-    model_dir, data_dir = tmp_path / "model", tmp_path / "data"
-    tiny_qwen3().save_pretrained(model_dir)
-    random_pairs(6).save_to_disk(str(data_dir))
-    return model_dir, data_dir
-
-
-def test_stale_cache_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> None:
-    model_dir, data_dir = inputs
+def test_stale_cache_is_refused(saved_model_and_pairs: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, data_dir = saved_model_and_pairs
     identity = reference.describe(model_dir, data_dir, CPU, "none")
     reference.save(tmp_path / "cache", np.zeros((6, 2)), identity)
     assert reference.load(tmp_path / "cache", identity, 6).shape == (6, 2)
@@ -75,9 +67,9 @@ def test_stale_cache_is_refused(inputs: tuple[Path, Path], tmp_path: Path) -> No
 
 
 def test_other_numeric_setting_or_size_is_refused(
-    inputs: tuple[Path, Path], tmp_path: Path
+    saved_model_and_pairs: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    model_dir, data_dir = inputs
+    model_dir, data_dir = saved_model_and_pairs
     identity = reference.describe(model_dir, data_dir, CPU, "none")
     reference.save(tmp_path / "cache", np.zeros((6, 2)), identity)
     bf16 = dataclasses.replace(CPU, autocast_dtype=torch.bfloat16)

@@ -32,18 +32,9 @@ from mlflow import MlflowClient
 
 from pipeline.demo.experiment import apply_overrides, demo_overrides
 from tests.e2e import copy_repo, environment, git, run
+from tests.test_full_dag import STAGES
 
 pytestmark = pytest.mark.slow
-STAGES = (
-    "download_model",
-    "download_data",
-    "subsample",
-    "tokenize",
-    "reference",
-    "train",
-    "evaluate",
-    "register",
-)
 
 
 def find_initdb() -> Path | None:
