@@ -114,9 +114,10 @@ def claim(
     locks: list[FileLock] = []
     try:
         locks += _take_slots(folder, slots)
-        workers = _held(folder, "worker")  # ours included: a second lock on it is refused too
         gpu_locks, gpus = _take_gpus(folder, devices, min(gpus_wanted, devices))
         locks += gpu_locks
+        # Counted once the GPUs are ours: waiting for them, the stages running may have changed.
+        workers = _held(folder, "worker")  # ours included: a second lock on it is refused too
         yield Share(max(1, cores // max(1, workers)), tuple(gpus), folder, cores)
     finally:
         for lock in reversed(locks):
