@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +32,8 @@ DATA_REFERENCE = Path("data/reference")
 REPORTS = Path("reports")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
+# Resumable training state, at the real repository root (`repo_root`): a re-run in a new temporary
+# copy (`dvc exp run --temp`, a queued run, `python -m pipeline.demo`) finds it there.
 CHECKPOINTS = Path("checkpoints/train")
 REGISTRY = Path("registry")
 # Name of the resolved-params file saved beside every artifact.
@@ -41,13 +45,77 @@ class StageError(Exception):
     message as one line and exits 1. Anything else is a bug and keeps its traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what was kept (raised by a stage that knows, e.g. the last
+    checkpoint); a bare KeyboardInterrupt means nothing was written."""
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main; a StageError becomes one line on stderr and exit status 1."""
+    """Run a stage's main. An expected failure becomes one `error:` line and exit status 1; Ctrl-C
+    or SIGTERM one `interrupted:` line and exit status 130. Either way an MLflow run the stage had
+    open ends FAILED or KILLED (not FINISHED, as MLflow's exit hook would mark it), and a
+    `dvc exp run -S` in the workspace says how to restore params.yaml."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stage = Path(sys.argv[0]).stem
     try:
         main()
     except StageError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        _close_tracking("FAILED")
+        _exit(f"error: {error}{_params_hint()}", 1)
+    except KeyboardInterrupt as interrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+        _close_tracking("KILLED")
+        kept = str(interrupt) if isinstance(interrupt, Interrupted) else "nothing was written"
+        _exit(f"interrupted: {stage}: {kept}{_params_hint()}", INTERRUPTED_EXIT)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _exit(line: str, status: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
+
+
+def _close_tracking(status: str) -> None:
+    """End the MLflow run this process has open, if any, with `status`."""
+    mlflow = sys.modules.get("mlflow")  # a stage that never imported MLflow has no run
+    if mlflow is not None and mlflow.active_run() is not None:
+        with contextlib.suppress(Exception):  # the message matters more than the status
+            mlflow.end_run(status)
+
+
+def _params_hint() -> str:
+    """Under `dvc exp run` in the workspace, DVC has written the experiment's values into
+    params.yaml and leaves them there when a stage fails. It also leaves git's index entry for
+    params.yaml with the committed blob but the new file's size and time, so `git status` shows
+    nothing and `git checkout params.yaml` restores nothing. Writing that entry back without its
+    cached file stat (same blob) makes git compare contents again, so the hint's command works."""
+    root = os.environ.get("DVC_ROOT")
+    in_workspace = root is not None and Path(root).resolve() == Path.cwd().resolve()
+    if not os.environ.get("DVC_EXP_NAME") or not in_workspace:
+        return ""  # not an experiment, or one in a temporary copy that DVC deletes
+    try:
+        entry = _git("ls-files", "--stage", "params.yaml").split()
+        if _git("hash-object", "params.yaml") == _git("rev-parse", "HEAD:params.yaml"):
+            return ""
+        _git("update-index", "--index-info", stdin=f"{entry[0]} {entry[1]}\tparams.yaml\n")
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""  # not a git checkout, or params.yaml not committed: nothing to restore
+    return (
+        " (params.yaml keeps this experiment's values: `git diff params.yaml` shows them, "
+        "`git checkout params.yaml` restores the committed ones)"
+    )
+
+
+def _git(*args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(["git", *args], input=stdin, capture_output=True, text=True,
+                          timeout=30, check=True)  # fmt: skip
+    return done.stdout.strip()
 
 
 def repo_root() -> Path:

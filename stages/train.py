@@ -1,9 +1,12 @@
 """train: models/base + data/tokenized/train -> models/policy/ (HF folder + MLflow run id),
-metrics/train.json, plots/train.csv. Resumes from checkpoints/train/ (and continues the same
-MLflow run) when a run with the same inputs was killed. With train.nproc > 1 it claims that many
-GPUs and starts itself under torchrun, one process per GPU (DDP or FSDP)."""
+metrics/train.json, plots/train.csv. Resumes from checkpoints/train/<run key>/ at the repository
+root (and continues the same MLflow run) when a run with the same inputs was stopped, whichever
+copy of the repository it ran in; the checkpoints go once the run completes. With
+train.nproc > 1 it claims that many GPUs and starts itself under torchrun, one process per GPU
+(DDP or FSDP)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from pipeline.stage_io import (
     PLOTS,
     REPORTS,
     atomic_dir,
+    repo_root,
     run_stage,
     write_csv_atomic,
     write_json_atomic,
@@ -57,10 +61,12 @@ def train(params: Params, every_step: Callable[[], None]) -> None:
     scorer = run.load_policy(params, runtime)
     reference = run.reference_scores(params, runtime, len(dataset), scorer)
     key = run.run_key(params.train, MODEL_BASE, DATA_TOKENIZED / "train")
-    run_id = None
+    checkpoints = repo_root() / CHECKPOINTS / key[:16]
+    run_id, log_step = None, None
     if world.is_main:  # rank 0 alone talks to MLflow, continuing the run a checkpoint names
-        previous = resumable_extra(CHECKPOINTS, key).get("run_id")
+        previous = resumable_extra(checkpoints, key).get("run_id")
         run_id = runs.start_training_run(params, str(runtime.device), previous)
+        log_step = runs.step_logger(run_id)
         runs.log_reports(REPORTS, ("tokenize", "subsample"))
         trainable = trainable_parameters(scorer)
         mlflow.log_param("train.trainable_parameters", trainable)
@@ -76,8 +82,8 @@ def train(params: Params, every_step: Callable[[], None]) -> None:
         params.train,
         runtime,
         pad_token_id(tokenizer),
-        Resume(CHECKPOINTS, key, {"run_id": run_id}),
-        on_log=runs.log_step,
+        Resume(checkpoints, key, {"run_id": run_id}),
+        on_log=log_step,
         every_step=every_step,
     )
     state = run.policy_state(wrapped)  # a collective under FSDP: every rank gathers
@@ -94,6 +100,8 @@ def train(params: Params, every_step: Callable[[], None]) -> None:
         runs.log_flat_metrics(figures, "train_summary/")
         mlflow.end_run()
     distributed.barrier(world)
+    if world.is_main:  # the run is complete: nothing left to resume
+        shutil.rmtree(checkpoints, ignore_errors=True)
     distributed.shutdown(world)
 
 

@@ -82,17 +82,19 @@ def test_killed_train_stage_resumes_to_the_uninterrupted_result(data_repo) -> No
     run(repo, env, sys.executable, "-m", "stages.reference")
     run(repo, env, *train)
     whole = json.loads((repo / "metrics/train.json").read_text())
-    shutil.rmtree(repo / "checkpoints"), shutil.rmtree(repo / "models/policy")
+    assert not list(repo.glob("checkpoints/train/*/step-*"))  # a completed run keeps none
+    shutil.rmtree(repo / "models/policy")
 
     process = subprocess.Popen(
         train, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    first = repo / "checkpoints/train/step-00000020/meta.json"
     deadline = time.time() + 300
-    while not first.exists() and process.poll() is None and time.time() < deadline:
+    while not (found := list(repo.glob("checkpoints/train/*/step-00000020/meta.json"))):
+        assert process.poll() is None and time.time() < deadline
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    first = found[0]
     assert first.exists() and not (repo / "models/policy").exists()
     killed_run = json.loads(first.read_text())["extra"]["run_id"]
 

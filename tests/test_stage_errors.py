@@ -50,3 +50,31 @@ def test_an_unreachable_hub_says_what_to_do_in_one_line(tmp_path: Path) -> None:
     assert last.startswith("error: model.name: cannot get 'Qwen/Qwen3-0.6B' from the Hugging")
     assert "make demo" in last and "local folder" in last
     assert not (tmp_path / "models" / "base").exists()  # nothing half-written
+
+
+def test_a_local_model_folder_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such-model"
+    done = run_stage("download_model", tmp_path, model={"name": str(missing)})
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: model.name: no folder at '{missing}' (and not a hub id)"
+
+
+def test_sigterm_is_one_interrupted_line_and_exit_130(tmp_path: Path) -> None:
+    """A stage stopped by SIGTERM (as by Ctrl-C) says so in one line; nothing is left behind."""
+    import signal
+    import time
+
+    script = tmp_path / "slow_stage.py"
+    script.write_text(
+        "import time\nfrom pipeline.stage_io import run_stage\n"
+        "run_stage(lambda: (print('ready', flush=True), time.sleep(60)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    stage = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert stage.stdout.readline() == "ready\n"
+    time.sleep(0.2)
+    stage.send_signal(signal.SIGTERM)
+    _, stderr = stage.communicate(timeout=60)
+    assert stage.returncode == 130
+    assert stderr.strip() == "interrupted: slow_stage: nothing was written"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,19 @@ def log_step(row: dict[str, float]) -> None:
     """One row of the train log as MLflow step metrics (train/<name>)."""
     step = int(row["step"])
     mlflow.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "step"}, step=step)
+
+
+def step_logger(run_id: str) -> Callable[[dict[str, float]], None]:
+    """`log_step` for a run that may be resumed: rows the run already holds (logged after its
+    last checkpoint, before it was stopped) are not logged twice."""
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
+    logged = max((point.step for point in history), default=0)
+
+    def log_new(row: dict[str, float]) -> None:
+        if int(row["step"]) > logged:
+            log_step(row)
+
+    return log_new
 
 
 def write_run_file(folder: Path, run_id: str) -> None:

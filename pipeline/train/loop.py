@@ -21,7 +21,7 @@ from pipeline.model.loading import Runtime, assert_frozen
 from pipeline.model.reference import ModelReference, ReferenceScores
 from pipeline.objective.metrics import STEP_METRIC_KEYS
 from pipeline.params import TrainParams
-from pipeline.stage_io import bar
+from pipeline.stage_io import Interrupted, bar
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import Progress
 from pipeline.train.distributed import (
@@ -118,22 +118,30 @@ def train_policy(
     show = bar(total=last, initial=ctx.progress.step, desc="train", unit="step",
                disable=not ctx.world.is_main)  # fmt: skip
     window, planned_epoch, steps = Window(), -1, []
-    while ctx.progress.step < last:
-        if planned_epoch != ctx.progress.epoch:  # the plan is fixed per epoch: build it once
-            planned_epoch = ctx.progress.epoch
-            steps = epoch_steps(lengths, params, planned_epoch, ctx.world)
-        epoch = ctx.progress.epoch + (ctx.progress.step_in_epoch + 1) / len(steps)
-        micro_batches = steps[ctx.progress.step_in_epoch]
-        metrics, pairs = _timed_step(policy, reference, dataset, micro_batches, ctx, (window, done))
-        _advance(ctx.progress, metrics["loss"], pairs, len(steps), ctx.world.is_main)
-        show.update(1)
-        if every_step is not None:
-            every_step()
-        show.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}")
-        if _log_due(ctx.progress, params, last):
-            window = _log_row(ctx, window, epoch, on_log)
-        if ctx.progress.step % params.save_every == 0 or ctx.progress.step == last:
-            _save(policy, ctx, resume)
+    saved = ctx.progress.step  # the step of the newest checkpoint (0: none)
+    try:
+        while ctx.progress.step < last:
+            if planned_epoch != ctx.progress.epoch:  # the plan is fixed per epoch: build it once
+                planned_epoch = ctx.progress.epoch
+                steps = epoch_steps(lengths, params, planned_epoch, ctx.world)
+            epoch = ctx.progress.epoch + (ctx.progress.step_in_epoch + 1) / len(steps)
+            micro_batches = steps[ctx.progress.step_in_epoch]
+            metrics, pairs = _timed_step(policy, reference, dataset, micro_batches, ctx,
+                                         (window, done))  # fmt: skip
+            _advance(ctx.progress, metrics["loss"], pairs, len(steps), ctx.world.is_main)
+            show.update(1)
+            if every_step is not None:
+                every_step()
+            show.set_postfix(loss=f"{metrics['loss']:.4f}",
+                             margin=f"{metrics['rewards/margins']:.3f}")  # fmt: skip
+            if _log_due(ctx.progress, params, last):
+                window = _log_row(ctx, window, epoch, on_log)
+            if ctx.progress.step % params.save_every == 0 or ctx.progress.step == last:
+                _save(policy, ctx, resume)
+                saved = ctx.progress.step
+    except KeyboardInterrupt:
+        show.close()
+        raise Interrupted(_interrupted(ctx.progress.step, last, saved, resume)) from None
     show.close()
     if isinstance(reference, ModelReference):
         assert_frozen(reference.model)  # nothing in the loop may have unfrozen it
@@ -186,6 +194,17 @@ def _out_of_memory(ctx: TrainContext, micro_batches: list[Any]) -> str:
     return (
         f"out of accelerator memory in step {ctx.progress.step + 1} (longest sequence {longest} "
         f"tokens): {lower}" + (f"; {keep}" if keep else "")
+    )
+
+
+def _interrupted(step: int, last: int, saved: int, resume: Resume) -> str:
+    """What an interrupt leaves: the checkpoint a re-run resumes from, or none."""
+    where = f"stopped after step {step} of {last}"
+    if not saved:
+        return f"{where}, before the first checkpoint (train.save_every): nothing to resume from"
+    return (
+        f"{where}; the checkpoint of step {saved} is kept in {resume.folder}: run the same "
+        "command again to resume from it"
     )
 
 
