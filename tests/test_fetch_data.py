@@ -14,6 +14,7 @@ from pipeline.download.data import (
     shards_for,
 )
 from pipeline.params import DataParams
+from pipeline.stage_io import StageError
 from tests.helpers import hub_layout, source_rows, table
 
 
@@ -109,10 +110,12 @@ def test_dataset_sources_are_resolved(tmp_path: Path) -> None:
     fs, root = open_dataset("lvwerra/stack-exchange-paired", "main", tmp_path)
     assert root == "datasets/lvwerra/stack-exchange-paired@main"
     assert type(fs).__name__ == "HfFileSystem"
-    with pytest.raises(ValueError, match="neither a local folder nor a hub id"):
+    with pytest.raises(StageError, match="data.dataset: no folder at '.*not a dataset'"):
         open_dataset("not a dataset", "main", tmp_path)
+    with pytest.raises(StageError, match=f"no folder at '{tmp_path}/gone'"):
+        open_dataset(str(tmp_path / "gone"), "main", tmp_path)  # a path, never a hub lookup
     (tmp_path / "x.parquet").write_text("")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(StageError, match="is a file"):
         open_dataset(str(tmp_path / "x.parquet"), "main", tmp_path)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,10 @@ from huggingface_hub import HfFileSystem
 
 from pipeline.data.schema import SOURCE_SCHEMA, check_schema, conform
 from pipeline.demo.dataset import ensure_demo_dataset
-from pipeline.download.hub import reaching_the_hub
+from pipeline.download.hub import local_folder, reaching_the_hub
 from pipeline.params import DEMO_DATASET, DataParams
 from pipeline.stage_io import bar, write_json_atomic
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SHARD_SUFFIXES = (".parquet", ".jsonl")
 
 
@@ -43,16 +41,13 @@ def open_dataset(
     """Resolve `data.dataset` to (filesystem, root folder of the repository layout)."""
     if dataset == DEMO_DATASET:
         return LocalFileSystem(), str(ensure_demo_dataset(cache_dir))
-    local = Path(dataset).expanduser()
-    if local.is_dir():
-        return LocalFileSystem(), str(local.resolve())
-    if local.exists():
-        raise ValueError(
-            f"data.dataset: {dataset!r} is a file; give a folder laid out like the hub "
-            "repository (<train_dir>/*.parquet|*.jsonl and <eval_dir>/*.parquet|*.jsonl)"
-        )
-    if not HUB_ID.match(dataset):
-        raise ValueError(f"data.dataset: {dataset!r} is neither a local folder nor a hub id")
+    layout = (
+        "a folder laid out like the hub repository (<train_dir>/*.parquet|*.jsonl and "
+        "<eval_dir>/*.parquet|*.jsonl)"
+    )
+    local = local_folder("data.dataset", dataset, layout)
+    if local is not None:
+        return LocalFileSystem(), str(local)
     return HfFileSystem(), f"datasets/{dataset}@{revision}"
 
 

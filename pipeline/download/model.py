@@ -15,7 +15,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.demo.model import ensure_demo_model
-from pipeline.download.hub import reaching_the_hub
+from pipeline.download.hub import local_folder, reaching_the_hub
 from pipeline.params import DEMO_MODEL, ModelParams
 
 # What a causal LM folder needs; anything else in a hub repo (ONNX, GGUF, images) is skipped.
@@ -27,11 +27,9 @@ def resolve_model_dir(params: ModelParams, cache_dir: Path) -> Path:
     """A local folder holding the model named by `model.name`."""
     if params.name == DEMO_MODEL:
         return ensure_demo_model(cache_dir)
-    local = Path(params.name).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    if local.exists():
-        raise ValueError(f"model.name: {params.name!r} is a file, expected a model folder")
+    local = local_folder("model.name", params.name, "a model folder")
+    if local is not None:
+        return local
     patterns = MODEL_FILES + (PICKLE_FILES if params.allow_pickle_weights else [])
     with reaching_the_hub("model.name", params.name):
         return Path(
