@@ -1,5 +1,6 @@
 """register: models/policy + reports/eval.json -> a Model Registry version with an alias, and
-registry/registered.json (name, version, alias, run id, metrics, what it was compared with).
+registry/registered.json (name, version, alias, run id, metrics, what it was compared with, and
+the stage's one-line summary).
 
 When the champion was evaluated on other held-out pairs, it is first scored on this run's pairs
 with the evaluate stage's code (models/base, data/tokenized/eval and data/reference/eval)."""
@@ -57,8 +58,9 @@ def main() -> None:
         version_tags(report, run_id),
         champion_scorer(params, run_id),
     )
-    write_json_atomic(REGISTRY / "registered.json", dataclasses.asdict(reg))
-    print(reg.describe(params.register.champion_alias))
+    summary = reg.describe(params.register.champion_alias)
+    write_json_atomic(REGISTRY / "registered.json", {**dataclasses.asdict(reg), "summary": summary})
+    print(summary)
 
 
 if __name__ == "__main__":

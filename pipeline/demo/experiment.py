@@ -7,14 +7,19 @@ so params.yaml keeps the real defaults and `dvc exp show` lists the demo beside 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.stage_io import INTERRUPTED_EXIT
 
 DEMO_PARAMS = Path("demo/params.yaml")
 
@@ -87,9 +92,63 @@ def venv_env() -> dict[str, str]:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Run `cmd` in a process group of its own and wait for it, even through Ctrl-C.
+
+    Ctrl-C or SIGTERM here is passed on once as SIGINT: the running stage stops, says what it
+    kept, and DVC removes its temporary copy of the repository and its "Running" entry. (Killing
+    DVC instead, as `subprocess.call` does on KeyboardInterrupt, left both behind.)
+    Returns (exit status, whether it was interrupted).
+    """
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    interrupted = False
+
+    def pass_on(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            os.killpg(child.pid, signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait(), interrupted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def registered_line(name: str) -> str | None:
+    """What the register stage said about experiment `name` (from the experiment's commit)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+                          capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
+    ref = next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
+    if ref is None:
+        return None
+    shown = subprocess.run(["git", "show", f"{ref}:registry/registered.json"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    return json.loads(shown.stdout).get("summary") if shown.returncode == 0 else None
+
+
+def where_next(name: str) -> str:
+    """The lines a finished demo ends with: the registry's verdict, then where the figures are."""
+    store = os.environ.get("MLFLOW_TRACKING_URI")
+    browse = f"open {store}" if store else f"mlflow ui {MLFLOW_UI}"
+    lines = [f"{name}: {registered_line(name) or 'no registry verdict found'}",
+             f"compare the experiments:  {COMPARE}",
+             f"browse runs and models:   {browse}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+# What a user types next; the README gives the same commands.
+COMPARE = "python -m pipeline.compare"
+MLFLOW_UI = "--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--name", help="experiment name shown by `dvc exp show`")
+    parser.add_argument(
+        "--name", help="experiment name shown by `dvc exp show` (default: demo-<date>-<time>)"
+    )
     parser.add_argument(
         "--set",
         "-S",
@@ -104,30 +163,51 @@ def main(argv: list[str] | None = None) -> int:
         help="queue the experiment (run the queue with `dvc queue start -j N`) instead of now",
     )
     parser.add_argument("target", nargs="?", help="stage to run up to (default: all)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def overrides_for(explicit: set[str]) -> dict[str, Any]:
+    """demo/params.yaml, plus the committed value of any key a failed `dvc exp run` left
+    changed in params.yaml (the demo copies the workspace); `explicit` keys are the user's."""
     overrides = demo_overrides()
-    explicit = {extra.split("=", 1)[0] for extra in args.set}
     committed = committed_params()
-    if committed is not None:
-        workspace = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
-        back = committed_values_back(workspace, committed, set(overrides) | explicit)
-        if back:
-            changed = ", ".join(f"{k}: {flatten(workspace).get(k)!r}" for k in back)
-            print(
-                f"params.yaml has uncommitted changes ({changed}; left by a failed `dvc exp "
-                "run`?): the demo uses the committed values. `git checkout params.yaml` "
-                "discards them.",
-                file=sys.stderr,
-            )
-        overrides = {**back, **overrides}
+    if committed is None:
+        return overrides
+    workspace = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    back = committed_values_back(workspace, committed, set(overrides) | explicit)
+    if back:
+        changed = ", ".join(f"{k}: {flatten(workspace).get(k)!r}" for k in back)
+        print(
+            f"params.yaml has uncommitted changes ({changed}; left by a failed `dvc exp "
+            "run`?): the demo uses the committed values. `git checkout params.yaml` "
+            "discards them.",
+            file=sys.stderr,
+        )
+    return {**back, **overrides}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    explicit = {extra.split("=", 1)[0] for extra in args.set}
+    overrides = {k: v for k, v in overrides_for(explicit).items() if k not in explicit}
+    name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
     mode = "--queue" if args.queue else "--temp"
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", mode, *set_flags(overrides)]
+    dvc_args = ["exp", "run", mode, *set_flags(overrides)]
     for extra in args.set:
-        cmd += ["-S", extra]
-    cmd += ["-n", args.name] if args.name else []
-    cmd += [args.target] if args.target else []
-    print("+", " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd, env=venv_env())
+        dvc_args += ["-S", extra]
+    dvc_args += ["-n", name, *([args.target] if args.target else [])]
+    print("+ dvc", " ".join(dvc_args), flush=True)
+    cmd = [sys.executable, "-m", "pipeline.demo.dvc_cli", *dvc_args]
+    status, interrupted = run_to_the_end(cmd, venv_env())
+    if interrupted:
+        return INTERRUPTED_EXIT
+    if status != 0:
+        return 1  # DVC and the failing stage have said why
+    if args.queue:
+        print(f"queued {name}: `dvc queue start` runs the queue, `dvc queue status` shows it")
+    elif not args.target:
+        print(where_next(name))
+    return 0
 
 
 if __name__ == "__main__":
