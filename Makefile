@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
 EXTRAS ?= test,reference
 
-.PHONY: install demo test bench
+.PHONY: install demo compare test check bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -23,9 +23,17 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 demo: install
 	$(BIN)/python -m pipeline.demo --name demo-$$(date +%Y%m%d-%H%M%S)
 
+# This commit's experiments, best first (held-out win rate, then eval loss), in 80 columns.
+compare: install
+	$(BIN)/python -m pipeline.compare
+
 # Unit tests plus the end-to-end DVC runs on the offline demo.
 test: install
 	$(BIN)/python -m pytest
+
+# The fast tier: everything but the end-to-end DVC runs (tests marked slow).
+check: install
+	$(BIN)/python -m pytest -m "not slow"
 
 # Training throughput and memory against TRL's DPOTrainer, plus the cached-experiment timing;
 # prints a table, writes bench/results/latest.json. ~48 min on 2 CPU cores, most of it TRL
