@@ -47,7 +47,7 @@ class StageError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, with what was kept (raised by a stage that knows, e.g. the last
-    checkpoint); a bare KeyboardInterrupt means nothing was written."""
+    checkpoint); a bare KeyboardInterrupt means the stage wrote no output (outputs are atomic)."""
 
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
@@ -68,7 +68,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
         _close_tracking("KILLED")
-        kept = str(interrupt) if isinstance(interrupt, Interrupted) else "nothing was written"
+        kept = str(interrupt) if isinstance(interrupt, Interrupted) else "no output written"
         _exit(f"interrupted: {stage}: {kept}{_params_hint()}", INTERRUPTED_EXIT)
 
 

@@ -7,15 +7,20 @@ aliases, the champion loads back and generates, and params.yaml is left as commi
 
 import csv
 import io
+import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.e2e import copy_repo, environment, run
+from tests.e2e import copy_repo, environment, git, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -47,35 +52,81 @@ def readme_commands() -> dict[str, list[str]]:
         words = shlex.split(line)
         if words[:3] == ["python", "-m", "pipeline.demo"]:
             commands[words[words.index("--name") + 1]] = [sys.executable, *words[1:]]
-        elif words[:3] == ["dvc", "exp", "show"]:
-            commands["show"] = [sys.executable, "-m", *words]
+        elif words[:3] == ["python", "-m", "pipeline.compare"]:
+            commands["show"] = [sys.executable, *words[1:]]
     return commands
+
+
+def interrupt_and_resume(repo: Path, env: dict[str, str], command: list[str]) -> dict[str, Any]:
+    """Ctrl-C `command` (SIGINT to its process group, as a terminal sends it) once training is
+    past its checkpoint of step 50, then run it again. Returns what a user would look at."""
+    started = subprocess.Popen(command, cwd=repo, env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not list(repo.glob("checkpoints/train/*/step-00000050")):
+        assert started.poll() is None and time.monotonic() < deadline, started.communicate()[0]
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few steps past the checkpoint
+    os.killpg(started.pid, signal.SIGINT)
+    interrupted = started.communicate(timeout=300)[0]
+    left = {
+        "status": started.returncode,
+        "output": interrupted,
+        "temporary copies": [p.name for p in (repo / ".dvc/tmp/exps/standalone").glob("tmp*")],
+        "compare": run(repo, env, sys.executable, "-m", "pipeline.compare"),
+        "run status": [r.info.status for r in runs_named(store_client(repo), "demo-resumed")],
+    }
+    left["resumed"] = run(repo, env, *command)
+    left["checkpoints after"] = list(repo.glob("checkpoints/train/*/step-*"))
+    return left
+
+
+def runs_named(client: MlflowClient, name: str) -> list:
+    """The MLflow runs of DVC experiment `name`."""
+    experiment = client.get_experiment_by_name("qwen3-dpo").experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.dvc_exp_name = '{name}'")
+
+
+def store_client(repo: Path) -> MlflowClient:
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=store, registry_uri=store)
 
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     """The README's experiments around a default demo run: lr 1e-6 first (the first version is
-    champion), the default demo (should win), a `dvc exp run` that fails offline and leaves
-    train.beta=0.5 in params.yaml, then lr 2e-6 (should lose, and must not pick up beta)."""
+    champion), the default demo (should win), the default again with other checkpoint steps,
+    stopped by Ctrl-C and run again (must resume to the default's curve), a demo pointed at a
+    model folder that does not exist, a `dvc exp run` that fails offline and leaves
+    train.beta=0.7 in params.yaml, then lr 2e-6 (should lose, and must not pick up beta), then
+    the undo the failure's error line gives."""
     repo = copy_repo(tmp_path_factory.mktemp("full-dag"))
     env = environment(asset_cache)
-    params_before = (repo / "params.yaml").read_text()
+    params_before = (repo / "params.yaml").read_bytes()
     readme = readme_commands()
     outputs = {"demo-lr-1e-6": run(repo, env, *readme["demo-lr-1e-6"])}
-    demo = [sys.executable, "-m", "pipeline.demo", "--name", "demo-default"]
-    outputs["demo-default"] = run(repo, env, *demo)
-    assert (repo / "params.yaml").read_text() == params_before, "the demo modified params.yaml"
-    failed = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.beta=0.5"],
+    demo = [sys.executable, "-m", "pipeline.demo"]
+    outputs["demo-default"] = run(repo, env, *demo, "--name", "demo-default")
+    assert (repo / "params.yaml").read_bytes() == params_before, "the demo modified params.yaml"
+    resumed = [*demo, "-S", "train.save_every=25", "--name", "demo-resumed"]
+    outputs["interrupt"] = interrupt_and_resume(repo, env, resumed)
+    outputs["missing"] = subprocess.run(
+        [*demo, "-S", "model.name=/nowhere/qwen3", "--name", "demo-missing"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert failed.returncode != 0 and "beta: 0.5" in (repo / "params.yaml").read_text()
+    failed = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.beta=0.7"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert failed.returncode != 0 and "beta: 0.7" in (repo / "params.yaml").read_text()
     outputs["demo-lr-2e-6"] = run(repo, env, *readme["demo-lr-2e-6"])
     outputs["failed"] = failed.stdout + failed.stderr
+    outputs["git status after failure"] = git(repo, "status", "--porcelain")
+    undo = re.search(r"`(git checkout params\.yaml)` restores", failed.stderr)
+    outputs["undo"] = undo and run(repo, env, *shlex.split(undo.group(1)))
+    outputs["params after undo"] = (repo / "params.yaml").read_bytes() == params_before
     outputs["show"] = run(repo, env, *readme["show"])
-    store = f"sqlite:///{repo / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    return repo, env, outputs, client
+    return repo, env, outputs, store_client(repo)
 
 
 def test_first_experiment_runs_every_stage(demo_runs) -> None:
@@ -96,22 +147,67 @@ def test_a_failed_experiment_is_one_line_and_does_not_leak_into_the_next_demo(de
     _, _, outputs, client = demo_runs
     assert "Traceback" not in outputs["failed"]
     assert "error: model.name: cannot get 'Qwen/Qwen3-0.6B'" in outputs["failed"]
-    assert "params.yaml has uncommitted changes (train.beta: 0.5" in outputs["demo-lr-2e-6"]
+    assert "params.yaml has uncommitted changes (train.beta: 0.7" in outputs["demo-lr-2e-6"]
     recorded = runs_by_name(client)["demo-lr-2e-6"].data.params
     assert float(recorded["train.beta"]) == 0.1 and float(recorded["train.lr"]) == 2e-6
 
 
-def test_the_readme_comparison_fits_one_screen(demo_runs) -> None:
+def test_a_failed_experiment_leaves_params_git_sees_and_the_error_line_undoes(demo_runs) -> None:
     _, _, outputs, _ = demo_runs
-    table = outputs["show"]
-    header = next(line for line in table.splitlines() if "Experiment" in line)
-    columns = [c for c in header.replace("┃", "|").split("|") if c.strip()]
-    assert len(columns) <= 12, columns
-    for name in ("train.lr", "win_rate", "kendall_tau", "eval_loss", "final_loss"):
-        assert any(name in c for c in columns), (name, columns)
-    for experiment in ("demo-lr-1e-6", "demo-default", "demo-lr-2e-6"):
-        assert experiment in table
-    assert max(len(line) for line in table.splitlines()) <= 160
+    assert " M params.yaml" in outputs["git status after failure"].splitlines()
+    assert outputs["undo"] is not None, outputs["failed"]  # the error line names the undo
+    assert outputs["params after undo"]  # params.yaml is the committed one, byte for byte
+
+
+def test_the_readme_comparison_ranks_best_first_within_80_columns(demo_runs) -> None:
+    _, _, outputs, _ = demo_runs
+    lines = outputs["show"].splitlines()
+    assert max(len(line) for line in lines) <= 80, outputs["show"]
+    assert lines[0].split() == [
+        "#", "experiment", "lr", "beta", "win_rate", "eval_loss", "tau", "final_loss"
+    ]  # fmt: skip
+    ranked = [line.split() for line in lines[1:] if line[:1].isdigit()]
+    names = [row[1] for row in ranked]
+    assert set(names[:2]) == {"demo-default", "demo-resumed"}, outputs["show"]
+    assert names[2:] == ["demo-lr-2e-6", "demo-lr-1e-6"], outputs["show"]  # eval loss decides
+    assert [row[0] for row in ranked] == ["1", "2", "3", "4"]
+    assert all(row[4].endswith("=") for row in ranked)  # one win rate: a tie, shown as one
+    losses = [float(row[5]) for row in ranked]
+    assert losses == sorted(losses) and len(ranked[0][5].split(".")[1]) == 4  # --precision 4
+    assert lines[-1].startswith("= same win rate")
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(demo_runs) -> None:
+    """Interrupted past a checkpoint, then run again: the resumed run logs the uninterrupted
+    run's losses (the default demo differs only in train.save_every), in one MLflow run."""
+    _, _, outputs, client = demo_runs
+    left = outputs["interrupt"]
+    assert left["status"] == 130 and "Traceback" not in left["output"], left["output"]
+    said = [line for line in left["output"].splitlines() if "interrupted:" in line]
+    assert len(said) == 1 and "checkpoint of step 50 is kept" in said[0], said
+    assert "ERROR" not in left["output"] and "exited with 130" not in left["output"]
+    assert left["temporary copies"] == [] and "running" not in left["compare"]
+    assert left["run status"] == ["KILLED"]
+    assert "resuming from" in left["resumed"] and left["checkpoints after"] == []
+    resumed = runs_named(client, "demo-resumed")
+    assert [r.info.status for r in resumed] == ["FINISHED"]
+    whole = runs_by_name(client)["demo-default"]
+    curves = {}
+    for name, run_ in (("whole", whole), ("resumed", resumed[0])):
+        history = client.get_metric_history(run_.info.run_id, "train/loss")
+        curves[name] = {point.step: point.value for point in history}
+        assert len(curves[name]) == len(history)  # no step logged twice
+    assert curves["resumed"].keys() == curves["whole"].keys()
+    for step, loss in curves["whole"].items():
+        assert abs(curves["resumed"][step] - loss) <= 1e-6, step
+
+
+def test_a_model_folder_that_does_not_exist_is_one_error_and_exit_1(demo_runs) -> None:
+    _, _, outputs, _ = demo_runs
+    missing = outputs["missing"]
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+    assert missing.returncode == 1, missing.stderr
+    assert errors == ["error: model.name: no folder at '/nowhere/qwen3' (and not a hub id)"]
 
 
 def test_dvc_exp_show_lists_the_experiments_with_metrics(demo_runs) -> None:
@@ -155,10 +251,11 @@ def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
 
 def test_the_better_experiment_takes_champion_and_the_worse_challenger(demo_runs) -> None:
     _, _, outputs, client = demo_runs
-    assert len(client.search_model_versions("name='qwen3-dpo'")) == 3
+    assert len(client.search_model_versions("name='qwen3-dpo'")) == 4
     champion = client.get_model_version_by_alias("qwen3-dpo", "champion")
     challenger = client.get_model_version_by_alias("qwen3-dpo", "challenger")
-    # Same win rate on the demo, a much lower held-out loss: the default lr wins the tie-break.
+    # Same win rate on the demo, a much lower held-out loss: the default lr wins the tie-break
+    # (the resumed default ties it exactly, and a full tie keeps the champion).
     assert champion.tags["dvc_exp_name"] == "demo-default"
     assert challenger.tags["dvc_exp_name"] == "demo-lr-2e-6"
     assert (

@@ -77,4 +77,4 @@ def test_sigterm_is_one_interrupted_line_and_exit_130(tmp_path: Path) -> None:
     stage.send_signal(signal.SIGTERM)
     _, stderr = stage.communicate(timeout=60)
     assert stage.returncode == 130
-    assert stderr.strip() == "interrupted: slow_stage: nothing was written"
+    assert stderr.strip() == "interrupted: slow_stage: no output written"

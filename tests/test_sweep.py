@@ -42,7 +42,7 @@ def readme_sweep() -> tuple[list[list[str]], list[str]]:
 
 def run_queue(repo: Path, env: dict[str, str], start: list[str], limit: float = 1200) -> str:
     """`dvc queue start ...`, then `dvc queue status` (as the README says) until no task is
-    queued or running; then the idle workers are stopped. Returns the last status."""
+    queued or running and the workers have stopped by themselves. Returns the last status."""
     # The workers inherit the command's stdout: with a pipe, waiting for the command would wait
     # for them to exit too. So the command writes to nowhere and only its exit is awaited.
     subprocess.run(start, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -50,15 +50,29 @@ def run_queue(repo: Path, env: dict[str, str], start: list[str], limit: float = 
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         status = run(repo, env, *DVC, "queue", "status")
-        if not any(word in status for word in (" Queued", " Running")):
-            run(repo, env, *DVC, "queue", "stop")
+        idle = "0 active, 0 idle" in status
+        if idle and not any(word in status for word in (" Queued", " Running")):
             return status
         time.sleep(2)
     raise AssertionError(f"the queue did not finish in {limit} s:\n{status}")
 
 
+def again(command: list[str]) -> list[str]:
+    """A queued line of the first sweep as a second sweep has it: a new name, and beta 0.2 so
+    that each experiment trains again rather than coming from the run-cache."""
+    name = command.index("--name") + 1
+    renamed = [*command[:name], f"{command[name]}-again", *command[name + 1 :]]
+    return [*renamed, "-S", "train.beta=0.2"]
+
+
+SWEPT = ("sweep-3e-4", "sweep-6e-4", "sweep-eval-200")
+SWEPT_AGAIN = tuple(f"{name}-again" for name in SWEPT)
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
+    """One demo run (the champion, its data stages cached), then the README's sweep twice in the
+    same clone: its two queued lines plus one on other held-out pairs each time."""
     repo = copy_repo(tmp_path_factory.mktemp("sweep"))
     env = environment(asset_cache)
     demo = (sys.executable, "-m", "pipeline.demo")
@@ -66,15 +80,13 @@ def sweep(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     queued, start = readme_sweep()
     assert len(queued) == 2 and start[-2:] == ["-j", "2"], (queued, start)
     queued.append([*demo, "--queue", "-S", "data.eval_size=200", "--name", "sweep-eval-200"])
-    for command in queued:
-        run(repo, env, *command)
-    started = time.monotonic()
-    status = run_queue(repo, env, start)
-    print(f"3 queued experiments, -j 2: {time.monotonic() - started:.0f} s")
-    logs = {
-        name: run(repo, env, *DVC, "queue", "logs", name)
-        for name in ("sweep-3e-4", "sweep-6e-4", "sweep-eval-200")
-    }
+    for round_ in (queued, [again(command) for command in queued]):
+        for command in round_:
+            run(repo, env, *command)
+        started = time.monotonic()
+        status = run_queue(repo, env, start)
+        print(f"3 queued experiments, -j 2: {time.monotonic() - started:.0f} s")
+    logs = {name: run(repo, env, *DVC, "queue", "logs", name) for name in SWEPT}
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     return repo, env, status, logs, client
@@ -87,7 +99,8 @@ def runs_by_name(client: MlflowClient) -> dict:
 
 def test_every_queued_experiment_succeeds_and_reruns_only_the_training_side(sweep) -> None:
     _, _, status, logs, _ = sweep
-    assert status.count("Success") == 3 and "Failed" not in status, status
+    assert status.count("Success") == 6 and "Failed" not in status, status  # both sweeps
+    assert "0 active, 0 idle" in status  # the workers stopped by themselves
     for name in ("sweep-3e-4", "sweep-6e-4"):
         for stage in ("train", "evaluate", "register"):
             assert f"Running stage '{stage}'" in logs[name], (name, stage)
@@ -99,7 +112,7 @@ def test_every_queued_experiment_succeeds_and_reruns_only_the_training_side(swee
 def test_no_run_version_or_metric_point_is_lost(sweep) -> None:
     _, _, _, _, client = sweep
     runs = runs_by_name(client)
-    assert set(runs) == {"sweep-base", "sweep-3e-4", "sweep-6e-4", "sweep-eval-200"}
+    assert set(runs) == {"sweep-base", *SWEPT, *SWEPT_AGAIN}
     for name, r in runs.items():  # every logged step arrived: the whole schedule, no gap
         steps, params = int(r.data.metrics["train_summary/steps"]), r.data.params
         every, per_epoch = int(params["train.log_every"]), steps // int(params["train.epochs"])
