@@ -9,10 +9,10 @@ DPO's reference must be the policy's own starting point (README, "Bigger models 
 
 from pathlib import Path
 
-import datasets
 import numpy as np
 from transformers import AutoTokenizer
 
+from pipeline.data.schema import load_tokenized
 from pipeline.model import reference
 from pipeline.model.loading import (
     Runtime,
@@ -59,7 +59,7 @@ def score_split(params: Params, split: str, runtime: Runtime, pad: int, out: Pat
     """One split's reference log-probs and their fingerprint, into `out / split`."""
     quantize = params.train.lora.quantize
     model = freeze(load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code, quantize))
-    dataset = datasets.load_from_disk(str(DATA_TOKENIZED / split))
+    dataset = load_tokenized(DATA_TOKENIZED / split)
     chosen, rejected = score_pairs(
         model, dataset, params.reference.batch_size, runtime, pad, f"reference {split}"
     )

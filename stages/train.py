@@ -11,10 +11,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-import datasets
 import mlflow
 from transformers import AutoTokenizer
 
+from pipeline.data.schema import load_tokenized
 from pipeline.model.loading import pad_token_id, resolve_runtime
 from pipeline.params import Params, load_params, save_resolved
 from pipeline.resources import rank_environment, stage_share
@@ -57,7 +57,7 @@ def train(params: Params, every_step: Callable[[], None]) -> None:
     world, runtime = distributed.init_from_env(resolve_runtime(params.train.device))
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
-    dataset = datasets.load_from_disk(str(DATA_TOKENIZED / "train"))
+    dataset = load_tokenized(DATA_TOKENIZED / "train")
     scorer = run.load_policy(params, runtime)
     reference = run.reference_scores(params, runtime, len(dataset), scorer)
     key = run.run_key(params.train, MODEL_BASE, DATA_TOKENIZED / "train")

@@ -3,7 +3,7 @@ import dataclasses
 import datasets
 import pytest
 
-from pipeline.data.schema import SUBSAMPLED_SCHEMA
+from pipeline.data.schema import SUBSAMPLED_SCHEMA, SchemaError, load_tokenized
 from pipeline.data.subsample import with_ids
 from pipeline.data.tokenization import (
     TooManyDropped,
@@ -13,7 +13,7 @@ from pipeline.data.tokenization import (
     tokenize_pair,
 )
 from pipeline.params import TokenizeParams
-from tests.helpers import source_rows, table
+from tests.helpers import random_pairs, source_rows, table
 
 PARAMS = TokenizeParams(
     template="Question: {question}\n\nAnswer: ",
@@ -135,3 +135,18 @@ def test_too_many_drops_fail_loudly(demo_tokenizer) -> None:
     params = dataclasses.replace(PARAMS, max_drop_share=0.2)
     with pytest.raises(TooManyDropped, match=r"tokenize train: dropped 33.3% .*empty_completion"):
         tokenize_dataset(crafted_dataset(), demo_tokenizer, params, "train")
+
+
+def test_a_tokenized_split_is_checked_on_read(tmp_path) -> None:
+    """Every reader (reference, train, evaluate) loads through `load_tokenized`: the columns
+    tokenize writes come back; another type or a missing split is an error naming the folder."""
+    good, wrong = tmp_path / "good", tmp_path / "wrong"
+    random_pairs(4).save_to_disk(str(good))
+    assert load_tokenized(good)["chosen_input_ids"] == random_pairs(4)["chosen_input_ids"]
+    int64 = datasets.List(datasets.Value("int64"))
+    int64 = datasets.Features({**random_pairs(1).features, "chosen_input_ids": int64})
+    random_pairs(4).cast(int64).save_to_disk(str(wrong))
+    with pytest.raises(SchemaError, match=f"{wrong}: column 'chosen_input_ids' has type"):
+        load_tokenized(wrong)
+    with pytest.raises(SchemaError, match="no tokenized split there: run the tokenize stage"):
+        load_tokenized(tmp_path / "missing")

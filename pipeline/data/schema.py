@@ -1,12 +1,14 @@
 """The one record type of the data stages, and its validation.
 
 Raw rows have exactly the columns of `lvwerra/stack-exchange-paired`. Subsample adds two ids and
-tokenize turns the texts into token ids; every stage checks what it reads against these schemas.
+tokenize turns the texts into token ids; every stage checks what it reads against these schemas
+(`read_split` for fetched parquet, `load_tokenized` for the tokenized Arrow shards).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -98,3 +100,22 @@ def read_split(folder: Path) -> pa.Table:
         raise FileNotFoundError(f"no parquet files in {folder}: run the download stage first")
     tables = [conform(pq.read_table(f), SOURCE_SCHEMA, str(f)) for f in files]
     return pa.concat_tables(tables)
+
+
+def tokenized_features() -> Any:
+    """TOKENIZED_SCHEMA as `datasets.Features`: the columns tokenize writes."""
+    import datasets  # here: the download and subsample stages never need it
+
+    return datasets.Features.from_arrow_schema(TOKENIZED_SCHEMA)
+
+
+def load_tokenized(folder: Path) -> Any:
+    """A tokenized split (memory-mapped Arrow shards) as a `datasets.Dataset`, checked against
+    TOKENIZED_SCHEMA; a missing split or a wrong column is a SchemaError naming the folder."""
+    import datasets
+
+    if not (Path(folder) / "dataset_info.json").is_file():
+        raise SchemaError(f"{folder}: no tokenized split there: run the tokenize stage first")
+    dataset = datasets.load_from_disk(str(folder))
+    check_schema(dataset.data.schema, TOKENIZED_SCHEMA, str(folder))
+    return dataset

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.data.schema import SUBSAMPLED_SCHEMA, conform
+from pipeline.data.schema import SUBSAMPLED_SCHEMA, conform, tokenized_features
 from pipeline.params import TokenizeParams
 from pipeline.stage_io import StageError
 
@@ -172,14 +172,10 @@ def tokenize_dataset(
 
     Runs across `params.num_proc` processes; raises TooManyDropped naming the split and reasons.
     """
+    # The tokenized schema, plus two columns the drop report reads before they are dropped.
     features = datasets.Features(
         {
-            "question_id": datasets.Value("string"),
-            "pair_id": datasets.Value("int64"),
-            **{
-                c: datasets.List(datasets.Value("int32"))
-                for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-            },
+            **tokenized_features(),
             "drop_reason": datasets.Value("string"),
             "truncated": datasets.List(datasets.Value("bool")),
         }

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 from transformers import AutoTokenizer
 
+from pipeline.data.schema import load_tokenized
 from pipeline.evaluate.metrics import evaluate_policy
 from pipeline.fingerprint import fingerprint
 from pipeline.model import reference
@@ -56,7 +56,7 @@ def score_heldout(
     reference stage's cached log-probs, and its per-pair results."""
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust)
-    dataset = datasets.load_from_disk(str(EVAL_SPLIT))
+    dataset = load_tokenized(EVAL_SPLIT)
     # The reference side comes from the reference stage, computed once per base model and data.
     quantize = params.train.lora.quantize  # the reference a 4-bit policy trained against
     identity = reference.describe(MODEL_BASE, EVAL_SPLIT, runtime, quantize)
