@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Small builders for tests: source-schema tables and hub-layout folders."""
+"""Shared test constants and small builders: source-schema tables, hub-layout folders, a tiny
+Qwen3, random tokenized pairs, train params."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.data.schema import SOURCE_SCHEMA
+from pipeline.model.loading import Runtime
+
+REPO = Path(__file__).resolve().parents[1]  # the repository under test
+CPU = Runtime(torch.device("cpu"), None)  # fp32 on the CPU, no autocast
 
 
 def source_rows(
@@ -47,7 +53,6 @@ def hub_layout(root: Path, train: list[list[dict]], evaluation: list[list[dict]]
 
 def tiny_qwen3(vocab_size: int = 96, seed: int = 0):
     """A 2-layer Qwen3 with random weights, for tests that need a real causal LM quickly."""
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -78,6 +83,8 @@ def random_pairs(n: int, vocab_size: int = 96, seed: int = 0):
     import datasets
     import numpy as np
 
+    from pipeline.data.schema import tokenized_features
+
     rng = np.random.default_rng(seed)
 
     def ids(lo: int, hi: int) -> list[int]:
@@ -90,34 +97,29 @@ def random_pairs(n: int, vocab_size: int = 96, seed: int = 0):
             "prompt_input_ids": [ids(3, 9) for _ in range(n)],
             "chosen_input_ids": [ids(2, 12) for _ in range(n)],
             "rejected_input_ids": [ids(2, 12) for _ in range(n)],
-        }
+        },
+        features=tokenized_features(),  # the tokenize stage's column types
     )
 
 
 def train_params(**overrides):
-    """TrainParams for small tests: plain DPO on the CPU, no warmup, a log row every step and no
-    checkpoint unless asked; any field can be overridden."""
-    from pipeline.params import TrainParams
+    """params.yaml's train section made small for tests: plain DPO on the CPU, no warmup, a log
+    row every step and no checkpoint unless asked; any field can be overridden. A new train
+    setting takes its params.yaml value here, so adding one touches no test."""
+    import dataclasses
 
-    settings = {
+    from pipeline.params import load_params
+
+    small = {
         "lr": 1e-3,
         "epochs": 1,
         "batch_size": 4,
-        "grad_accum": 1,
-        "beta": 0.1,
-        "warmup_ratio": 0.0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "max_steps": 0,
         "seed": 0,
+        "warmup_ratio": 0.0,
         "cached_reference": False,
-        "length_grouping": True,
         "device": "cpu",
-        "nproc": 1,
-        "parallel": "ddp",
         "log_every": 1,
         "save_every": 10**9,
         "max_tokens_per_micro_batch": 0,
-        "gradient_checkpointing": False,
     }
-    return TrainParams(**{**settings, **overrides})
+    return dataclasses.replace(load_params(REPO / "params.yaml").train, **{**small, **overrides})

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 
 from pipeline.track import champion as gate
 from pipeline.track import runs as tracking
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 ALIASES = ("champion", "challenger")
 KEY = {"heldout_pairs": "pairs-a", "base_model": "base-a", "scoring": "sigmoid-0.1-cpu"}
 
@@ -132,6 +132,7 @@ RACER = """
 import sys, time
 import mlflow
 from pipeline.track import champion, runs
+from tests.helpers import REPO
 version, start = sys.argv[1], float(sys.argv[2])
 runs.configure()
 read = champion.current_champion

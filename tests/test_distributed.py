@@ -21,9 +21,8 @@ from pipeline.params import LoraParams
 from pipeline.train.adapters import AdaptersOffReference, add_adapters
 from pipeline.train.loop import Resume, train_policy
 from pipeline.train.run import save_policy
-from tests.helpers import NoTokenizer, random_pairs, tiny_qwen3, train_params
+from tests.helpers import REPO, NoTokenizer, random_pairs, tiny_qwen3, train_params
 
-REPO = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 2
 PARAMS = train_params(
     epochs=2, batch_size=2 * PER_RANK_BATCH, grad_accum=2, warmup_ratio=0.2, seed=3, nproc=2,

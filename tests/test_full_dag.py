@@ -21,9 +21,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.e2e import copy_repo, environment, git, run
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 STAGES = (
     "download_model",
     "download_data",

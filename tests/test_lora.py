@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model.loading import Runtime, freeze
+from pipeline.model.loading import freeze
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import LoraParams
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, trainable_parameters
 from pipeline.train.loop import Resume, train_policy
-from tests.helpers import random_pairs, tiny_qwen3, train_params
+from tests.helpers import CPU, random_pairs, tiny_qwen3, train_params
 
-CPU = Runtime(torch.device("cpu"), None)
 LORA = LoraParams(enabled=True, rank=4, alpha=8.0)
 PARAMS = train_params(lr=1e-2, epochs=2, seed=5, save_every=3, lora=LORA)
 

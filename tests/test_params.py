@@ -5,8 +5,7 @@ import pytest
 import yaml
 
 from pipeline.params import ParamsError, load_params, resolve_keys, stage_param_keys
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def edit(path: Path, section: str, key: str, value: object) -> None:

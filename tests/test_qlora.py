@@ -26,9 +26,8 @@ from pipeline.stage_io import StageError
 from pipeline.train import run
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, dequantized_weights
 from pipeline.train.loop import Resume, train_policy
-from tests.helpers import NoTokenizer, random_pairs, tiny_qwen3, train_params
+from tests.helpers import CPU, NoTokenizer, random_pairs, tiny_qwen3, train_params
 
-CPU = Runtime(torch.device("cpu"), None)
 CUDA = Runtime(torch.device("cuda"), torch.bfloat16)  # check_quantize reads the device type only
 LORA = LoraParams(enabled=True, rank=4, alpha=8.0, quantize="nf4")
 PEFT_PREFIX = "model.base_model.model."  # scorer.model, then peft's wrappers of the HF model

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from pipeline.model import reference
-from pipeline.model.loading import Runtime, freeze
+from pipeline.model.loading import freeze
 from pipeline.model.reference import CachedReference, ModelReference, StaleReference
 from pipeline.model.scoring import CompletionScorer, collate_pairs, score_pairs
 from pipeline.train.loop import Resume, train_policy
-from tests.helpers import random_pairs, tiny_qwen3, train_params
-
-CPU = Runtime(torch.device("cpu"), None)
+from tests.helpers import CPU, random_pairs, tiny_qwen3, train_params
 
 
 def test_cached_values_equal_on_the_fly_values() -> None:

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.resources import Share, claim, rank_environment
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_concurrent_stages_split_the_cores_and_take_different_gpus(tmp_path: Path) -> None:

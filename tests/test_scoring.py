@@ -1,12 +1,9 @@
 import pytest
 import torch
 
-from pipeline.model.loading import Runtime
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs, token_logps
-from tests.helpers import random_pairs, tiny_qwen3
+from tests.helpers import CPU, random_pairs, tiny_qwen3
 from tests.plain_dpo import full_logits_logps
-
-CPU = Runtime(torch.device("cpu"), None)
 
 
 def assert_same_value_and_gradient(model, expected_scorer, scorer, batch) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # Modules that decide how a stage reads params, writes files and logs to MLflow, never the values
 # of its outputs. They are not deps (adding a train setting must not re-download the model), and

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def run_stage(stage: str, workdir: Path, **params: dict) -> subprocess.CompletedProcess:

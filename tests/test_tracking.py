@@ -7,8 +7,6 @@ from mlflow import MlflowClient
 from pipeline.params import load_params
 from pipeline.track import runs as tracking
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_store_and_artifacts_live_at_dvc_root(store: Path) -> None:
     assert tracking.configure() == f"sqlite:///{store / 'mlflow.db'}"

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.loading import Runtime, assert_frozen, enable_activation_checkpointing, freeze
+from pipeline.model.loading import assert_frozen, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import TrainParams
 from pipeline.train.loop import Resume, train_policy
 from pipeline.train.plan import epoch_order, optimizer_steps
 from pipeline.train.step import NonFiniteLoss
-from tests.helpers import random_pairs, tiny_qwen3, train_params
+from tests.helpers import CPU, random_pairs, tiny_qwen3, train_params
 
-CPU = Runtime(torch.device("cpu"), None)
 PARAMS = train_params(epochs=2, seed=7, save_every=2)
 
 

@@ -67,7 +67,7 @@ import datasets  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from pipeline.data.tokenization import TokenizedPair, tokenize_pair  # noqa: E402
-from pipeline.model.loading import Runtime, freeze, load_causal_lm, pad_token_id  # noqa: E402
+from pipeline.model.loading import freeze, load_causal_lm, pad_token_id  # noqa: E402
 from pipeline.model.reference import ModelReference  # noqa: E402
 from pipeline.model.scoring import (  # noqa: E402
     CompletionScorer,
@@ -87,13 +87,12 @@ from pipeline.params import (  # noqa: E402
 from pipeline.train.adapters import AdaptersOffReference, add_adapters  # noqa: E402
 from pipeline.train.loop import Resume, train_policy  # noqa: E402
 from pipeline.train.plan import epoch_plan, pair_lengths  # noqa: E402
+from tests.helpers import CPU, REPO  # noqa: E402
 from tests.plain_dpo import full_logits_logps  # noqa: E402
 
 # TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every reference forward.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 
-REPO = Path(__file__).resolve().parents[1]
-CPU = Runtime(torch.device("cpu"), None)
 BETA = 0.1
 N_PAIRS = 16
 BATCH = 4
