@@ -3,9 +3,10 @@
 Ranked as the register stage's champion gate ranks policies: the higher held-out win rate first
 and, at an equal win rate (a small model often ranks the same pairs right), the lower held-out
 DPO loss. A win rate shared by several experiments is marked `=`, so a tie is never mistaken for
-a difference. Experiments without held-out figures yet (queued, running, failed) follow, with
-their state. The rows come from DVC (`dvc.api.exp_show`, what `dvc exp show` lists); the table
-fits 80 columns.
+a difference. Experiments scored on other held-out pairs (another data.eval_size, seed, dataset,
+prompt template or model) are ranked in a section of their own: their figures do not compare.
+Experiments without held-out figures yet (queued, running, failed) follow, with their state. The
+rows come from DVC (`dvc.api.exp_show`, what `dvc exp show` lists); the table fits 80 columns.
 """
 
 from __future__ import annotations
@@ -13,20 +14,35 @@ from __future__ import annotations
 import argparse
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 # (header, key in DVC's rows, width): the params and figures that separate DPO runs.
-# Widths keep a row within 80 columns; tau is kendall_tau, final_loss the last train loss.
-NAME = ("experiment", "Experiment", 18)
-PARAMS = (("lr", "train.lr", 8), ("beta", "train.beta", 5))
+# Widths hold 4-digit figures and keep a row within 80 columns (a longer name is cut, a wider
+# figure widens its row); tau is kendall_tau, final_loss the last logged train loss.
+NAME = ("experiment", "Experiment", 20)  # `make demo` names are 20 characters
+PARAMS = (("lr", "train.lr", 9), ("beta", "train.beta", 5))
 FIGURES = (
     ("win_rate", "win_rate", 8),
     ("eval_loss", "eval_loss", 9),
-    ("tau", "kendall_tau", 6),
+    ("tau", "kendall_tau", 7),
     ("final_loss", "final_loss", 10),
 )
 TIE = "="
+# Params that decide which held-out pairs an experiment is scored on (and how they are tokenized).
+HELDOUT_KEYS = (
+    "model.name",
+    "model.revision",
+    "data.dataset",
+    "data.revision",
+    "data.eval_dir",
+    "data.eval_size",
+    "data.seed",
+    "tokenize.template",
+    "tokenize.use_chat_template",
+    "tokenize.max_length",
+    "tokenize.max_prompt_length",
+)
 
 
 def number(value: Any) -> float | None:
@@ -68,32 +84,66 @@ def figure_cell(value: Any, precision: int) -> str:
     return "-" if figure is None else f"{figure:.{precision}f}"
 
 
+def heldout_groups(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Rows grouped by the held-out pairs they were scored on, the largest group first, each
+    with what sets it apart ("held-out data.eval_size=200"); one group has no title."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        values = tuple(_setting(row.get(key)) for key in HELDOUT_KEYS)
+        groups.setdefault(values, []).append(row)
+    if len(groups) < 2:
+        return [("", list(rows))]
+    apart = [i for i in range(len(HELDOUT_KEYS)) if len({values[i] for values in groups}) > 1]
+    return [
+        ("held-out " + ", ".join(f"{HELDOUT_KEYS[i]}={values[i]}" for i in apart), members)
+        for values, members in sorted(groups.items(), key=lambda group: -len(group[1]))
+    ]
+
+
+def _setting(value: Any) -> str:
+    """A param as the user wrote it: 200, not DVC's 200.0."""
+    return str(value) if number(value) is None or isinstance(value, bool) else f"{value:g}"
+
+
 def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:
-    """The comparison as text: a header, one line per experiment, the tie note when needed."""
+    """The comparison as text: a header, the ranked experiments (a section per set of held-out
+    pairs when there are several), the waiting ones, the notes that apply."""
     best, waiting = ranked(rows)
-    shared = Counter(figure_cell(r["win_rate"], precision) for r in best)
-    columns = (NAME, *PARAMS, *FIGURES)
-    lines = ["#  " + "  ".join(f"{h:<{w}}" for h, _, w in columns).rstrip()]
-    for place, row in enumerate(best, 1):
-        cells = [label(row)]
-        cells += [param_cell(row.get(key), precision) for _, key, _ in PARAMS]
-        cells += [figure_cell(row.get(key), precision) for _, key, _ in FIGURES]
-        if shared[cells[len(PARAMS) + 1]] > 1:
-            cells[len(PARAMS) + 1] += TIE
-        text = "  ".join(_fit(c, w) for c, (_, _, w) in zip(cells, columns, strict=True))
-        lines.append(f"{place:<3}{text}".rstrip())
+    groups = heldout_groups(best)
+    lines, tied = ["#  " + _line(h for h, _, _ in (NAME, *PARAMS, *FIGURES))], False
+    for title, members in groups:
+        lines += [title + ":"] if title else []
+        shared = Counter(figure_cell(r["win_rate"], precision) for r in members)
+        tied = tied or max(shared.values()) > 1
+        for place, row in enumerate(members, 1):
+            cells = [label(row)]
+            cells += [param_cell(row.get(key), precision) for _, key, _ in PARAMS]
+            cells += [figure_cell(row.get(key), precision) for _, key, _ in FIGURES]
+            cells[len(PARAMS) + 1] += TIE if shared[cells[len(PARAMS) + 1]] > 1 else ""
+            lines.append(f"{place:<3}{_line(cells)}")
     for row in waiting:
         state = str(row.get("State") or "no figures").lower()
-        lines.append(f"{'-':<3}{_fit(label(row), NAME[2])}  ({state})")
-    if any(count > 1 for count in shared.values()):
+        lines.append(f"{'-':<3}{_cut(label(row))}  ({state})")
+    if tied:
         lines.append(f"{TIE} same win rate: the lower eval_loss ranks first (the champion gate)")
+    if len(groups) > 1:
+        lines.append("figures on other held-out pairs do not compare: each section ranks its own")
     if not best and not waiting:
         lines.append("no experiments yet: `python -m pipeline.demo` or `dvc exp run` makes one")
     return "\n".join(lines)
 
 
-def _fit(text: str, width: int) -> str:
-    return f"{text[: width - 1]}~" if len(text) > width else f"{text:<{width}}"
+def _line(cells: Iterable[str]) -> str:
+    """The name, two spaces, then the params and figures one space apart, left-aligned."""
+    name, *rest = cells
+    widths = [w for _, _, w in (*PARAMS, *FIGURES)]
+    cells = " ".join(f"{c:<{w}}" for c, w in zip(rest, widths, strict=True))
+    return f"{_cut(name)}  {cells}".rstrip()
+
+
+def _cut(name: str) -> str:
+    """A name in its column: cut with `~` when longer (figures are never cut)."""
+    return f"{name[: NAME[2] - 1]}~" if len(name) > NAME[2] else f"{name:<{NAME[2]}}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,6 +150,7 @@ print(champion.assign_alias(client, "m", version, ("champion", "challenger"), ne
 """
 
 
+@pytest.mark.slow  # two racing processes, started together once both have imported (~25 s)
 def test_two_registers_at_once_end_with_the_better_one_as_champion(client, store) -> None:
     versions = {"better": add_version(client, store, 0.9), "worse": add_version(client, store, 0.8)}
     start = time.time() + 15  # both processes past their imports, the better one a bit first

@@ -51,7 +51,7 @@ def test_every_line_fits_80_columns_even_with_long_names() -> None:
         "train.lr": 0.000123456, "final_loss": 12345.678})]  # fmt: skip
     text = table(rows)
     assert max(len(line) for line in text.splitlines()) <= 80, text
-    assert "a-very-long-exper~" in text
+    assert "a-very-long-experim~" in text
 
 
 def test_the_demo_hides_only_dvc_messages_a_user_cannot_act_on() -> None:
@@ -70,3 +70,18 @@ def test_the_demo_hides_only_dvc_messages_a_user_cannot_act_on() -> None:
         record("", RuntimeError("failed to run: python -m stages.train, exited with 1"))
     )
     assert actionable(record("Experiment conflicts with existing experiment 'x'"))
+
+
+def test_experiments_on_other_held_out_pairs_are_ranked_apart() -> None:
+    """An eval_size 200 run's win rate is over other pairs: never ranked above a 300 one."""
+    rows = [
+        row("small-eval", 0.95, 0.18, **{"data.eval_size": 200.0}),
+        row("a", 0.91, 0.22, **{"data.eval_size": 300}),
+        row("b", 0.90, 0.23, **{"data.eval_size": 300}),
+    ]
+    lines = table(rows).splitlines()
+    assert lines[1] == "held-out data.eval_size=300:"
+    assert [line.split()[:2] for line in lines[2:4]] == [["1", "a"], ["2", "b"]]
+    assert lines[4] == "held-out data.eval_size=200:"
+    assert lines[5].split()[:2] == ["1", "small-eval"]
+    assert lines[-1].startswith("figures on other held-out pairs do not compare")

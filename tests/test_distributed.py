@@ -41,6 +41,7 @@ def policy_and_reference(lora: bool, runtime: Runtime):
     return policy, AdaptersOffReference(policy, runtime)
 
 
+@pytest.mark.slow  # two worker processes each: ~15 s a case
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
