@@ -95,9 +95,10 @@ def venv_env() -> dict[str, str]:
 def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """Run `cmd` in a process group of its own and wait for it, even through Ctrl-C.
 
-    Ctrl-C or SIGTERM here is passed on once as SIGINT: the running stage stops, says what it
-    kept, and DVC removes its temporary copy of the repository and its "Running" entry. (Killing
-    DVC instead, as `subprocess.call` does on KeyboardInterrupt, left both behind.)
+    Ctrl-C or SIGTERM here is passed on as SIGINT: the running stage stops, says what it kept,
+    and DVC removes its temporary copy of the repository and its "Running" entry. (Killing DVC
+    instead, as `subprocess.call` does on KeyboardInterrupt, left both behind.) A stage ignores
+    a second Ctrl-C while it cleans up; DVC between stages takes it as its own interrupt.
     Returns (exit status, whether it was interrupted).
     """
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -105,9 +106,8 @@ def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
 
     def pass_on(signum: int, frame: Any) -> None:
         nonlocal interrupted
-        if not interrupted:
-            interrupted = True
-            os.killpg(child.pid, signal.SIGINT)
+        interrupted = True
+        os.killpg(child.pid, signal.SIGINT)
 
     previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
