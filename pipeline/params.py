@@ -24,13 +24,10 @@ from pipeline.strict_yaml import (
     read_yaml,
 )
 
-DEMO_MODEL = "demo:tiny-qwen3"
-DEMO_DATASET = "demo:stack-exchange-paired"
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelParams:
-    # Hub id ("Qwen/Qwen3-0.6B"), a local HF directory, or "demo:tiny-qwen3" (built offline).
+    # Hub id ("Qwen/Qwen3-0.6B") or a local HF directory (the offline demo points it at one).
     name: str
     # Hub revision (branch, tag or commit sha); ignored for local directories.
     revision: str
@@ -42,8 +39,8 @@ class ModelParams:
 
 @dataclasses.dataclass(frozen=True)
 class DataParams:
-    # Hub dataset id, a local dir in the hub layout, local parquet/jsonl file(s), or
-    # "demo:stack-exchange-paired" (generated offline in the exact source schema).
+    # Hub dataset id, or a local folder in the hub layout (<train_dir>/ and <eval_dir>/ holding
+    # parquet or jsonl files; the offline demo points it at its generated one).
     dataset: str
     # Hub revision of the dataset repository.
     revision: str

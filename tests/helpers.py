@@ -3,7 +3,9 @@ Qwen3, random tokenized pairs, train params."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,3 +125,19 @@ def train_params(**overrides):
         "max_tokens_per_micro_batch": 0,
     }
     return dataclasses.replace(load_params(REPO / "params.yaml").train, **{**small, **overrides})
+
+
+def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
+    """Write dotted-key overrides into a params file (of a throwaway copy of the repository)."""
+    import yaml
+
+    tree = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        *path, name = key.split(".")
+        node = tree
+        for part in path:  # nested sections too: train.lora.enabled
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            raise KeyError(f"demo override {key} is not a key of {params_file}")
+        node[name] = value
+    params_file.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")

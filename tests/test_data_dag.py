@@ -8,8 +8,9 @@ import datasets
 import pytest
 
 from pipeline.data.schema import TOKENIZED_SCHEMA
-from pipeline.demo.experiment import apply_overrides, demo_overrides
+from pipeline.demo.experiment import demo_overrides
 from tests.e2e import copy_repo, environment, run
+from tests.helpers import apply_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data_repo(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     repo = copy_repo(tmp_path_factory.mktemp("data-dag"))
-    apply_overrides(repo / "params.yaml", demo_overrides(repo / "demo" / "params.yaml"))
+    demo = demo_overrides(repo / "demo" / "params.yaml", asset_cache)
+    apply_overrides(repo / "params.yaml", demo)
     env = environment(asset_cache)
     output = run(repo, env, sys.executable, "-m", "dvc", "repro", "tokenize")
     return repo, env, output

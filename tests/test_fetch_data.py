@@ -33,7 +33,7 @@ def data_params(dataset: Path | str, fraction: float = 1.0, eval_size: int = 10)
 def test_only_the_shards_the_fraction_needs_are_fetched(tmp_path: Path) -> None:
     shards = [source_rows(10, 2, start=i * 10) for i in range(4)]  # 4 shards x 20 rows
     root = hub_layout(tmp_path / "repo", shards, [source_rows(5, 2, start=100)])
-    manifests = fetch_data(data_params(root, fraction=0.3), tmp_path / "raw", tmp_path / "cache")
+    manifests = fetch_data(data_params(root, fraction=0.3), tmp_path / "raw")
     train = manifests["train"]
     assert train["source_rows"] == 80 and train["rows_needed"] == 24
     assert train["rows_fetched"] == 40 and len(train["shards"]) == 2  # 20 < 24 <= 40
@@ -58,7 +58,7 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
     bad = table(source_rows(2, 1)).drop_columns(["response_k"])
     pq.write_table(bad, root / "data/rl/train-00000-of-00001.parquet")
     with pytest.raises(SchemaError, match="missing column 'response_k'"):
-        fetch_data(data_params(root), tmp_path / "raw", tmp_path / "cache")
+        fetch_data(data_params(root), tmp_path / "raw")
 
 
 def test_mistyped_column_is_named(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_mistyped_column_is_named(tmp_path: Path) -> None:
         root / "data/evaluation/train-00000-of-00001.parquet",
     )
     with pytest.raises(SchemaError, match="column 'qid' has type string, expected int64"):
-        fetch_data(data_params(root), tmp_path / "raw", tmp_path / "cache")
+        fetch_data(data_params(root), tmp_path / "raw")
 
 
 def test_jsonl_shards_load_through_the_same_path(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_jsonl_shards_load_through_the_same_path(tmp_path: Path) -> None:
         (root / folder).mkdir(parents=True)
         lines = [json.dumps(r) for r in source_rows(3, 2, start=start)]
         (root / folder / "train-00000-of-00001.jsonl").write_text("\n".join(lines) + "\n")
-    manifests = fetch_data(data_params(root), tmp_path / "raw", tmp_path / "cache")
+    manifests = fetch_data(data_params(root), tmp_path / "raw")
     assert manifests["train"]["rows_fetched"] == 6
     assert read_split(tmp_path / "raw" / "eval").schema.equals(SOURCE_SCHEMA)
 
@@ -102,26 +102,26 @@ def test_large_string_columns_are_normalised(tmp_path: Path) -> None:
         ),
         path,
     )
-    fetch_data(data_params(root), tmp_path / "raw", tmp_path / "cache")
+    fetch_data(data_params(root), tmp_path / "raw")
     assert pq.read_schema(tmp_path / "raw/train/part-00000.parquet").equals(SOURCE_SCHEMA)
 
 
 def test_dataset_sources_are_resolved(tmp_path: Path) -> None:
-    fs, root = open_dataset("lvwerra/stack-exchange-paired", "main", tmp_path)
+    fs, root = open_dataset("lvwerra/stack-exchange-paired", "main")
     assert root == "datasets/lvwerra/stack-exchange-paired@main"
     assert type(fs).__name__ == "HfFileSystem"
     with pytest.raises(StageError, match="data.dataset: no folder at '.*not a dataset'"):
-        open_dataset("not a dataset", "main", tmp_path)
+        open_dataset("not a dataset", "main")
     with pytest.raises(StageError, match=f"no folder at '{tmp_path}/gone'"):
-        open_dataset(str(tmp_path / "gone"), "main", tmp_path)  # a path, never a hub lookup
+        open_dataset(str(tmp_path / "gone"), "main")  # a path, never a hub lookup
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(StageError, match="is a file"):
-        open_dataset(str(tmp_path / "x.parquet"), "main", tmp_path)
+        open_dataset(str(tmp_path / "x.parquet"), "main")
 
 
 def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "repo/data/rl").mkdir(parents=True)
-    fs, root = open_dataset(str(tmp_path / "repo"), "main", tmp_path)
+    fs, root = open_dataset(str(tmp_path / "repo"), "main")
     with pytest.raises(FileNotFoundError, match="no .parquet or .jsonl files"):
         list_shards(fs, root, "data/rl")
 
@@ -132,7 +132,6 @@ def test_demo_dataset_loads_through_the_hub_layout_path(
     manifests = fetch_data(
         data_params(demo_dataset_dir, fraction=0.5, eval_size=50),
         tmp_path / "raw",
-        tmp_path / "cache",
     )
     assert manifests["train"]["source_shards"] > 1
     assert manifests["train"]["rows_fetched"] < manifests["train"]["source_rows"]

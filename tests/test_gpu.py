@@ -75,11 +75,12 @@ def test_demo_dag_on_cuda(tmp_path, asset_cache) -> None:
     """The real reference, train and evaluate stages on CUDA (bf16 autocast, checkpointing)."""
     pytest.importorskip("dvc", reason="the DAG needs dvc (carry its wheels to a bare GPU machine)")
     pytest.importorskip("mlflow", reason="the train stage logs to mlflow")
-    from pipeline.demo.experiment import apply_overrides, demo_overrides
+    from pipeline.demo.experiment import demo_overrides
     from tests.e2e import copy_repo, environment, run
+    from tests.helpers import apply_overrides
 
     repo = copy_repo(tmp_path / "repo")
-    overrides = demo_overrides(repo / "demo" / "params.yaml")
+    overrides = demo_overrides(repo / "demo" / "params.yaml", asset_cache)
     overrides.update({"train.device": "cuda", "eval.device": "cuda", "train.log_every": 1})
     overrides["train.gradient_checkpointing"] = True
     apply_overrides(repo / "params.yaml", overrides)

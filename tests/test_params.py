@@ -99,12 +99,17 @@ def test_resolved_params_follow_dvc_yaml() -> None:
     assert nested == {"train": {"device": "auto", "lora": {"quantize": "none"}}}
 
 
-def test_demo_overrides_are_valid_params(params_file: Path) -> None:
-    from pipeline.demo.experiment import apply_overrides, demo_overrides
+def test_demo_overrides_are_valid_params(
+    params_file: Path, asset_cache: Path, demo_model_dir: Path, demo_dataset_dir: Path
+) -> None:
+    """The demo points model.name and data.dataset at its local folders, as a user would."""
+    from pipeline.demo.experiment import demo_overrides
+    from tests.helpers import apply_overrides
 
-    apply_overrides(params_file, demo_overrides(REPO / "demo" / "params.yaml"))
+    apply_overrides(params_file, demo_overrides(REPO / "demo" / "params.yaml", asset_cache))
     params = load_params(params_file)
-    assert params.model.name == "demo:tiny-qwen3"
+    assert params.model.name == str(demo_model_dir.resolve())
+    assert params.data.dataset == str(demo_dataset_dir.resolve())
     assert params.train.lr == 1e-3
 
 

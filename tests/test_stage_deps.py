@@ -137,8 +137,8 @@ def test_a_missing_and_a_superfluous_dep_are_both_reported(dvc: dict) -> None:
 
 
 def test_a_folder_dep_covers_its_files_and_a_data_file_counts(dvc: dict) -> None:
-    # The demo's wording is data read by the generator: editing it must re-run the download.
-    assert "pipeline/demo/texts.yaml" in stage_code(REPO / "stages" / "download_data.py")
+    # Data a module reads counts as its code (the demo's wording, read by its generator).
+    assert "pipeline/demo/texts.yaml" in stage_code(REPO / "pipeline" / "demo" / "dataset.py")
     assert "pipeline/model/scoring.py" in listed_code(["pipeline/model"])
     broken = copy.deepcopy(dvc)
     broken["stages"]["evaluate"]["deps"].append("pipeline/train")
@@ -149,3 +149,12 @@ def test_plumbing_is_not_followed_into_the_loss_settings() -> None:
     # params.py validates train.* with the loss settings; the download stage must not depend on
     # them (a new loss variant must not re-download the model).
     assert "pipeline/objective/settings.py" not in stage_code(REPO / "stages" / "download_model.py")
+
+
+def test_no_stage_depends_on_the_demo(dvc: dict) -> None:
+    """The demo hands the stages ordinary local folders: editing its generator or wording never
+    re-runs a real project's download."""
+    for name, stage in dvc["stages"].items():
+        script = re.search(r"-m (stages\.\w+)", stage["cmd"]).group(1)
+        code = stage_code(module_path(script)) | listed_code(stage.get("deps", []))
+        assert not any(path.startswith("pipeline/demo") for path in code), name

@@ -30,8 +30,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.demo.experiment import apply_overrides, demo_overrides
+from pipeline.demo.experiment import demo_overrides
 from tests.e2e import copy_repo, environment, git, run
+from tests.helpers import apply_overrides
 from tests.test_full_dag import STAGES
 
 pytestmark = pytest.mark.slow
@@ -233,7 +234,8 @@ def team(request, tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_di
         # experiment ref (shared with `dvc exp push`), not in the workspace. Here they land in the
         # workspace and dvc.lock, which are what a team commits, pushes and pulls.
         first = copy_repo(top / "first")
-        apply_overrides(first / "params.yaml", demo_overrides(first / "demo" / "params.yaml"))
+        demo = demo_overrides(first / "demo" / "params.yaml", asset_cache)
+        apply_overrides(first / "params.yaml", demo)
         git(first, "commit", "-q", "-am", "the offline demo's params")
         env = {**environment(asset_cache), "MLFLOW_TRACKING_URI": server}
         dvc = [sys.executable, "-m", "dvc"]
@@ -284,7 +286,7 @@ def test_every_stage_ran_and_logged_to_the_server_not_a_local_store(team) -> Non
 def test_the_run_has_params_step_metrics_and_eval_metrics(team) -> None:
     run_ = the_run(team)
     params = run_.data.params
-    assert params["model.name"] == "demo:tiny-qwen3" and float(params["train.lr"]) == 1e-3
+    assert params["model.name"].endswith("/tiny-qwen3-v3") and float(params["train.lr"]) == 1e-3
     with (team.first / "plots/train.csv").open() as f:
         rows = list(csv.DictReader(f))
     history = team.client.get_metric_history(run_.info.run_id, "train/loss")

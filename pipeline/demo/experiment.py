@@ -1,4 +1,5 @@
-"""The offline CPU demo: the real DAG with the keys of demo/params.yaml overridden.
+"""The offline CPU demo: the real DAG with the keys of demo/params.yaml overridden, and
+model.name / data.dataset pointing at the demo's model and pairs, built as local folders.
 
 `python -m pipeline.demo` runs it as a DVC experiment in a temporary copy (`dvc exp run --temp`),
 so params.yaml keeps the real defaults and `dvc exp show` lists the demo beside real runs.
@@ -19,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.stage_io import INTERRUPTED_EXIT
+from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset
+from pipeline.stage_io import INTERRUPTED_EXIT, asset_cache_dir
 
 DEMO_PARAMS = Path("demo/params.yaml")
 
@@ -36,9 +38,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def demo_overrides(path: Path = DEMO_PARAMS) -> dict[str, Any]:
-    """The demo's overrides as dotted keys."""
-    return flatten(yaml.safe_load(path.read_text(encoding="utf-8")))
+def demo_overrides(path: Path = DEMO_PARAMS, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The demo's overrides as dotted keys: demo/params.yaml, and model.name and data.dataset
+    pointing at the demo's local folders (built into the asset cache on first use)."""
+    overrides = flatten(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return {**overrides, **demo_sources(Path(cache_dir or asset_cache_dir()).resolve())}
+
+
+def demo_sources(cache_dir: Path) -> dict[str, str]:
+    """The tiny Qwen3 and the generated pairs as ordinary local folders: the download stages
+    treat them as they treat any local model or dataset folder."""
+    model_dir = cache_dir / MODEL_FOLDER
+    if not (model_dir / "config.json").is_file():  # building it needs torch: imported only then
+        from pipeline.demo.model import ensure_demo_model
+
+        ensure_demo_model(cache_dir)
+    return {"model.name": str(model_dir), "data.dataset": str(ensure_demo_dataset(cache_dir))}
 
 
 def set_flags(overrides: Mapping[str, Any]) -> list[str]:
@@ -48,20 +63,6 @@ def set_flags(overrides: Mapping[str, Any]) -> list[str]:
         flags += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
         flags[-1] = flags[-1].removesuffix("\n...")
     return flags
-
-
-def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
-    """Write the overrides into a params file (for a throwaway copy of the repository)."""
-    tree = yaml.safe_load(params_file.read_text(encoding="utf-8"))
-    for key, value in overrides.items():
-        *path, name = key.split(".")
-        node = tree
-        for part in path:  # nested sections too: train.lora.enabled
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or name not in node:
-            raise KeyError(f"demo override {key} is not a key of {params_file}")
-        node[name] = value
-    params_file.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
 
 
 def committed_params(path: Path = Path("params.yaml")) -> dict[str, Any] | None:

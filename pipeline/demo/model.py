@@ -20,7 +20,7 @@ from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from pipeline.demo.dataset import DEMO_SEED, VERSION, ensure_demo_dataset, sample_texts
+from pipeline.demo.dataset import DEMO_SEED, MODEL_FOLDER, ensure_demo_dataset, sample_texts
 from pipeline.stage_io import atomic_dir
 
 # Qwen's special tokens in Qwen's order, appended after the learned vocabulary as in Qwen3.
@@ -128,7 +128,7 @@ def build_tiny_qwen3(
 
 def ensure_demo_model(cache_dir: Path) -> Path:
     """The tiny Qwen3, its tokenizer trained on the demo sample's texts; built once."""
-    target = Path(cache_dir) / f"tiny-qwen3-{VERSION}"
+    target = Path(cache_dir) / MODEL_FOLDER
     if not (target / "config.json").is_file():
         # Forked workers of later stages (datasets.map) must not inherit a busy Rust pool.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,9 +21,8 @@ from fsspec.implementations.local import LocalFileSystem
 from huggingface_hub import HfFileSystem
 
 from pipeline.data.schema import SOURCE_SCHEMA, check_schema, conform
-from pipeline.demo.dataset import ensure_demo_dataset
 from pipeline.download.hub import local_folder, reaching_the_hub
-from pipeline.params import DEMO_DATASET, DataParams
+from pipeline.params import DataParams
 from pipeline.stage_io import bar, write_json_atomic
 
 SHARD_SUFFIXES = (".parquet", ".jsonl")
@@ -35,12 +34,8 @@ class Shard:
     rows: int
 
 
-def open_dataset(
-    dataset: str, revision: str, cache_dir: Path
-) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_dataset(dataset: str, revision: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve `data.dataset` to (filesystem, root folder of the repository layout)."""
-    if dataset == DEMO_DATASET:
-        return LocalFileSystem(), str(ensure_demo_dataset(cache_dir))
     layout = (
         "a folder laid out like the hub repository (<train_dir>/*.parquet|*.jsonl and "
         "<eval_dir>/*.parquet|*.jsonl)"
@@ -119,12 +114,12 @@ def _fetch_shard(fs: fsspec.AbstractFileSystem, shard: Shard, dest: Path) -> Non
         pq.write_table(conform(pq.read_table(dest), SOURCE_SCHEMA, origin), dest)
 
 
-def fetch_data(params: DataParams, out_dir: Path, cache_dir: Path) -> dict[str, object]:
+def fetch_data(params: DataParams, out_dir: Path) -> dict[str, object]:
     """download stage, data half: out_dir/{train,eval}/ plus a manifest per split.
 
     Writes into `out_dir` directly; the stage wraps it in atomic_dir so the pair lands at once.
     """
-    fs, root = open_dataset(params.dataset, params.revision, cache_dir)
+    fs, root = open_dataset(params.dataset, params.revision)
     hub = isinstance(fs, HfFileSystem)
     with reaching_the_hub("data.dataset", params.dataset) if hub else contextlib.nullcontext():
         train_shards = list_shards(fs, root, params.train_dir)

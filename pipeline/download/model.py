@@ -1,8 +1,8 @@
 """Fetch the base model into a plain Hugging Face folder (config, safetensors, tokenizer).
 
-A hub id is first snapshotted (only the files a causal LM needs); the demo model is built
-locally; a local folder is used as is. From there every source takes the same path: refuse remote
-code and pickle weights unless params allow them, check the folder loads, copy it into place.
+A hub id is first snapshotted (only the files a causal LM needs); a local folder is used as is.
+From there both take the same path: refuse remote code and pickle weights unless params allow
+them, check the folder loads, copy it into place.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.demo.model import ensure_demo_model
 from pipeline.download.hub import local_folder, reaching_the_hub
-from pipeline.params import DEMO_MODEL, ModelParams
+from pipeline.params import ModelParams
 
 # What a causal LM folder needs; anything else in a hub repo (ONNX, GGUF, images) is skipped.
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 PICKLE_FILES = ["*.bin", "*.pt", "*.pth"]
 
 
-def resolve_model_dir(params: ModelParams, cache_dir: Path) -> Path:
+def resolve_model_dir(params: ModelParams) -> Path:
     """A local folder holding the model named by `model.name`."""
-    if params.name == DEMO_MODEL:
-        return ensure_demo_model(cache_dir)
     local = local_folder("model.name", params.name, "a model folder")
     if local is not None:
         return local
@@ -58,12 +55,12 @@ def check_model_dir(source: Path, params: ModelParams) -> None:
             )
 
 
-def fetch_model(params: ModelParams, out_dir: Path, cache_dir: Path) -> Path:
+def fetch_model(params: ModelParams, out_dir: Path) -> Path:
     """download stage, model half: out_dir with safetensors weights and the tokenizer.
 
     Writes into `out_dir` directly; the stage wraps it in atomic_dir.
     """
-    source = resolve_model_dir(params, cache_dir)
+    source = resolve_model_dir(params)
     check_model_dir(source, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(source.glob("*.safetensors")):
