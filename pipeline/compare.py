@@ -114,7 +114,7 @@ def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:
     for title, members in groups:
         lines += [title + ":"] if title else []
         shared = Counter(figure_cell(r["win_rate"], precision) for r in members)
-        tied = tied or max(shared.values()) > 1
+        tied = tied or max(shared.values(), default=0) > 1
         for place, row in enumerate(members, 1):
             cells = [label(row)]
             cells += [param_cell(row.get(key), precision) for _, key, _ in PARAMS]

@@ -85,3 +85,8 @@ def test_experiments_on_other_held_out_pairs_are_ranked_apart() -> None:
     assert lines[4] == "held-out data.eval_size=200:"
     assert lines[5].split()[:2] == ["1", "small-eval"]
     assert lines[-1].startswith("figures on other held-out pairs do not compare")
+
+
+def test_only_queued_experiments_are_listed_with_their_state() -> None:
+    lines = table([row("typic-scow", "!", "!", State="Queued")]).splitlines()
+    assert lines[1:] == ["-  typic-scow            (queued)"]
