@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 
 # The whole DAG on the offline demo (tiny Qwen3 + generated pairs), CPU, as a DVC experiment.
 demo: install
-	$(BIN)/python -m pipeline.demo --name demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/python -m pipeline.demo
 
 # This commit's experiments, best first (held-out win rate, then eval loss), in 80 columns.
 compare: install

@@ -148,7 +148,7 @@ MLFLOW_UI = "--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 500
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--name", help="experiment name shown by `dvc exp show` (default: demo-<date>-<time>)"
+        "--name", help="experiment name (default: demo-<date>-<time>; queued: DVC picks one)"
     )
     parser.add_argument(
         "--set",
@@ -191,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     explicit = {extra.split("=", 1)[0] for extra in args.set}
     overrides = {k: v for k, v in overrides_for(explicit).items() if k not in explicit}
-    name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
+    # A run now gets a dated name (its summary is looked up by name); a queued one without a
+    # name gets DVC's own, so two lines queued within one second do not collide.
+    name = args.name or (None if args.queue else time.strftime("demo-%Y%m%d-%H%M%S"))
     mode = "--queue" if args.queue else "--temp"
     dvc_args = ["exp", "run", mode, *set_flags(overrides)]
     for extra in args.set:
         dvc_args += ["-S", extra]
-    dvc_args += ["-n", name, *([args.target] if args.target else [])]
+    dvc_args += [*(["-n", name] if name else []), *([args.target] if args.target else [])]
     print("+ dvc", " ".join(dvc_args), flush=True)
     cmd = [sys.executable, "-m", "pipeline.demo.dvc_cli", *dvc_args]
     status, interrupted = run_to_the_end(cmd, venv_env())
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return 1  # DVC and the failing stage have said why
     if args.queue:
-        print(f"queued {name}: `dvc queue start` runs the queue, `dvc queue status` shows it")
+        queued = f"queued {name}" if name else "queued"
+        print(f"{queued}: `dvc queue start` runs the queue, `dvc queue status` shows it")
     elif not args.target:
         print(where_next(name))
     return 0
