@@ -21,7 +21,7 @@ from typing import Any
 # Widths hold 4-digit figures and keep a row within 80 columns (a longer name is cut, a wider
 # figure widens its row); tau is kendall_tau, final_loss the last logged train loss.
 NAME = ("experiment", "Experiment", 20)  # `make demo` names are 20 characters
-PARAMS = (("lr", "train.lr", 9), ("beta", "train.beta", 5))
+PARAMS = (("lr", "train.lr", 9), ("beta", "loss.beta", 5))
 FIGURES = (
     ("win_rate", "win_rate", 8),
     ("eval_loss", "eval_loss", 9),

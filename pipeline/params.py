@@ -13,7 +13,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.objective.settings import LossName, check_settings
 from pipeline.stage_io import RESOLVED_PARAMS, write_json_atomic
 from pipeline.strict_yaml import (
     ParamsError,
@@ -131,8 +130,6 @@ class TrainParams:
     batch_size: int = dataclasses.field(metadata=positive())
     # Micro-steps accumulated per optimizer step.
     grad_accum: int = dataclasses.field(metadata=positive())
-    # DPO temperature: strength of the pull towards the reference model.
-    beta: float = dataclasses.field(metadata=positive())
     # Share of optimizer steps spent in linear warmup.
     warmup_ratio: float = dataclasses.field(
         metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)")
@@ -170,33 +167,10 @@ class TrainParams:
     # less activation memory for about a third more compute; gradients unchanged.
     gradient_checkpointing: bool
 
-    # Loss settings last, with defaults (plain DPO) for code that builds TrainParams directly;
-    # params.yaml must still name every one of them.
-    # Loss variant (pipeline/objective/losses.py, formulas in the README): sigmoid | robust | ipo |
-    # hinge | simpo.
-    loss: LossName = "sigmoid"
-    # sigmoid: cDPO smoothing eps; robust: assumed label flip rate. In [0, 0.5); 0 = plain DPO.
-    label_smoothing: float = 0.0
-    # SimPO's target reward margin (simpo only).
-    gamma: float = 0.0
-    # Weight of the chosen answer's per-token NLL added to the loss (RPO); 0 = off.
-    sft_weight: float = 0.0
-    # No reference model: its log-probs are taken as 0 (required by simpo).
-    reference_free: bool = False
     # Low-rank adapters (README: "Bigger models on one GPU"); off trains every weight.
     lora: LoraParams = dataclasses.field(default_factory=LoraParams)
 
     def __post_init__(self) -> None:
-        try:
-            check_settings(
-                self.loss,
-                label_smoothing=self.label_smoothing,
-                gamma=self.gamma,
-                sft_weight=self.sft_weight,
-                reference_free=self.reference_free,
-            )
-        except ValueError as error:  # its message starts with the setting's name
-            raise ParamsError(f"train.{error}") from None
         if self.lora.quantize != "none" and self.nproc > 1 and self.parallel == "fsdp":
             # FSDP would have to shard bitsandbytes' packed 4-bit weights: not built, not tested.
             raise ParamsError(
@@ -204,13 +178,50 @@ class TrainParams:
                 "supported: use train.parallel: ddp (each GPU holds the 4-bit base)"
             )
 
-    def loss_settings(self) -> dict[str, float]:
-        """The keyword settings of `pipeline.objective.losses.compute_loss`."""
-        return {
-            "label_smoothing": self.label_smoothing,
-            "gamma": self.gamma,
-            "sft_weight": self.sft_weight,
-        }
+
+#: The loss variants (formulas: pipeline/objective/losses.py and the README, "Loss variants").
+LossName = Literal["sigmoid", "robust", "ipo", "hinge", "simpo"]
+#: Variants that read label_smoothing (as the smoothing eps, resp. the label flip rate).
+LABEL_SMOOTHED = frozenset({"sigmoid", "robust"})
+#: Variants defined without a reference model: their rewards are beta * average policy log-prob.
+REFERENCE_FREE = frozenset({"simpo"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossParams:
+    """The objective: train, evaluate and register all read it from here. A setting the chosen
+    variant would ignore is an error, not a silent no-op. Defaults (plain DPO) serve code that
+    builds LossParams directly; params.yaml must name every key."""
+
+    # sigmoid | robust | ipo | hinge | simpo.
+    variant: LossName = "sigmoid"
+    # DPO temperature: strength of the pull towards the reference model.
+    beta: float = dataclasses.field(default=0.1, metadata=positive())
+    # sigmoid: cDPO smoothing eps; robust: assumed label flip rate. In [0, 0.5); 0 = plain DPO.
+    label_smoothing: float = dataclasses.field(
+        default=0.0, metadata=check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+    )
+    # SimPO's target reward margin (simpo only).
+    gamma: float = dataclasses.field(default=0.0, metadata=non_negative())
+    # Weight of the chosen answer's per-token NLL added to the loss (RPO); 0 = off.
+    sft_weight: float = dataclasses.field(default=0.0, metadata=non_negative())
+    # No reference model: its log-probs are taken as 0 (required by simpo).
+    reference_free: bool = False
+
+    def __post_init__(self) -> None:
+        if self.label_smoothing and self.variant not in LABEL_SMOOTHED:
+            raise ParamsError(
+                f"loss.label_smoothing applies to {sorted(LABEL_SMOOTHED)} only, not "
+                f"{self.variant}"
+            )
+        if self.gamma and self.variant != "simpo":
+            raise ParamsError(
+                f"loss.gamma is SimPO's target margin and applies to simpo only, not {self.variant}"
+            )
+        if self.variant in REFERENCE_FREE and not self.reference_free:
+            raise ParamsError(
+                f"loss.variant {self.variant} is reference-free: set loss.reference_free: true"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +260,7 @@ class Params:
     tokenize: TokenizeParams
     reference: ReferenceParams
     train: TrainParams
+    loss: LossParams
     eval: EvalParams
     register: RegisterParams
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 from pipeline.model.loading import Runtime
-from pipeline.train import distributed, run
-from pipeline.train.loop import Resume, train_policy
-from tests.helpers import NoTokenizer, random_pairs
+from pipeline.train import distributed, export
+from tests.helpers import NoTokenizer, fit, random_pairs
 from tests.test_distributed import PARAMS, PER_RANK_BATCH, policy_and_reference
 
 if __name__ == "__main__":
@@ -27,14 +26,15 @@ if __name__ == "__main__":
     for _ in range(2):  # the second run finds the final checkpoint and restores it
         scorer, reference = policy_and_reference(lora, runtime)
         policy = distributed.wrap(scorer, world, runtime, strategy)
-        result = train_policy(
+        result = fit(
             policy,
             reference,
             random_pairs(22),
             params,
             runtime,
             0,
-            Resume(out.parent / "ckpt", "key"),
+            out.parent / "ckpt",
+            "key",
         )
         runs.append(result.log)
     state = distributed.full_model_state(policy)
@@ -44,9 +44,8 @@ if __name__ == "__main__":
                                    "sharded": distributed.is_sharded(policy),
                                    "weights_abs_sum": checksum}))  # fmt: skip
     if lora:  # after the checksum: merging in place changes the weights
-        policy_state = run.policy_state(policy)  # the train stage's gather: a collective in FSDP
+        state = export.policy_state(policy)  # the train stage's gather: a collective in FSDP
         if world.is_main:
-            base = run.BaseFolder(out.parent / "base", False)
-            run.save_policy(out.parent / "policy", scorer, NoTokenizer(), policy_state,
-                            torch.float32, base)  # fmt: skip
+            export.save_policy(out.parent / "policy", scorer, NoTokenizer(), state, torch.float32,
+                               out.parent / "base")  # fmt: skip
     distributed.shutdown(world)

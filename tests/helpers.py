@@ -127,6 +127,36 @@ def train_params(**overrides):
     return dataclasses.replace(load_params(REPO / "params.yaml").train, **{**small, **overrides})
 
 
+def objective(variant: str, beta: float, **settings):
+    """LossParams as params.yaml would hold them for `variant` (simpo: reference-free)."""
+    from pipeline.params import REFERENCE_FREE, LossParams
+
+    return LossParams(variant, beta, reference_free=variant in REFERENCE_FREE, **settings)
+
+
+def loss_params(**overrides):
+    """params.yaml's loss section (plain DPO unless it says otherwise) with `overrides`."""
+    import dataclasses
+
+    from pipeline.params import load_params
+
+    return dataclasses.replace(load_params(REPO / "params.yaml").loss, **overrides)
+
+
+def fit(policy, reference, dataset, params, runtime, pad_token_id, folder, key, loss=None, **hooks):
+    """Train with the train stage's own recipe (checkpoints in `folder` under run key `key`) and
+    return it: `.log`, `.epoch_losses`, `.step`, `.summary()`. Without `loss`, params.yaml's,
+    reference-free exactly when `reference` is None."""
+    from pipeline.train.recipe import DPORecipe
+
+    loss = loss or loss_params(reference_free=reference is None)
+    recipe = DPORecipe(
+        policy, reference, dataset, params, loss, runtime, pad_token_id, folder, key, **hooks
+    )
+    recipe.train()
+    return recipe
+
+
 def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
     """Write dotted-key overrides into a params file (of a throwaway copy of the repository)."""
     import yaml

@@ -11,7 +11,7 @@ from pipeline.demo.dvc_cli import actionable
 def row(name: str, win_rate, eval_loss, **extra) -> dict:
     """A row as `dvc.api.exp_show` gives it (params may be DVC's strings, "!" when missing)."""
     return {"Experiment": name, "typ": "branch_base", "rev": "abc1234", "train.lr": "1e-06",
-            "train.beta": 0.1, "win_rate": win_rate, "eval_loss": eval_loss,
+            "loss.beta": 0.1, "win_rate": win_rate, "eval_loss": eval_loss,
             "kendall_tau": 0.83036, "final_loss": 0.0951, **extra}  # fmt: skip
 
 

@@ -19,9 +19,8 @@ from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer
 from pipeline.params import LoraParams
 from pipeline.train.adapters import AdaptersOffReference, add_adapters
-from pipeline.train.loop import Resume, train_policy
-from pipeline.train.run import save_policy
-from tests.helpers import REPO, NoTokenizer, random_pairs, tiny_qwen3, train_params
+from pipeline.train.export import save_policy
+from tests.helpers import REPO, NoTokenizer, fit, random_pairs, tiny_qwen3, train_params
 
 PER_RANK_BATCH = 2
 PARAMS = train_params(
@@ -74,14 +73,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     runtime = Runtime(torch.device("cpu"), None)
     # 22 pairs: the 2-process run drops none (22 % 2 == 0); steps of 2 x 4 pairs, last one short.
     policy, reference = policy_and_reference(strategy.endswith("-lora"), runtime)
-    single = train_policy(
+    single = fit(
         policy,
         reference,
         random_pairs(22),
         PARAMS,
         runtime,
         0,
-        Resume(tmp_path / "single", "key"),
+        tmp_path / "single",
+        "key",
     )
     assert [r["step"] for r in ddp["log"]] == [r["step"] for r in single.log]
     for multi, one in zip(ddp["log"], single.log, strict=True):

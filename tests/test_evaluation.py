@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import datasets
@@ -11,9 +10,9 @@ import pytest
 
 from pipeline.evaluate.metrics import margin_histogram, pair_losses, reward_metrics
 from pipeline.objective.metrics import dataset_token_counts
-from tests.helpers import train_params
+from tests.helpers import loss_params
 
-DPO = train_params(batch_size=2, length_grouping=False, cached_reference=True)
+DPO = loss_params()
 # Three pairs of one question; answer ids a > b > c, and pair 2 is a labelled (a, c).
 DATA = datasets.Dataset.from_dict(
     {
@@ -54,7 +53,7 @@ def test_the_reference_against_itself_scores_one_half() -> None:
 
 
 def test_reference_free_simpo_rewards_are_per_token_policy_log_probs() -> None:
-    simpo = dataclasses.replace(DPO, loss="simpo", beta=2.0, gamma=0.5, reference_free=True)
+    simpo = loss_params(variant="simpo", beta=2.0, gamma=0.5, reference_free=True)
     scored = pair_losses(POLICY, REFERENCE, DATA, simpo)  # the reference is not read
     chosen = [2.0 * -8 / 4, 2.0 * -3 / 2, 2.0 * -6 / 3]
     rejected = [2.0 * -7 / 2, 2.0 * -4 / 1, 2.0 * -5 / 1]  # 0 tokens count as 1
@@ -65,7 +64,7 @@ def test_reference_free_simpo_rewards_are_per_token_policy_log_probs() -> None:
 
 
 def test_ipo_evaluates_length_normalised_margins() -> None:
-    ipo = dataclasses.replace(DPO, loss="ipo")
+    ipo = loss_params(variant="ipo")
     scored = pair_losses(POLICY, REFERENCE, DATA, ipo)
     h_avg = [1 / 4 - (-1) / 2, 0.5 / 2 - (-1) / 1, 0.0 - 0.0]
     assert scored.losses.tolist() == pytest.approx([(h - 5.0) ** 2 for h in h_avg])

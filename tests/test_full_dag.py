@@ -98,7 +98,7 @@ def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
     champion), the default demo (should win), the default again with other checkpoint steps,
     stopped by Ctrl-C and run again (must resume to the default's curve), a demo pointed at a
     model folder that does not exist, a `dvc exp run` that fails offline and leaves
-    train.beta=0.7 in params.yaml, then lr 2e-6 (should lose, and must not pick up beta), then
+    loss.beta=0.7 in params.yaml, then lr 2e-6 (should lose, and must not pick up beta), then
     the undo the failure's error line gives."""
     repo = copy_repo(tmp_path_factory.mktemp("full-dag"))
     env = environment(asset_cache)
@@ -115,7 +115,7 @@ def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
         cwd=repo, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     failed = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.beta=0.7"],
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "loss.beta=0.7"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert failed.returncode != 0 and "beta: 0.7" in (repo / "params.yaml").read_text()
@@ -147,9 +147,9 @@ def test_a_failed_experiment_is_one_line_and_does_not_leak_into_the_next_demo(de
     _, _, outputs, client = demo_runs
     assert "Traceback" not in outputs["failed"]
     assert "error: model.name: cannot get 'Qwen/Qwen3-0.6B'" in outputs["failed"]
-    assert "params.yaml has uncommitted changes (train.beta: 0.7" in outputs["demo-lr-2e-6"]
+    assert "params.yaml has uncommitted changes (loss.beta: 0.7" in outputs["demo-lr-2e-6"]
     recorded = runs_by_name(client)["demo-lr-2e-6"].data.params
-    assert float(recorded["train.beta"]) == 0.1 and float(recorded["train.lr"]) == 2e-6
+    assert float(recorded["loss.beta"]) == 0.1 and float(recorded["train.lr"]) == 2e-6
 
 
 def test_a_failed_experiment_leaves_params_git_sees_and_the_error_line_undoes(demo_runs) -> None:

@@ -16,8 +16,7 @@ import torch
 from pipeline.model.loading import enable_activation_checkpointing, freeze, resolve_runtime
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
-from pipeline.train.loop import Resume, train_policy
-from tests.helpers import random_pairs, tiny_qwen3, train_params
+from tests.helpers import fit, random_pairs, tiny_qwen3, train_params
 from tests.plain_dpo import full_logits_logps
 
 pytestmark = [
@@ -53,14 +52,15 @@ def test_step_one_is_ln2_and_budget_and_checkpointing_keep_the_gradient(cuda, tm
         if changes.get("gradient_checkpointing"):
             enable_activation_checkpointing(policy.model)
         reference = ModelReference(freeze(CompletionScorer(tiny_qwen3().to(cuda.device))), cuda)
-        result = train_policy(
+        result = fit(
             policy,
             reference,
             random_pairs(16),
             dataclasses.replace(params, **changes),
             cuda,
             0,
-            Resume(tmp_path / name, "key"),
+            tmp_path / name,
+            "key",
         )
         results[name] = result.log
     assert results["plain"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -105,7 +105,7 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_the_dequantised_merge(
     from pipeline.model.scoring import load_scorer
     from pipeline.params import LoraParams
     from pipeline.train.adapters import AdaptersOffReference, add_adapters
-    from pipeline.train.run import BaseFolder, save_policy
+    from pipeline.train.export import save_policy
     from tests.helpers import NoTokenizer
 
     check_quantize("nf4", cuda, "train.device")  # CUDA and bitsandbytes: accepted
@@ -121,17 +121,13 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_the_dequantised_merge(
             batch_logps(cached, batch, cuda), adapters_off(batch, None), atol=2e-2, rtol=1e-3
         )
     params = train_params(lr=1e-2, epochs=3, seed=5, lora=lora, device="cuda")
-    result = train_policy(
-        policy, adapters_off, random_pairs(16), params, cuda, 0, Resume(tmp_path / "ck", "k")
-    )
+    result = fit(policy, adapters_off, random_pairs(16), params, cuda, 0, tmp_path / "ck", "k")
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert result.log[-1]["loss"] < math.log(2) - 0.01
     with torch.no_grad():
         trained = batch_logps(policy, batch, cuda)
     folder = tmp_path / "policy"
-    save_policy(
-        folder, policy, NoTokenizer(), None, torch.bfloat16, BaseFolder(tmp_path / "base", False)
-    )
+    save_policy(folder, policy, NoTokenizer(), None, torch.bfloat16, tmp_path / "base")
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     served = CompletionScorer(load_causal_lm(folder, cuda, False))
     with torch.no_grad():

@@ -14,8 +14,7 @@ from pipeline.model.loading import freeze
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import LoraParams
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, trainable_parameters
-from pipeline.train.loop import Resume, train_policy
-from tests.helpers import CPU, random_pairs, tiny_qwen3, train_params
+from tests.helpers import CPU, fit, random_pairs, tiny_qwen3, train_params
 
 LORA = LoraParams(enabled=True, rank=4, alpha=8.0)
 PARAMS = train_params(lr=1e-2, epochs=2, seed=5, save_every=3, lora=LORA)
@@ -27,9 +26,7 @@ def lora_policy() -> CompletionScorer:
 
 def train(policy: CompletionScorer, folder: Path, params=PARAMS, on_log=None):
     reference = AdaptersOffReference(policy, CPU)
-    return train_policy(
-        policy, reference, random_pairs(16), params, CPU, 0, Resume(folder, "k"), on_log=on_log
-    )
+    return fit(policy, reference, random_pairs(16), params, CPU, 0, folder, "k", on_log=on_log)
 
 
 def test_only_the_adapters_train(tmp_path: Path) -> None:

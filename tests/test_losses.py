@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.objective.losses import (
-    LABEL_SMOOTHED,
-    LOSSES,
-    REFERENCE_FREE,
-    LossName,
-    PairLogps,
-    check_settings,
-    compute_loss,
-    robust_loss,
-    sigmoid_loss,
-)
+from pipeline.objective.losses import VARIANTS, PairLogps, compute_loss, robust_loss, sigmoid_loss
+from pipeline.params import LABEL_SMOOTHED, REFERENCE_FREE, LossParams
+from pipeline.strict_yaml import ParamsError, parse_section
+from tests.helpers import objective
 from tests.plain_dpo import dpo_loss
 
 # Three pairs, float64 so hand values compare tightly. Margins h = (pc - rc) - (pr - rr):
@@ -78,14 +71,14 @@ def test_margins_by_hand() -> None:
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_sigmoid_with_label_smoothing_by_hand(eps: float) -> None:
-    out = compute_loss("sigmoid", pairs(), BETA, label_smoothing=eps)
+    out = compute_loss(pairs(), objective("sigmoid", BETA, label_smoothing=eps))
     expected = [(1 - eps) * softplus(-BETA * h) + eps * softplus(BETA * h) for h in margins()]
     assert out.losses.tolist() == approx(expected)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_robust_by_hand(eps: float) -> None:
-    out = compute_loss("robust", pairs(), BETA, label_smoothing=eps)
+    out = compute_loss(pairs(), objective("robust", BETA, label_smoothing=eps))
     expected = [
         ((1 - eps) * softplus(-BETA * h) - eps * softplus(BETA * h)) / (1 - 2 * eps)
         for h in margins()
@@ -94,7 +87,7 @@ def test_robust_by_hand(eps: float) -> None:
 
 
 def test_ipo_by_hand_uses_per_token_averages() -> None:
-    out = compute_loss("ipo", pairs(), BETA)
+    out = compute_loss(pairs(), objective("ipo", BETA))
     expected = [(h - 1 / (2 * BETA)) ** 2 for h in average_margins()]
     assert out.losses.tolist() == approx(expected)
     # Not the summed margins: (2.5 - 5)^2 = 6.25 would be the unnormalised value of pair 0.
@@ -102,25 +95,25 @@ def test_ipo_by_hand_uses_per_token_averages() -> None:
 
 
 def test_hinge_by_hand() -> None:
-    out = compute_loss("hinge", pairs(), beta=0.5)
+    out = compute_loss(pairs(), objective("hinge", 0.5))
     # 1 - 0.5 * h for h = 2.5, -2, 0, floored at 0.
     assert out.losses.tolist() == approx([0.0, 2.0, 1.0])
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
 def test_simpo_by_hand(gamma: float) -> None:
-    out = compute_loss("simpo", pairs(reference=False), beta=2.0, gamma=gamma)
+    out = compute_loss(pairs(reference=False), objective("simpo", 2.0, gamma=gamma))
     rows = zip(PC, PR, NC, NR, strict=True)
     expected = [softplus(-(2.0 * (pc / nc - pr / nr) - gamma)) for pc, pr, nc, nr in rows]
     assert out.losses.tolist() == approx(expected)
     # SimPO ignores reference log-probs altogether.
-    with_ref = compute_loss("simpo", pairs(reference=True), beta=2.0, gamma=gamma)
+    with_ref = compute_loss(pairs(reference=True), objective("simpo", 2.0, gamma=gamma))
     assert with_ref.losses.tolist() == approx(expected)
 
 
 def test_sft_term_is_the_per_token_nll_of_the_chosen_answer() -> None:
-    plain = compute_loss("sigmoid", pairs(), BETA)
-    rpo = compute_loss("sigmoid", pairs(), BETA, sft_weight=0.25)
+    plain = compute_loss(pairs(), objective("sigmoid", BETA))
+    rpo = compute_loss(pairs(), objective("sigmoid", BETA, sft_weight=0.25))
     nll = [-pc / nc for pc, nc in zip(PC, NC, strict=True)]  # 2.5, 2, 1.6
     assert rpo.nll.tolist() == approx(nll)
     assert plain.nll.tolist() == approx(nll)  # logged even when the term is off
@@ -134,10 +127,10 @@ def test_rewards_are_beta_log_ratios_except_simpo() -> None:
         return [BETA * by(x, y) for x, y in zip(a, b, strict=True)]
 
     for name in ("sigmoid", "robust", "ipo", "hinge"):
-        out = compute_loss(name, pairs(), BETA)
+        out = compute_loss(pairs(), objective(name, BETA))
         assert out.chosen_rewards.tolist() == approx(scaled(PC, RC, float.__sub__))
         assert out.rejected_rewards.tolist() == approx(scaled(PR, RR, float.__sub__))
-    simpo = compute_loss("simpo", pairs(reference=False), BETA)
+    simpo = compute_loss(pairs(reference=False), objective("simpo", BETA))
     assert simpo.chosen_rewards.tolist() == approx(scaled(PC, NC, lambda p, n: p / n))
     assert simpo.rejected_rewards.tolist() == approx(scaled(PR, NR, lambda p, n: p / n))
 
@@ -148,7 +141,7 @@ def test_rewards_are_beta_log_ratios_except_simpo() -> None:
 def test_sigmoid_without_smoothing_is_the_papers_dpo_loss() -> None:
     # tests/plain_dpo.py writes the loss straight from the DPO paper, independently.
     p = pairs()
-    ours = compute_loss("sigmoid", p, BETA)
+    ours = compute_loss(p, objective("sigmoid", BETA))
     losses, chosen, rejected = dpo_loss(
         p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected, BETA
     )
@@ -176,7 +169,7 @@ def test_ln2_when_policy_equals_reference(name: str, eps: float) -> None:
     logps = torch.tensor([-3.0, -120.0, 0.0])
     same = PairLogps(logps, logps - 1, logps.clone(), logps - 1, torch.tensor([1, 9, 0]),
                      torch.tensor([2, 3, 1]))  # fmt: skip
-    out = compute_loss(name, same, beta=0.7, label_smoothing=eps)
+    out = compute_loss(same, objective(name, 0.7, label_smoothing=eps))
     assert out.losses.tolist() == pytest.approx([math.log(2)] * 3, abs=1e-7)
 
 
@@ -184,8 +177,8 @@ def test_other_variants_at_policy_equals_reference() -> None:
     logps = torch.tensor([-3.0, -12.0])
     counts = torch.tensor([3, 4])
     same = PairLogps(logps, logps - 2, logps.clone(), logps - 2, counts, counts)
-    assert compute_loss("ipo", same, 0.25).losses.tolist() == pytest.approx([4.0, 4.0])
-    assert compute_loss("hinge", same, 0.25).losses.tolist() == pytest.approx([1.0, 1.0])
+    assert compute_loss(same, objective("ipo", 0.25)).losses.tolist() == pytest.approx([4.0, 4.0])
+    assert compute_loss(same, objective("hinge", 0.25)).losses.tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_label_smoothing_minimum_is_at_a_finite_margin() -> None:
@@ -202,7 +195,7 @@ def test_reference_free_zeroes_the_reference() -> None:
     counts = torch.tensor([2, 3, 3, 1])
     p = PairLogps.from_concatenated(policy, None, counts, 2)
     assert p.ref_chosen.tolist() == [0.0, 0.0] and p.ref_rejected.tolist() == [0.0, 0.0]
-    out = compute_loss("sigmoid", p, beta=0.5)
+    out = compute_loss(p, objective("sigmoid", 0.5))
     # Margins pc - pr: -4 + 6 = 2, -9 + 5 = -4.
     assert out.losses.tolist() == pytest.approx([softplus(-1.0), softplus(2.0)], rel=1e-6)
 
@@ -210,20 +203,20 @@ def test_reference_free_zeroes_the_reference() -> None:
 def test_empty_completions_give_finite_values() -> None:
     zero = torch.zeros(2)
     p = PairLogps(zero, zero, zero, zero, torch.zeros(2, dtype=torch.long), torch.tensor([0, 3]))
-    for name in LOSSES:
-        out = compute_loss(name, p, 0.1, sft_weight=1.0)
+    for name in VARIANTS:
+        out = compute_loss(p, objective(name, 0.1, sft_weight=1.0))
         assert torch.isfinite(out.losses).all() and torch.isfinite(out.nll).all(), name
 
 
 # ---------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_gradients_raise_chosen_and_lower_rejected(name: str) -> None:
     # Pairs 1 (h = -2) and 2 (h = 0) are below every variant's target margin.
     p = pairs(requires_grad=True, reference=name not in REFERENCE_FREE)
     extra = {"label_smoothing": 0.1} if name in LABEL_SMOOTHED else {}
-    compute_loss(name, p, beta=0.5, **extra).losses[1:].sum().backward()
+    compute_loss(p, objective(name, 0.5, **extra)).losses[1:].sum().backward()
     assert (p.policy_chosen.grad[1:] < 0).all() and (p.policy_rejected.grad[1:] > 0).all()
 
 
@@ -234,16 +227,16 @@ def test_ipo_pushes_an_overshooting_margin_back_and_hinge_stops() -> None:
     pr = torch.tensor([-5.0], requires_grad=True)
     ref = torch.tensor([0.0])
     p = PairLogps(pc, pr, ref, ref, counts, counts)  # h = h_avg = 5
-    compute_loss("ipo", p, beta).losses.sum().backward()
+    compute_loss(p, objective("ipo", beta)).losses.sum().backward()
     assert pc.grad.item() == pytest.approx(2 * (5 - 1)) and pr.grad.item() == pytest.approx(-8)
     pc.grad = pr.grad = None
-    compute_loss("hinge", p, beta).losses.sum().backward()
+    compute_loss(p, objective("hinge", beta)).losses.sum().backward()
     assert pc.grad.item() == 0 and pr.grad.item() == 0
 
 
 def test_sft_gradient_on_the_chosen_log_prob() -> None:
     p = pairs(requires_grad=True)
-    compute_loss("hinge", p, beta=0.01, sft_weight=2.0).losses.sum().backward()
+    compute_loss(p, objective("hinge", 0.01, sft_weight=2.0)).losses.sum().backward()
     # Hinge part: -beta per pair (all margins below 1/beta); NLL part: -2 / nc.
     expected = [-0.01 - 2.0 / nc for nc in NC]
     assert p.policy_chosen.grad.tolist() == approx(expected)
@@ -252,33 +245,42 @@ def test_sft_gradient_on_the_chosen_log_prob() -> None:
 # ---------------------------------------------------------------- registry and settings
 
 
-def test_registry_matches_the_typed_names() -> None:
-    assert set(LOSSES) == set(typing.get_args(LossName))
-    assert LABEL_SMOOTHED <= set(LOSSES) and REFERENCE_FREE <= set(LOSSES)
+def test_every_variant_has_its_formula() -> None:
+    assert LABEL_SMOOTHED <= set(VARIANTS) and REFERENCE_FREE <= set(VARIANTS)
+    for name in VARIANTS:  # compute_loss would raise for a name without one
+        compute_loss(pairs(reference=name not in REFERENCE_FREE), objective(name, BETA))
+
+
+PLAIN = {"variant": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0,
+         "sft_weight": 0.0, "reference_free": False}  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("name", "settings", "message"),
+    ("settings", "message"),
     [
-        ("dpo", {}, "loss must be one of"),
-        ("robust", {"label_smoothing": 0.5}, "label_smoothing must be in"),
-        ("sigmoid", {"label_smoothing": -0.1}, "label_smoothing must be in"),
-        ("ipo", {"label_smoothing": 0.1}, "label_smoothing applies to"),
-        ("sigmoid", {"gamma": 0.5}, "gamma is SimPO"),
-        ("simpo", {"gamma": -1.0}, "gamma must be >= 0"),
-        ("sigmoid", {"sft_weight": -1.0}, "sft_weight must be >= 0"),
-        ("simpo", {"reference_free": False}, "reference-free"),
+        ({"variant": "dpo"}, "loss.variant must be one of"),
+        ({"variant": "robust", "label_smoothing": 0.5}, "loss.label_smoothing must be in"),
+        ({"label_smoothing": -0.1}, "loss.label_smoothing must be in"),
+        ({"variant": "ipo", "label_smoothing": 0.1}, "loss.label_smoothing applies to"),
+        ({"gamma": 0.5}, "loss.gamma is SimPO"),
+        ({"variant": "simpo", "gamma": -1.0, "reference_free": True}, "loss.gamma must be >= 0"),
+        ({"sft_weight": -1.0}, "loss.sft_weight must be >= 0"),
+        ({"variant": "simpo"}, "reference-free"),
     ],
 )
-def test_settings_errors_name_the_setting(name: str, settings: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        check_settings(name, **settings)
+def test_settings_errors_name_the_setting(settings: dict, message: str) -> None:
+    """Checked once, when params are parsed: compute_loss trusts what it is given."""
+    with pytest.raises(ParamsError, match=message):
+        parse_section("loss", {**PLAIN, **settings}, LossParams)
 
 
 def test_valid_settings_pass() -> None:
-    check_settings("simpo", gamma=0.5, sft_weight=1.0, reference_free=True)
-    check_settings("sigmoid", label_smoothing=0.2, reference_free=True)
-    check_settings("robust", label_smoothing=0.2, reference_free=False)
+    for settings in (
+        {"variant": "simpo", "gamma": 0.5, "sft_weight": 1.0, "reference_free": True},
+        {"label_smoothing": 0.2, "reference_free": True},
+        {"variant": "robust", "label_smoothing": 0.2},
+    ):
+        parse_section("loss", {**PLAIN, **settings}, LossParams)
 
 
 def test_pair_logps_rejects_mismatched_shapes() -> None:
@@ -289,10 +291,10 @@ def test_pair_logps_rejects_mismatched_shapes() -> None:
         PairLogps.from_concatenated(torch.zeros(5), None, torch.zeros(5), 2)
 
 
-def test_loss_settings_import_no_torch() -> None:
-    # params.py validates train.* with it, and stages such as download never load torch.
+def test_the_loss_settings_import_no_torch() -> None:
+    # params.py validates them, and stages such as download never load torch.
     import subprocess
     import sys
 
-    code = "import sys, pipeline.objective.settings; assert 'torch' not in sys.modules"
+    code = "import sys, pipeline.params; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.objective.losses import PairLogps, compute_loss
 from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metrics
+from tests.helpers import objective
 from tests.plain_dpo import sequence_logps
 
 
@@ -24,7 +25,7 @@ def dpo_loss(
     """The pipeline's plain DPO loss (sigmoid, no smoothing) -> (losses, chosen and rejected
     rewards), each (B,)."""
     tokens = torch.ones_like(pc, dtype=torch.int64)
-    out = compute_loss("sigmoid", PairLogps(pc, pr, rc, rr, tokens, tokens), beta)
+    out = compute_loss(PairLogps(pc, pr, rc, rr, tokens, tokens), objective("sigmoid", beta))
     return out.losses, out.chosen_rewards, out.rejected_rewards
 
 

@@ -22,7 +22,7 @@ def test_committed_params_are_the_real_run() -> None:
     assert params.data.fraction == 0.01 and params.data.seed == 42
     assert params.tokenize.max_length == 512
     assert (params.train.lr, params.train.epochs, params.train.batch_size) == (5e-6, 3, 8)
-    assert params.train.beta == 0.1 and params.train.seed == 42
+    assert params.loss.beta == 0.1 and params.train.seed == 42
     assert params.model.trust_remote_code is False
 
 
@@ -51,12 +51,13 @@ def test_dvc_writes_lr_back_as_a_string_and_it_is_read_as_a_float(params_file: P
         ("train", "device", "tpu", "train.device must be one of"),
         ("tokenize", "template", "Q: {q}", "tokenize.template must contain {question}"),
         ("tokenize", "max_prompt_length", 600, "tokenize.max_prompt_length must be <"),
-        ("train", "loss", "kto", "train.loss must be one of"),
-        ("train", "label_smoothing", 0.5, "train.label_smoothing must be in [0, 0.5)"),
-        ("train", "gamma", -1, "train.gamma must be >= 0"),
-        ("train", "gamma", 0.5, "train.gamma is SimPO's target margin"),
-        ("train", "sft_weight", -0.1, "train.sft_weight must be >= 0"),
-        ("train", "reference_free", "no", "train.reference_free must be true or false"),
+        ("loss", "variant", "kto", "loss.variant must be one of"),
+        ("loss", "beta", 0, "loss.beta must be > 0"),
+        ("loss", "label_smoothing", 0.5, "loss.label_smoothing must be in [0, 0.5)"),
+        ("loss", "gamma", -1, "loss.gamma must be >= 0"),
+        ("loss", "gamma", 0.5, "loss.gamma is SimPO's target margin"),
+        ("loss", "sft_weight", -0.1, "loss.sft_weight must be >= 0"),
+        ("loss", "reference_free", "no", "loss.reference_free must be true or false"),
     ],
 )
 def test_bad_values_name_the_key(
@@ -114,18 +115,18 @@ def test_demo_overrides_are_valid_params(
 
 
 def test_loss_settings_a_variant_would_ignore_are_errors(params_file: Path) -> None:
-    edit(params_file, "train", "loss", "hinge")
-    edit(params_file, "train", "label_smoothing", 0.1)
-    with pytest.raises(ParamsError, match=re.escape("train.label_smoothing applies to")):
+    edit(params_file, "loss", "variant", "hinge")
+    edit(params_file, "loss", "label_smoothing", 0.1)
+    with pytest.raises(ParamsError, match=re.escape("loss.label_smoothing applies to")):
         load_params(params_file)
-    edit(params_file, "train", "label_smoothing", 0.0)
-    edit(params_file, "train", "loss", "simpo")
-    with pytest.raises(ParamsError, match="train.loss simpo is reference-free"):
+    edit(params_file, "loss", "label_smoothing", 0.0)
+    edit(params_file, "loss", "variant", "simpo")
+    with pytest.raises(ParamsError, match="loss.variant simpo is reference-free"):
         load_params(params_file)
-    edit(params_file, "train", "reference_free", True)
-    edit(params_file, "train", "gamma", 0.5)
-    params = load_params(params_file).train
-    assert (params.loss, params.gamma, params.reference_free) == ("simpo", 0.5, True)
+    edit(params_file, "loss", "reference_free", True)
+    edit(params_file, "loss", "gamma", 0.5)
+    loss = load_params(params_file).loss
+    assert (loss.variant, loss.gamma, loss.reference_free) == ("simpo", 0.5, True)
 
 
 def test_a_4bit_base_needs_adapters_and_is_not_sharded(params_file: Path) -> None:

@@ -23,10 +23,9 @@ from pipeline.model.reference import StaleReference
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import LoraParams, load_params
 from pipeline.stage_io import StageError
-from pipeline.train import run
+from pipeline.train import export, setup
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, dequantized_weights
-from pipeline.train.loop import Resume, train_policy
-from tests.helpers import CPU, NoTokenizer, random_pairs, tiny_qwen3, train_params
+from tests.helpers import CPU, NoTokenizer, fit, random_pairs, tiny_qwen3, train_params
 
 CUDA = Runtime(torch.device("cuda"), torch.bfloat16)  # check_quantize reads the device type only
 LORA = LoraParams(enabled=True, rank=4, alpha=8.0, quantize="nf4")
@@ -67,7 +66,7 @@ def test_the_stages_refuse_before_loading_anything(
     params = load_params(params_file)
     monkeypatch.chdir(tmp_path)  # no models/base here: a load would fail otherwise
     with pytest.raises(StageError, match=re.escape("but train.device runs on cpu")):
-        run.load_policy(params, CPU)
+        setup.load_policy(params, CPU)
     with pytest.raises(StageError, match=re.escape("but train.device runs on cpu")):
         reference_stage.check_devices(params)  # the reference stage's first step
     # Each split is scored on its own stage's device: train on a GPU, evaluation on the CPU.
@@ -169,9 +168,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with torch.no_grad():
         untrained = batch_logps(policy, batch, CPU)
     params = train_params(lr=1e-2, epochs=3, seed=5, lora=LORA)
-    result = train_policy(
-        policy, reference_scores, random_pairs(16), params, CPU, 0, Resume(root / "ck", "k")
-    )
+    result = fit(policy, reference_scores, random_pairs(16), params, CPU, 0, root / "ck", "k")
     with torch.no_grad():
         scores = batch_logps(policy, batch, CPU)
     return {"root": root, "policy": policy, "frozen": frozen, "batch": batch, "start": start,
@@ -204,8 +201,7 @@ def test_saved_nf4_policy_is_its_adapter_and_a_merge_onto_the_dequantised_base(
                  for n, m in policy.named_modules() if n.endswith("q_proj")}  # fmt: skip
     assert len(delta) == 2
     folder = root / "policy"
-    run.save_policy(folder, policy, NoTokenizer(), None, torch.bfloat16,
-                    run.BaseFolder(root / "base", False))  # fmt: skip
+    export.save_policy(folder, policy, NoTokenizer(), None, torch.bfloat16, root / "base")
     adapter_files = {p.name for p in (folder / "adapter").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= adapter_files
     config = json.loads((folder / "config.json").read_text())
@@ -233,10 +229,9 @@ def test_a_killed_nf4_run_resumes_to_the_uninterrupted_result(
     def train(folder: str, on_log=None) -> tuple[CompletionScorer, list[dict]]:
         torch.manual_seed(0)  # the same adapter initialisation every time
         policy = nf4_policy(base_dir)
-        reference_scores, resume = AdaptersOffReference(policy, CPU), Resume(tmp_path / folder, "k")
-        result = train_policy(
-            policy, reference_scores, random_pairs(16), params, CPU, 0, resume, on_log=on_log
-        )
+        reference_scores = AdaptersOffReference(policy, CPU)
+        result = fit(policy, reference_scores, random_pairs(16), params, CPU, 0, tmp_path / folder,
+                     "k", on_log=on_log)  # fmt: skip
         return policy, result.log
 
     class Killed(Exception):

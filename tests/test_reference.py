@@ -10,8 +10,7 @@ from pipeline.model import reference
 from pipeline.model.loading import freeze
 from pipeline.model.reference import CachedReference, ModelReference, StaleReference
 from pipeline.model.scoring import CompletionScorer, collate_pairs, score_pairs
-from pipeline.train.loop import Resume, train_policy
-from tests.helpers import CPU, random_pairs, tiny_qwen3, train_params
+from tests.helpers import CPU, fit, random_pairs, tiny_qwen3, train_params
 
 
 def test_cached_values_equal_on_the_fly_values() -> None:
@@ -35,14 +34,15 @@ def test_training_on_the_cache_matches_training_on_the_fly(tmp_path: Path) -> No
         ("cached", CachedReference(table, CPU.device)),
         ("live", ModelReference(base, CPU)),
     ):
-        result = train_policy(
+        result = fit(
             CompletionScorer(tiny_qwen3()),
             ref,
             data,
             params,
             CPU,
             0,
-            Resume(tmp_path / name, "key"),
+            tmp_path / name,
+            "key",
         )
         runs[name] = [row["loss"] for row in result.log]
     assert runs["cached"] == pytest.approx(runs["live"], abs=1e-5)

@@ -110,6 +110,7 @@ def test_the_train_stage_starts_its_ranks_with_the_claimed_share(
 ) -> None:
     import stages.train as stage
     from pipeline.resources import available_cores
+    from pipeline.train import setup
 
     params_file.write_text(params_file.read_text().replace("nproc: 1 ", "nproc: 2 "))
     monkeypatch.chdir(tmp_path)
@@ -121,7 +122,7 @@ def test_the_train_stage_starts_its_ranks_with_the_claimed_share(
         seen.update(cmd=cmd, env=env, held=len(list((tmp_path / ".dvc/tmp/resources").glob("*"))))
         return subprocess.CompletedProcess(cmd, 3)
 
-    monkeypatch.setattr(stage.subprocess, "run", fake_run)
+    monkeypatch.setattr(setup.subprocess, "run", fake_run)
     with pytest.raises(SystemExit) as done:
         stage.main()
     assert done.value.code == 3  # the ranks' exit status is the stage's

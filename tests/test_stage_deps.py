@@ -145,10 +145,10 @@ def test_a_folder_dep_covers_its_files_and_a_data_file_counts(dvc: dict) -> None
     assert any(p.startswith("evaluate: lists but does not import") for p in dep_problems(broken))
 
 
-def test_plumbing_is_not_followed_into_the_loss_settings() -> None:
-    # params.py validates train.* with the loss settings; the download stage must not depend on
-    # them (a new loss variant must not re-download the model).
-    assert "pipeline/objective/settings.py" not in stage_code(REPO / "stages" / "download_model.py")
+def test_plumbing_is_not_followed_into_the_loss_formulas() -> None:
+    # params.py names the loss variants; the download stage must not depend on their formulas
+    # (a new loss variant must not re-download the model).
+    assert "pipeline/objective/losses.py" not in stage_code(REPO / "stages" / "download_model.py")
 
 
 def test_no_stage_depends_on_the_demo(dvc: dict) -> None:

@@ -62,7 +62,7 @@ def again(command: list[str]) -> list[str]:
     that each experiment trains again rather than coming from the run-cache."""
     name = command.index("--name") + 1
     renamed = [*command[:name], f"{command[name]}-again", *command[name + 1 :]]
-    return [*renamed, "-S", "train.beta=0.2"]
+    return [*renamed, "-S", "loss.beta=0.2"]
 
 
 SWEPT = ("sweep-3e-4", "sweep-6e-4", "sweep-eval-200")

@@ -10,27 +10,33 @@ import torch
 from pipeline.model.loading import assert_frozen, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
-from pipeline.params import TrainParams
-from pipeline.train.loop import Resume, train_policy
+from pipeline.params import LossParams, TrainParams
 from pipeline.train.plan import epoch_order, optimizer_steps
-from pipeline.train.step import NonFiniteLoss
-from tests.helpers import CPU, random_pairs, tiny_qwen3, train_params
+from pipeline.train.recipe import NonFiniteLoss
+from tests.helpers import CPU, fit, loss_params, random_pairs, tiny_qwen3, train_params
 
 PARAMS = train_params(epochs=2, seed=7, save_every=2)
 
 
 def run(
-    tmp_path: Path, params: TrainParams = PARAMS, n_pairs: int = 16, on_log=None, ckpt: str = "ckpt"
+    tmp_path: Path,
+    params: TrainParams = PARAMS,
+    n_pairs: int = 16,
+    on_log=None,
+    ckpt: str = "ckpt",
+    loss: LossParams | None = None,
 ):
     policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
-    result = train_policy(
+    result = fit(
         policy,
         ModelReference(reference, CPU),
         random_pairs(n_pairs),
         params,
         CPU,
         0,
-        Resume(tmp_path / ckpt, "key"),
+        tmp_path / ckpt,
+        "key",
+        loss=loss,
         on_log=on_log,
     )
     return policy.model, reference.model, result
@@ -115,14 +121,15 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
 def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path: Path) -> None:
     run(tmp_path, dataclasses.replace(PARAMS, max_steps=2), ckpt="c")
     policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
-    result = train_policy(
+    result = fit(
         policy,
         ModelReference(reference, CPU),
         random_pairs(16),
         dataclasses.replace(PARAMS, max_steps=2),
         CPU,
         0,
-        Resume(tmp_path / "c", "other-key"),
+        tmp_path / "c",
+        "other-key",
     )
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # started afresh
 
@@ -136,14 +143,15 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Path) -
                 policy.model.model.norm.weight.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLoss, match="step 3"):
-        train_policy(
+        fit(
             policy,
             ModelReference(reference, CPU),
             random_pairs(16),
             PARAMS,
             CPU,
             0,
-            Resume(tmp_path / "n", "key"),
+            tmp_path / "n",
+            "key",
             on_log=poison_after_step_2,
         )
     assert [p.name for p in (tmp_path / "n").iterdir()] == ["step-00000002"]
@@ -158,7 +166,7 @@ def test_epoch_order_is_seeded_and_steps_cover_every_pair() -> None:
 
 
 def test_log_rows_have_every_metric(tmp_path: Path) -> None:
-    from pipeline.train.loop import LOG_KEYS
+    from pipeline.train.recipe import LOG_KEYS
 
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=2))
     assert all(tuple(row) == LOG_KEYS for row in result.log)
@@ -210,37 +218,34 @@ def test_padded_share_by_hand() -> None:
 def test_loss_variants_run_in_the_real_loop(
     tmp_path: Path, loss: str, settings: dict, step_one: float
 ) -> None:
-    params = dataclasses.replace(PARAMS, loss=loss, epochs=4, **settings)
-    _, _, result = run(tmp_path, params)
+    params = dataclasses.replace(PARAMS, epochs=4)
+    _, _, result = run(tmp_path, params, loss=loss_params(variant=loss, **settings))
     assert result.log[0]["loss"] == pytest.approx(step_one, abs=1e-6)
     assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.02
     assert result.log[-1]["rewards/margins"] > 0
 
 
 def test_sft_weight_adds_the_logged_chosen_nll(tmp_path: Path) -> None:
-    params = dataclasses.replace(PARAMS, sft_weight=0.5, max_steps=1)
-    _, _, result = run(tmp_path, params)
+    params = dataclasses.replace(PARAMS, max_steps=1)
+    _, _, result = run(tmp_path, params, loss=loss_params(sft_weight=0.5))
     first = result.log[0]
     assert first["nll/chosen"] > 0
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], abs=1e-5)
 
 
 def test_reference_free_simpo_trains_without_a_reference(tmp_path: Path) -> None:
-    params = dataclasses.replace(
-        PARAMS, loss="simpo", gamma=0.5, beta=2.0, reference_free=True, epochs=4
-    )
+    params = dataclasses.replace(PARAMS, epochs=4)
+    simpo = loss_params(variant="simpo", gamma=0.5, beta=2.0, reference_free=True)
     policy = CompletionScorer(tiny_qwen3())
-    result = train_policy(
-        policy, None, random_pairs(16), params, CPU, 0, Resume(tmp_path / "c", "k")
-    )
+    result = fit(policy, None, random_pairs(16), params, CPU, 0, tmp_path / "c", "k", loss=simpo)
     assert result.log[-1]["loss"] < result.log[0]["loss"] - 0.02
     with pytest.raises(ValueError, match="reference=None exactly when"):
-        run(tmp_path, params)  # a reference given to reference-free training is an error
+        run(tmp_path, params, loss=simpo)  # a reference given to reference-free training: error
 
 
 def test_padded_share_is_reported_per_epoch_and_grouping_lowers_it(tmp_path: Path) -> None:
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=1), n_pairs=64)
-    padding = result.padding
+    padding = result.summary()
     assert len(padding["padded_share_per_epoch"]) == PARAMS.epochs
     assert 0 < padding["padded_share"] < padding["padded_share_random"] < 1
 
@@ -303,10 +308,9 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.train.loop as loop
-    from pipeline.train.step import OutOfMemory
+    from pipeline.train.recipe import DPORecipe, OutOfMemory
 
-    real_step, calls = loop.optimizer_step, []
+    real_step, calls = DPORecipe._optimizer_step, []
 
     def step_that_runs_out_at_step_3(*args, **kwargs):
         calls.append(1)
@@ -314,7 +318,7 @@ def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", step_that_runs_out_at_step_3)
+    monkeypatch.setattr(DPORecipe, "_optimizer_step", step_that_runs_out_at_step_3)
     with pytest.raises(OutOfMemory) as error:
         run(tmp_path, dataclasses.replace(PARAMS, max_tokens_per_micro_batch=4096), ckpt="oom")
     message = str(error.value)
@@ -329,7 +333,7 @@ def test_policy_is_saved_in_the_base_models_dtype(tmp_path: Path, demo_tokenizer
 
     from pipeline.model.loading import load_causal_lm
     from pipeline.model.scoring import score_pairs
-    from pipeline.train.run import base_dtype, save_policy
+    from pipeline.train.export import base_dtype, save_policy
 
     tiny_qwen3().to(torch.bfloat16).save_pretrained(tmp_path / "base")  # ships in bf16, as Qwen3
     assert base_dtype(tmp_path / "base", trust_remote_code=False) == torch.bfloat16

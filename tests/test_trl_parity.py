@@ -85,9 +85,8 @@ from pipeline.params import (  # noqa: E402
     read_yaml,
 )
 from pipeline.train.adapters import AdaptersOffReference, add_adapters  # noqa: E402
-from pipeline.train.loop import Resume, train_policy  # noqa: E402
 from pipeline.train.plan import epoch_plan, pair_lengths  # noqa: E402
-from tests.helpers import CPU, REPO  # noqa: E402
+from tests.helpers import CPU, REPO, fit, objective  # noqa: E402
 from tests.plain_dpo import full_logits_logps  # noqa: E402
 
 # TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every reference forward.
@@ -377,7 +376,7 @@ def test_logps_rewards_loss_and_gradients_match_trl(one_batch: OneBatch) -> None
     # The pipeline's loss exactly as the trainer forms it: sum over pairs / pairs.
     logps = PairLogps.from_concatenated(policy, ref, tokens, batch.n_pairs)
     pc, pr = logps.policy_chosen, logps.policy_rejected
-    out = compute_loss("sigmoid", logps, BETA)
+    out = compute_loss(logps, objective("sigmoid", BETA))
     losses, chosen_rewards, rejected_rewards = out.losses, out.chosen_rewards, out.rejected_rewards
     loss = losses.sum() / batch.n_pairs
     trainer._metrics["train"].clear()
@@ -449,7 +448,7 @@ def test_loss_variants_match_trl(
     theirs = trl_loss(
         one_batch.trainer, one_batch.trl_batch, [name], label_smoothing=label_smoothing
     )
-    mine = compute_loss(name, variant_logps, BETA, label_smoothing=label_smoothing)
+    mine = compute_loss(variant_logps, objective(name, BETA, label_smoothing=label_smoothing))
     report(f"{name} (eps {label_smoothing}) loss |diff|", abs(mine.losses.mean().item() - theirs))
     assert mine.losses.mean().item() == pytest.approx(theirs, rel=1e-5, abs=1e-5)
 
@@ -461,8 +460,8 @@ def test_trl_ignores_label_smoothing_for_sigmoid(
     eps, i = 0.2, int(variant_logps.margin().abs().argmax())
     single = one_batch.trainer.data_collator([one_batch.trainer.train_dataset[i]])
     theirs = trl_loss(one_batch.trainer, single, ["sigmoid"], label_smoothing=eps)
-    plain = compute_loss("sigmoid", variant_logps, BETA).losses[i].item()
-    conservative = compute_loss("sigmoid", variant_logps, BETA, label_smoothing=eps)
+    plain = compute_loss(variant_logps, objective("sigmoid", BETA)).losses[i].item()
+    conservative = compute_loss(variant_logps, objective("sigmoid", BETA, label_smoothing=eps))
     assert theirs == pytest.approx(plain, abs=1e-5)
     # cDPO adds eps * beta * h (softplus(z) - softplus(-z) = z): the term TRL leaves out.
     shift = eps * BETA * variant_logps.margin()[i].item()
@@ -477,8 +476,8 @@ def test_nll_term_is_per_pair_here_and_per_token_in_trl(
     theirs = trl_loss(
         one_batch.trainer, one_batch.trl_batch, ["sigmoid", "sft"], weights=[1.0, weight]
     )
-    mine = compute_loss("sigmoid", variant_logps, BETA, sft_weight=weight)
-    sigmoid = compute_loss("sigmoid", variant_logps, BETA).losses.mean().item()
+    mine = compute_loss(variant_logps, objective("sigmoid", BETA, sft_weight=weight))
+    sigmoid = compute_loss(variant_logps, objective("sigmoid", BETA)).losses.mean().item()
     tokens = variant_logps.chosen_tokens.double()
     token_mean_nll = float((mine.nll.double() * tokens).sum() / tokens.sum())
     report(
@@ -511,8 +510,10 @@ def test_ipo_counts_differ_from_trl_only_without_a_prompt(
     scored = completion_token_counts(batch.completion_mask)
     unshifted = batch.completion_mask.sum(dim=1)
     assert (unshifted == scored + 1).all()
-    mine = compute_loss("ipo", PairLogps.from_concatenated(policy, ref, scored, 1), BETA)
-    as_trl = compute_loss("ipo", PairLogps.from_concatenated(policy, ref, unshifted, 1), BETA)
+    mine = compute_loss(PairLogps.from_concatenated(policy, ref, scored, 1), objective("ipo", BETA))
+    as_trl = compute_loss(
+        PairLogps.from_concatenated(policy, ref, unshifted, 1), objective("ipo", BETA)
+    )
     assert as_trl.losses.item() == pytest.approx(theirs, rel=1e-5, abs=1e-5)
     assert abs(mine.losses.item() - theirs) > 1e-3
 
@@ -526,7 +527,7 @@ def test_simpo_matches_trl_cpo(variant_logps: PairLogps, gamma: float) -> None:
         ref_chosen=torch.zeros_like(variant_logps.ref_chosen),
         ref_rejected=torch.zeros_like(variant_logps.ref_rejected),
     )
-    mine = compute_loss("simpo", free, beta, gamma=gamma)
+    mine = compute_loss(free, objective("simpo", beta, gamma=gamma))
     # cpo_loss reads only these attributes of the trainer; it takes per-token average log-probs.
     fake = types.SimpleNamespace(
         alpha=0.0,
@@ -569,7 +570,6 @@ def trajectories(
         epochs=-(-steps * BATCH // N_PAIRS),  # enough epochs for `steps`, as few as possible
         batch_size=BATCH,
         grad_accum=1,
-        beta=BETA,
         warmup_ratio=0.0,
         weight_decay=0.0,
         max_grad_norm=1.0,
@@ -590,9 +590,8 @@ def trajectories(
         if lora
         else ModelReference(freeze(CompletionScorer(load(model_dir))), CPU)
     )
-    result = train_policy(
-        policy, reference, data, params, CPU, pad_token_id(tok), Resume(tmp_path / "ckpt", "p")
-    )
+    result = fit(policy, reference, data, params, CPU, pad_token_id(tok), tmp_path / "ckpt", "p",
+                 loss=objective("sigmoid", BETA))  # fmt: skip
     # TRL sees our epochs' pair orders back to back, read sequentially, as one long epoch.
     order = np.concatenate(
         [epoch_plan(pair_lengths(data), params, e) for e in range(params.epochs)]

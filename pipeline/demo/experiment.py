@@ -78,7 +78,7 @@ def committed_values_back(
 ) -> dict[str, Any]:
     """Dotted keys whose workspace value differs from the committed one, with the committed value.
 
-    A failed `dvc exp run -S train.beta=0.5` leaves `beta: 0.5` in params.yaml, and a demo run
+    A failed `dvc exp run -S loss.beta=0.5` leaves `beta: 0.5` in params.yaml, and a demo run
     copies the workspace: without these, the next demo would record values nobody asked for.
     Keys in `keep` (the demo's and the user's own overrides) are left to those.
     """

@@ -7,6 +7,7 @@ always compares figures measured the same way on the same pairs.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,9 @@ def comparison_key(params: Params, runtime: Runtime) -> dict[str, str]:
     reference every implicit reward is measured against), and how the pairs are scored (loss
     variant and its settings, device type and precision, a 4-bit reference). Equal keys:
     comparable figures."""
-    train = params.train
     scoring = {
-        "loss": train.loss,
-        "beta": train.beta,
-        "reference_free": train.reference_free,
-        "quantize": train.lora.quantize,  # the 4-bit base's log-probs are another reference
-        **train.loss_settings(),
+        **dataclasses.asdict(params.loss),
+        "quantize": params.train.lora.quantize,  # the 4-bit base's log-probs are another reference
         "device": runtime.device.type,
         "autocast": str(runtime.autocast_dtype),
     }
@@ -65,4 +62,4 @@ def score_heldout(
     policy_scores = score_pairs(
         policy, dataset, params.eval.batch_size, runtime, pad_token_id(tokenizer), desc
     )
-    return evaluate_policy(policy_scores, (cached[:, 0], cached[:, 1]), dataset, params.train)
+    return evaluate_policy(policy_scores, (cached[:, 0], cached[:, 1]), dataset, params.loss)

@@ -17,7 +17,7 @@ import torch
 from pipeline.evaluate.ranking import kendall_tau, pairwise_tau, win_rate
 from pipeline.objective.losses import LossOutput, PairLogps, compute_loss
 from pipeline.objective.metrics import dataset_token_counts
-from pipeline.params import TrainParams
+from pipeline.params import LossParams
 
 
 def answer_ids(token_lists: list[list[int]]) -> list[str]:
@@ -31,7 +31,7 @@ def answer_ids(token_lists: list[list[int]]) -> list[str]:
 Scores = tuple[np.ndarray, np.ndarray]  # (chosen, rejected) summed log-probs, (N,) each
 
 
-def pair_losses(policy: Scores, reference: Scores, dataset: Any, train: TrainParams) -> LossOutput:
+def pair_losses(policy: Scores, reference: Scores, dataset: Any, loss: LossParams) -> LossOutput:
     """The training loss variant's per-pair losses and implicit rewards, float64, (N,) each.
 
     Rewards follow the variant: beta * (policy - reference) log-ratios, or for reference-free
@@ -40,7 +40,7 @@ def pair_losses(policy: Scores, reference: Scores, dataset: Any, train: TrainPar
     """
     chosen_tokens, rejected_tokens = dataset_token_counts(dataset)
     ref_chosen, ref_rejected = (torch.from_numpy(a) for a in reference)
-    if train.reference_free:
+    if loss.reference_free:
         ref_chosen, ref_rejected = torch.zeros_like(ref_chosen), torch.zeros_like(ref_rejected)
     logps = PairLogps(
         torch.from_numpy(policy[0]),
@@ -50,7 +50,7 @@ def pair_losses(policy: Scores, reference: Scores, dataset: Any, train: TrainPar
         chosen_tokens,
         rejected_tokens,
     )
-    return compute_loss(train.loss, logps, train.beta, **train.loss_settings())
+    return compute_loss(logps, loss)
 
 
 def reward_metrics(scored: LossOutput, dataset: Any) -> dict[str, float]:
@@ -89,7 +89,7 @@ def margin_histogram(scored: LossOutput, bins: int = 30) -> list[dict[str, float
 
 
 def evaluate_policy(
-    policy: Scores, reference: Scores, dataset: Any, train: TrainParams
+    policy: Scores, reference: Scores, dataset: Any, loss: LossParams
 ) -> tuple[dict[str, Any], LossOutput]:
     """metrics/eval.json's content and the policy's per-pair results (for the histogram).
 
@@ -97,11 +97,9 @@ def evaluate_policy(
     0, so its win rate is exactly 0.5 (reference-free variants: the base model's own ranking, the
     baseline to beat).
     """
-    scored = pair_losses(policy, reference, dataset, train)
+    scored = pair_losses(policy, reference, dataset, loss)
     metrics: dict[str, Any] = reward_metrics(scored, dataset)
-    metrics["reference"] = reward_metrics(
-        pair_losses(reference, reference, dataset, train), dataset
-    )
+    metrics["reference"] = reward_metrics(pair_losses(reference, reference, dataset, loss), dataset)
     return metrics, scored
 
 

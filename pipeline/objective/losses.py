@@ -1,4 +1,4 @@
-"""DPO loss variants: small pure functions over (B,) tensors, picked by name from one registry.
+"""DPO loss variants: small pure functions over (B,) tensors; `compute_loss` picks one by name.
 
 Notation (README, "Metrics" and "Loss variants"): per pair, `pc`/`pr` are the policy's summed
 completion log-probs of the chosen/rejected answer, `rc`/`rr` the reference's, `nc`/`nr` the
@@ -10,7 +10,7 @@ and its length-normalised form (per-token averages, used by IPO) is
 
     h_avg = (pc - rc) / nc - (pr - rr) / nr.
 
-Every variant maps a `PairLogps` to (B,) per-pair losses; `compute_loss` adds the optional NLL term
+`compute_loss` maps a `PairLogps` to the variant's (B,) per-pair losses, adds the optional NLL term
 on the chosen answer (RPO) and the implicit rewards the trainer logs. Rewards are
 `beta * (policy - reference)` for every variant except the reference-free SimPO, whose implicit
 reward is `beta * (policy / tokens)` (the quantity its loss compares).
@@ -22,38 +22,13 @@ reference log-probs to 0: then `h` is the plain policy margin `pc - pr`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.objective.settings import (  # re-exported: one import for trainer code
-    LABEL_SMOOTHED,
-    REFERENCE_FREE,
-    LossName,
-    check_settings,
-)
-
-__all__ = [
-    "LABEL_SMOOTHED",
-    "LOSSES",
-    "REFERENCE_FREE",
-    "LossConfig",
-    "LossName",
-    "LossOutput",
-    "PairLogps",
-    "check_settings",
-    "chosen_nll",
-    "compute_loss",
-    "hinge_loss",
-    "implicit_rewards",
-    "ipo_loss",
-    "per_token",
-    "robust_loss",
-    "sigmoid_loss",
-    "simpo_loss",
-]
+from pipeline.params import REFERENCE_FREE, LossName, LossParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,27 +168,6 @@ def chosen_nll(policy_chosen: Tensor, chosen_tokens: Tensor) -> Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The scalar settings a variant may read."""
-
-    beta: float
-    label_smoothing: float = 0.0
-    gamma: float = 0.0
-
-
-Variant = Callable[[PairLogps, LossConfig], Tensor]
-
-#: name -> (PairLogps, LossConfig) -> (B,) per-pair losses. The one place a name picks a formula.
-LOSSES: dict[str, Variant] = {
-    "sigmoid": lambda p, c: sigmoid_loss(p.margin(), c.beta, c.label_smoothing),
-    "robust": lambda p, c: robust_loss(p.margin(), c.beta, c.label_smoothing),
-    "ipo": lambda p, c: ipo_loss(p.average_margin(), c.beta),
-    "hinge": lambda p, c: hinge_loss(p.margin(), c.beta),
-    "simpo": lambda p, c: simpo_loss(*p.average_policy(), c.beta, c.gamma),
-}
-
-
-@dataclasses.dataclass(frozen=True)
 class LossOutput:
     losses: Tensor  # (B,) per-pair loss with grad, the NLL term included when sft_weight > 0
     chosen_rewards: Tensor  # (B,) implicit reward of y_w, detached
@@ -230,24 +184,31 @@ def implicit_rewards(name: str, logps: PairLogps, beta: float) -> tuple[Tensor, 
     return (beta * chosen).detach(), (beta * rejected).detach()
 
 
-def compute_loss(
-    name: str,
-    logps: PairLogps,
-    beta: float,
-    *,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.0,
-    sft_weight: float = 0.0,
-) -> LossOutput:
-    """Per-pair losses of variant `name` plus sft_weight * NLL(y_w), and the implicit rewards.
+def compute_loss(logps: PairLogps, loss: LossParams) -> LossOutput:
+    """Per-pair losses of `loss.variant` plus sft_weight * NLL(y_w), and the implicit rewards.
 
-    losses = LOSSES[name](logps) + sft_weight * (-pc / nc), all (B,). The trainer sums `losses`
-    over the pairs of an optimizer step and divides by their number, whatever the variant.
+    losses = variant(logps) + sft_weight * (-pc / nc), all (B,). The trainer sums `losses` over
+    the pairs of an optimizer step and divides by their number, whatever the variant. `loss` was
+    validated when params were parsed: nothing is checked again per batch.
     """
-    check_settings(name, label_smoothing=label_smoothing, gamma=gamma, sft_weight=sft_weight)
-    losses = LOSSES[name](logps, LossConfig(beta, label_smoothing, gamma))
+    if loss.variant == "sigmoid":
+        losses = sigmoid_loss(logps.margin(), loss.beta, loss.label_smoothing)
+    elif loss.variant == "robust":
+        losses = robust_loss(logps.margin(), loss.beta, loss.label_smoothing)
+    elif loss.variant == "ipo":
+        losses = ipo_loss(logps.average_margin(), loss.beta)
+    elif loss.variant == "hinge":
+        losses = hinge_loss(logps.margin(), loss.beta)
+    elif loss.variant == "simpo":
+        losses = simpo_loss(*logps.average_policy(), loss.beta, loss.gamma)
+    else:
+        raise ValueError(f"unknown loss variant {loss.variant!r} (known: {VARIANTS})")
     nll = chosen_nll(logps.policy_chosen, logps.chosen_tokens)
-    if sft_weight:  # skip the add when off: losses stay bit-identical to the plain variant
-        losses = losses + sft_weight * nll
-    chosen_rewards, rejected_rewards = implicit_rewards(name, logps, beta)
+    if loss.sft_weight:  # skip the add when off: losses stay bit-identical to the plain variant
+        losses = losses + loss.sft_weight * nll
+    chosen_rewards, rejected_rewards = implicit_rewards(loss.variant, logps, loss.beta)
     return LossOutput(losses, chosen_rewards, rejected_rewards, nll.detach())
+
+
+#: Every variant `compute_loss` knows, in params.yaml's spelling.
+VARIANTS: tuple[str, ...] = typing.get_args(LossName)

@@ -17,19 +17,30 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.fingerprint import fingerprint
+from pipeline.params import LossParams, TrainParams
 from pipeline.stage_io import atomic_dir, write_json_atomic
 
 PREFIX = "step-"
 
 
-@dataclasses.dataclass
-class Progress:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epoch the next step belongs to
-    step_in_epoch: int = 0  # optimizer steps of that epoch already done
-    epoch_loss_sum: float = 0.0  # sum of per-pair losses so far in this epoch
-    epoch_pairs: int = 0  # pairs seen so far in this epoch
-    epoch_losses: list[float] = dataclasses.field(default_factory=list)  # finished epochs' means
+# Settings that do not change the maths; a checkpoint stays resumable when only these change.
+# (nproc does: batch_size is per process, so it sets the global batch.)
+NOT_IN_FINGERPRINT = (
+    "log_every",
+    "save_every",
+    "parallel",
+    "max_tokens_per_micro_batch",
+    "gradient_checkpointing",
+)
+
+
+def run_key(train: TrainParams, loss: LossParams, model_dir: Path, train_split: Path) -> str:
+    """Fingerprint of everything that decides the trained weights: a checkpoint is resumed only
+    under the same key. Checkpoints hold full states, so a DDP run may resume under FSDP and the
+    other way round (`parallel` is not in the key)."""
+    config = {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_IN_FINGERPRINT}
+    return fingerprint({**config, "loss": dataclasses.asdict(loss)}, model_dir, train_split)
 
 
 def save(
@@ -37,16 +48,18 @@ def save(
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     scheduler: Any,
-    position: Progress,
+    position: dict[str, Any],
     log_rows: list[dict[str, float]],
     key: str,
-    extra: dict[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Write checkpoint `folder/step-N` atomically, then remove older ones.
 
     The states are full (unsharded) ones, `distributed.full_states`: resumable by any world size.
+    `position` is where in the data the run is (its "step" names the folder); `run_id` is the
+    MLflow run a resumed run continues.
     """
-    target = folder / f"{PREFIX}{position.step:08d}"
+    target = folder / f"{PREFIX}{position['step']:08d}"
     tensors, aliases = _untie(model_state)
     with atomic_dir(target) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"))
@@ -63,9 +76,9 @@ def save(
             {
                 "fingerprint": key,
                 "log": log_rows,
-                "extra": extra or {},
+                "run_id": run_id,
                 "aliases": aliases,
-                **dataclasses.asdict(position),
+                "position": position,
             },
         )
     for old in folder.glob(f"{PREFIX}*"):
@@ -102,38 +115,25 @@ def latest(folder: Path, key: str) -> Path | None:
     return None
 
 
-def read_extra(path: Path) -> dict[str, Any]:
-    """What the caller stored with the checkpoint (e.g. the MLflow run id to continue)."""
-    return json.loads((path / "meta.json").read_text()).get("extra", {})
-
-
-def resumable_extra(folder: Path, key: str) -> dict[str, Any]:
-    """What the checkpoint a run with fingerprint `key` would resume from stored; {} if none."""
+def resumable_run_id(folder: Path, key: str) -> str | None:
+    """The MLflow run the checkpoint a run with fingerprint `key` would resume from names."""
     found = latest(folder, key)
-    return read_extra(found) if found is not None else {}
+    return json.loads((found / "meta.json").read_text())["run_id"] if found is not None else None
 
 
-@dataclasses.dataclass
-class Restored:
-    model_state: dict[str, torch.Tensor]  # full tensors on the CPU, tied names restored
-    optimizer_state: dict[str, Any]
-    progress: Progress
-    log: list[dict[str, float]]
-
-
-def restore(path: Path, scheduler: Any) -> Restored:
-    """Read a checkpoint: the scheduler and RNG states are set here; the model and optimizer
-    states are returned for `distributed.load_full_states` (which knows how they are sharded)."""
+def restore(path: Path, scheduler: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """Read a checkpoint -> (model state, optimizer state, meta). The scheduler and RNG states are
+    set here; the model and optimizer states (full tensors on the CPU, tied names restored) are for
+    `distributed.load_full_states`, which knows how they are sharded; meta holds "position" and
+    "log" as `save` got them."""
     model_state = load_file(str(path / "model.safetensors"), device="cpu")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     meta = json.loads((path / "meta.json").read_text())
-    for name, saved in meta.get("aliases", {}).items():
+    for name, saved in meta["aliases"].items():
         model_state[name] = model_state[saved]
-    fields = {f.name for f in dataclasses.fields(Progress)}
-    progress = Progress(**{k: v for k, v in meta.items() if k in fields})
-    return Restored(model_state, state["optimizer"], progress, meta["log"])
+    return model_state, state["optimizer"], meta
 
 
 def _rng_state() -> dict[str, Any]:

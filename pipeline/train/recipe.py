@@ -1,0 +1,275 @@
+"""DPO training, top to bottom: the optimizer step and the loop around it, in one class.
+
+`DPORecipe` takes the policy, its reference log-probs (None when reference-free) and the
+tokenized pairs; it builds AdamW with linear warmup and decay and resumes from the newest
+checkpoint made from the same inputs. `train` runs the optimizer steps in the order `plan` fixes
+per epoch; each step is a forward over `[chosen; rejected]`, the loss
+(`pipeline.objective.losses`), backward, clipping and the AdamW update. Metrics are averaged over
+the pairs of each log window; a checkpoint is written every save_every steps. The train stage
+builds it from the workspace with `pipeline.train.setup`. Leaf modules: plan (batch order),
+distributed (DDP/FSDP), checkpoint (files).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from pipeline.model.loading import Runtime, assert_frozen
+from pipeline.model.reference import ModelReference, ReferenceScores
+from pipeline.model.scoring import batch_logps, collate_pairs
+from pipeline.objective.losses import PairLogps, compute_loss
+from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metrics
+from pipeline.params import LossParams, TrainParams
+from pipeline.stage_io import Interrupted, StageError, bar
+from pipeline.train import checkpoint, distributed, plan
+
+# Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
+LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
+# Where in the data a run is: saved with every checkpoint, restored on resume.
+POSITION = ("step", "epoch", "step_in_epoch", "epoch_loss_sum", "epoch_pairs", "epoch_losses")
+
+
+class NonFiniteLoss(StageError, FloatingPointError):
+    """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
+
+
+class OutOfMemory(StageError, RuntimeError):
+    """The accelerator ran out of memory in a step; the message names the settings to lower."""
+
+
+class DPORecipe:
+    """Trains `policy` in place on tokenized pairs. Under torchrun every rank builds one, with
+    `policy` DDP-wrapped or FSDP-sharded. `reference` is None exactly when loss.reference_free;
+    `on_log` gets every log row (rank 0), `on_step` runs after every optimizer step."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        reference: ReferenceScores | None,
+        dataset: Any,
+        params: TrainParams,
+        loss: LossParams,
+        runtime: Runtime,
+        pad_token_id: int,
+        checkpoints: Path,
+        key: str,
+        on_log: Callable[[dict[str, float]], None] | None = None,
+        on_step: Callable[[], None] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        if (reference is None) != loss.reference_free:
+            raise ValueError("pass reference=None exactly when loss.reference_free is true")
+        self.policy, self.reference, self.dataset = policy, reference, dataset
+        self.params, self.loss, self.runtime = params, loss, runtime
+        self.pad_token_id = pad_token_id
+        self.checkpoints, self.key, self.run_id = checkpoints, key, run_id
+        self.on_log, self.on_step = on_log, on_step
+        self.world = distributed.current_world()
+        torch.manual_seed(params.seed)
+        self.lengths = plan.pair_lengths(dataset)  # (N, 2) prompt and answer tokens per pair
+        self.optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad],  # all, or the adapters (LoRA)
+            lr=params.lr,
+            weight_decay=params.weight_decay,
+            fused=True if runtime.device.type == "cuda" else None,  # a few launches per step
+        )
+        self.total = plan.total_steps(params, len(dataset), self.world)
+        warmup = int(params.warmup_ratio * self.total)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total)
+        self.step = self.epoch = self.step_in_epoch = self.epoch_pairs = self.saved = 0
+        self.epoch_loss_sum, self.epoch_losses, self.log = 0.0, [], []
+        self.window: dict[str, float] = {}  # sums since the last log row
+        self.done = {"pairs": 0, "tokens": 0, "seconds": 0.0}  # this process's own train() calls
+        self._resume()
+
+    def train(self) -> None:
+        """Run the steps left. Ctrl-C becomes `Interrupted`, naming the checkpoint a re-run
+        resumes from; running out of accelerator memory, `OutOfMemory` naming what to lower."""
+        self.policy.train()
+        started = time.perf_counter()
+        show = bar(total=self.total, initial=self.step, desc="train", unit="step",
+                   disable=not self.world.is_main)  # fmt: skip
+        steps, planned = [], -1
+        try:
+            while self.step < self.total:
+                if planned != self.epoch:  # the plan is fixed per epoch: build it once
+                    planned = self.epoch
+                    steps = plan.epoch_steps(self.lengths, self.params, self.epoch, self.world)
+                epoch = self.epoch + (self.step_in_epoch + 1) / len(steps)
+                micro_batches, started = steps[self.step_in_epoch], time.perf_counter()
+                try:
+                    metrics, grad_norm, pairs, tokens = self._optimizer_step(micro_batches)
+                except torch.cuda.OutOfMemoryError as error:
+                    raise OutOfMemory(self._out_of_memory(micro_batches)) from error
+                seconds = time.perf_counter() - started
+                self._count(metrics, grad_norm, pairs, tokens, seconds)
+                self._advance(metrics["loss"], pairs, len(steps))
+                show.update(1)
+                if self.on_step is not None:
+                    self.on_step()  # the stage re-divides its CPU threads here
+                show.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 margin=f"{metrics['rewards/margins']:.3f}")  # fmt: skip
+                if (
+                    self.step % self.params.log_every == 0
+                    or self.step == self.total
+                    or (self.step_in_epoch == 0)
+                ):  # and at the end of each epoch
+                    self._log_row(epoch)
+                if self.step % self.params.save_every == 0 or self.step == self.total:
+                    self._save()
+        except KeyboardInterrupt:
+            show.close()
+            raise Interrupted(self._interrupted()) from None
+        show.close()
+        self.done["seconds"] += time.perf_counter() - started
+        if isinstance(self.reference, ModelReference):
+            assert_frozen(self.reference.model)  # nothing in the loop may have unfrozen it
+
+    def _optimizer_step(self, micro_batches: list[np.ndarray]) -> tuple[dict, float, int, int]:
+        """One optimizer step -> (metric means, grad norm, pairs, real tokens).
+
+        `micro_batches` are global (all ranks); each runs as one forward, or as several when it
+        holds more than max_tokens_per_micro_batch padded tokens, and this rank runs its slice of
+        each. The loss is the sum of per-pair losses over the whole step divided by its pairs, so
+        accumulation gives the gradient of one large batch; DDP averages gradients over ranks,
+        hence the factor world.size.
+        """
+        step_pairs = sum(len(m) for m in micro_batches)
+        budget = self.params.max_tokens_per_micro_batch
+        parts = [part for m in micro_batches
+                 for part in plan.forward_parts(m, self.lengths, self.world, budget)]  # fmt: skip
+        sums, tokens = dict.fromkeys(STEP_METRIC_KEYS, 0.0), 0
+        for i, part in enumerate(parts):
+            rows = distributed.rank_slice(part, self.world)
+            batch = collate_pairs(self.dataset[rows.tolist()], self.pad_token_id)
+            batch = batch.to(self.runtime.device)
+            policy_logps = batch_logps(self.policy, batch, self.runtime)
+            reference_logps = None if self.reference is None else self.reference(batch, rows)
+            counts = completion_token_counts(batch.completion_mask)
+            logps = PairLogps.from_concatenated(
+                policy_logps, reference_logps, counts, batch.n_pairs
+            )
+            out = compute_loss(logps, self.loss)
+            loss = out.losses.sum() * self.world.size / step_pairs
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite DPO loss at step {self.step + 1}: {loss}")
+            with distributed.no_sync_unless(i == len(parts) - 1, self.policy):  # once per step
+                loss.backward()
+            metrics = step_metrics(out.losses.detach(), out.chosen_rewards, out.rejected_rewards,
+                                   logps.policy_chosen.detach(), logps.policy_rejected.detach(),
+                                   out.nll)  # fmt: skip
+            for key, value in metrics.items():
+                sums[key] += value * batch.n_pairs
+            tokens += batch.real_tokens
+        *totals, tokens = distributed.all_reduce_sum([*sums.values(), tokens],
+                                                     self.runtime.device, self.world)  # fmt: skip
+        grad_norm = distributed.global_grad_norm(self.policy, self.params.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        means = {k: v / step_pairs for k, v in zip(sums, totals, strict=True)}
+        return means, grad_norm, step_pairs, int(tokens)
+
+    def _count(
+        self, metrics: dict, grad_norm: float, pairs: int, tokens: int, seconds: float
+    ) -> None:
+        """Add a step to the log window (metrics weighted by pairs) and to this process's totals."""
+        for key, value in metrics.items():
+            self.window[key] = self.window.get(key, 0.0) + value * pairs
+        counts = {"grad_norm": grad_norm, "steps": 1, "pairs": pairs, "tokens": tokens,
+                  "seconds": seconds}  # fmt: skip
+        for key, value in counts.items():
+            self.window[key] = self.window.get(key, 0) + value
+        self.done["pairs"] += pairs
+        self.done["tokens"] += tokens
+
+    def _log_row(self, epoch: float) -> None:
+        """Close the window into a log row (pair-weighted metric means) and hand it on."""
+        window, self.window = self.window, {}
+        row: dict[str, float] = {"step": self.step, "epoch": epoch}
+        row.update({k: window[k] / window["pairs"] for k in STEP_METRIC_KEYS})
+        row["grad_norm"] = window["grad_norm"] / window["steps"]
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["tokens/s"] = window["tokens"] / window["seconds"]
+        row["pairs/s"] = window["pairs"] / window["seconds"]
+        self.log.append(row)
+        if self.on_log is not None and self.world.is_main:
+            self.on_log(row)
+
+    def _advance(self, loss: float, pairs: int, steps_in_epoch: int) -> None:
+        """One step done; at an epoch's end, its pair-weighted mean loss is recorded."""
+        self.step += 1
+        self.step_in_epoch += 1
+        self.epoch_loss_sum += loss * pairs
+        self.epoch_pairs += pairs
+        if self.step_in_epoch == steps_in_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.epoch_losses.append(self.epoch_loss_sum / self.epoch_pairs)
+            self.epoch_loss_sum, self.epoch_pairs = 0.0, 0
+            if self.world.is_main:
+                tqdm.write(f"Epoch {self.epoch} DPO Loss (Avg): {self.epoch_losses[-1]:.4f}")
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint made from the same inputs, if any."""
+        found = checkpoint.latest(self.checkpoints, self.key)
+        if found is None:
+            return
+        model_state, optimizer_state, meta = checkpoint.restore(found, self.scheduler)
+        distributed.load_full_states(self.policy, self.optimizer, model_state, optimizer_state)
+        for name in POSITION:
+            setattr(self, name, meta["position"][name])
+        self.log, self.saved = meta["log"], self.step
+        print(f"resuming from {found} (step {self.step})")
+
+    def _save(self) -> None:
+        """Every rank gathers (a collective under FSDP), rank 0 writes, the others wait for it."""
+        model_state, optimizer_state = distributed.full_states(self.policy, self.optimizer)
+        if self.world.is_main:
+            position = {name: getattr(self, name) for name in POSITION}
+            checkpoint.save(self.checkpoints, model_state, optimizer_state, self.scheduler,
+                            position, self.log, self.key, self.run_id)  # fmt: skip
+        distributed.barrier(self.world)
+        self.saved = self.step
+
+    def _interrupted(self) -> str:
+        where = f"stopped after step {self.step} of {self.total}"
+        if not self.saved:
+            return (
+                f"{where}, before the first checkpoint (train.save_every): nothing to resume from"
+            )
+        return (f"{where}; the checkpoint of step {self.saved} is kept in {self.checkpoints}: "
+                "run the same command again to resume from it")  # fmt: skip
+
+    def _out_of_memory(self, micro_batches: list[np.ndarray]) -> str:
+        budget = self.params.max_tokens_per_micro_batch
+        longest = max(int(self.lengths[m].max()) for m in micro_batches)
+        lower = f"lower train.max_tokens_per_micro_batch (now {budget or 'no limit'})"
+        if not self.params.gradient_checkpointing:
+            lower += " or set train.gradient_checkpointing: true"
+        kept = f"; the checkpoint of step {self.saved} is kept, a re-run resumes from it"
+        return (f"out of accelerator memory in step {self.step + 1} (longest sequence {longest} "
+                f"tokens): {lower}" + (kept if self.saved else ""))  # fmt: skip
+
+    def summary(self) -> dict[str, Any]:
+        """reports/train.json: the run's figures (per-step rows are `log`)."""
+        seconds = max(self.done["seconds"], 1e-9)  # this process's time, not a resumed prefix
+        return {
+            "steps": self.step,
+            "final_loss": self.log[-1]["loss"],
+            "epoch_losses": self.epoch_losses,
+            "train_seconds": round(seconds, 2),
+            "pairs_per_s": round(self.done["pairs"] / seconds, 3),
+            "tokens_per_s": round(self.done["tokens"] / seconds, 1),
+            **plan.padding_report(self.lengths, self.params),
+        }
