@@ -35,8 +35,8 @@ test: install
 check: install
 	$(BIN)/python -m pytest -m "not slow"
 
-# Training throughput and memory against TRL's DPOTrainer, plus the cached-experiment timing;
-# prints a table, writes bench/results/latest.json. ~48 min on 2 CPU cores, most of it TRL
-# (~9 min a repetition); `python bench/dpo_vs_trl.py --dvc-only` times the experiments alone.
+# Training throughput and memory against TRL's DPOTrainer (the train stage's own path);
+# prints a table, writes bench/results/latest.json. ~30 min on 2 CPU cores, most of it TRL
+# (~9 min a repetition). DVC experiment and queue timings: `python bench/dvc_runs.py first|sweep`.
 bench: install
 	$(BIN)/python bench/dpo_vs_trl.py

@@ -1,7 +1,7 @@
 """Benchmark: this pipeline's DPO training against TRL's DPOTrainer on the same work.
 
-    python bench/dpo_vs_trl.py [--steps 10] [--reps 3] [--batch 8] [--dvc-reps 3] [--dvc-only]
-    python bench/dpo_vs_trl.py --device cuda --model qwen3-0.6b --steps 30 --reps 1 --dvc-reps 0
+    python bench/dpo_vs_trl.py [--steps 10] [--reps 3] [--batch 8]
+    python bench/dpo_vs_trl.py --device cuda --model qwen3-0.6b --steps 30 --reps 1
 
 CPU (default): a tiny Qwen3 (2 layers, 128 wide) with the real Qwen3 vocabulary (151,936), fp32.
 CUDA: `--model qwen3-0.6b` builds random weights with Qwen3-0.6B's exact config locally (no
@@ -14,10 +14,12 @@ fresh process (so peak memory is its own: process RSS on CPU, `torch.cuda.max_me
 on CUDA); figures are medians over `--reps` alternating repetitions. Steady-state pairs/s,
 tokens/s and MFU leave out the first `STEADY_FROM` steps (warm-up, allocator growth).
 MFU = 6 x parameters x tokens/s / the device's dense bf16 peak (989 TFLOP/s on an H100 or H200,
-`--peak-tflops` otherwise). Also times a second `dvc exp run -S train.lr=...` of the demo
-against the first (`--dvc-reps` pairs, each from a fresh copy; `--dvc-only` runs just that and
-writes bench/results/dvc.json). Prints a table and writes bench/results/latest.json. TRL is a
-benchmark-only dependency (`pip install -e .[reference]`); the pipeline never imports it.
+`--peak-tflops` otherwise). The pipeline rows run what the train stage runs: a workspace laid
+out as the stages leave it (models/base, data/tokenized/train, the reference stage's cache),
+params.yaml with the row's overrides, the stage's own `setup.load_policy` / `setup.load_reference`
+(packing and attention as the stage picks them) and `DPORecipe`. Prints a table and writes
+bench/results/latest.json. TRL is a benchmark-only dependency (`pip install -e .[reference]`);
+the pipeline never imports it. DVC experiment timings: bench/dvc_runs.py.
 """
 
 from __future__ import annotations
@@ -25,170 +27,61 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VOCAB = 151_936
-STEADY_FROM = 4  # steady-state figures count steps after this many
-H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's dense bf16 peak of the H100 SXM (H200: the same)
-# Qwen3-0.6B's and a Qwen3-4B-shaped config, built here with random weights; "tiny" is the CPU
-# benchmark model.
-MODEL_SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                       rope_theta=1_000_000.0, rms_norm_eps=1e-6),
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     rope_theta=1_000_000.0, rms_norm_eps=1e-6),
-}  # fmt: skip
-TEMPLATE = "Question: {question}\n\nAnswer:\n"  # ends on a newline: no token merges at the seam
-MAX_LENGTH = 512
-PIPELINE_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-TRL_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # DPOTrainer's tokenized columns
+
+from measure import STEADY_FROM, TRL_COLUMNS, now, peak_tflops, summary  # noqa: E402
+from workload import MAX_LENGTH, MODEL_SHAPES, VOCAB, make_workspace, tokenized_rows  # noqa: E402
 
 
-def make_assets(workdir: Path, n_pairs: int, seed: int = 0, model: str = "tiny") -> None:
-    """A Qwen3 of shape `model` with the full vocabulary, the demo tokenizer, long text pairs."""
-    import pyarrow.parquet as pq
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+def run_ours(args: argparse.Namespace, **train: Any) -> dict:
+    """The train stage's path on the bench workspace, with params.yaml's train section and the
+    row's `train` overrides (`lora` and `quantize` set train.lora: QLoRA with quantize="nf4", on
+    CUDA with bitsandbytes only). A cached reference is computed first, as the reference stage
+    does, and timed as setup."""
+    import dataclasses
 
-    from pipeline.demo.dataset import ensure_demo_dataset
-    from pipeline.demo.model import ensure_demo_model
+    from pipeline.data.schema import load_tokenized
+    from pipeline.model.loading import resolve_runtime
+    from pipeline.params import load_params
+    from pipeline.train import setup
+    from pipeline.train.recipe import DPORecipe
+    from stages.reference import score_split
 
-    cache = workdir / "cache"
-    tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(cache))
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        **MODEL_SHAPES[model],
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    os.chdir(args.workdir)  # the stages' relative paths: models/base, data/tokenized/train
+    params = load_params(REPO / "params.yaml")
+    lora = dataclasses.replace(
+        params.train.lora, enabled=train.pop("lora", False), quantize=train.pop("quantize", "none")
     )
-    Qwen3ForCausalLM(config).save_pretrained(workdir / "model")
-    tokenizer.save_pretrained(workdir / "model")
-    table = pq.read_table(ensure_demo_dataset(cache) / "data/rl").to_pylist()
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n_pairs):  # long answers: several demo answers joined, 100-480 tokens
-        rows = rng.sample(table, 12)
-        target = rng.randint(100, 480)
-        chosen = _grow(tokenizer, [r["response_j"] for r in rows], target)
-        rejected = _grow(tokenizer, [r["response_k"] for r in rows], rng.randint(60, target))
-        pairs.append(
-            {
-                "prompt": TEMPLATE.format(question=rows[0]["question"]),
-                "chosen": chosen,
-                "rejected": rejected,
-            }
-        )
-    (workdir / "pairs.json").write_text(json.dumps(pairs))
-
-
-def _grow(tokenizer, parts: list[str], target: int) -> str:
-    text = parts[0]
-    for part in parts[1:]:
-        if len(tokenizer(text + "\n\n" + part)["input_ids"]) > target:
-            break
-        text = text + "\n\n" + part
-    return text
-
-
-def tokenized_rows(workdir: Path) -> list[dict[str, list[int]]]:
-    """The pairs as this pipeline tokenizes them (prompt and completion apart, EOS appended)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.data.tokenization import encode, encode_completion
-
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    return [
-        {
-            "prompt_input_ids": encode(tokenizer, p["prompt"]),
-            "chosen_input_ids": encode_completion(tokenizer, p["chosen"]),
-            "rejected_input_ids": encode_completion(tokenizer, p["rejected"]),
-        }
-        for p in json.loads((workdir / "pairs.json").read_text())
-    ]
-
-
-def run_ours(
-    args: argparse.Namespace,
-    cached: bool,
-    checkpointing: bool = False,
-    lora: bool = False,
-    quantize: str = "none",
-) -> dict:
-    """The pipeline's trainer; `quantize="nf4"` (with `lora`) is QLoRA: policy and reference on
-    the same 4-bit base, as the stages run it (CUDA and bitsandbytes only)."""
-    import datasets
-    import numpy as np
-
-    from pipeline.model.loading import (
-        enable_activation_checkpointing,
-        freeze,
-        load_causal_lm,
-        resolve_runtime,
+    # TRL's side: the same lr, no warmup, the pairs in epoch_order(seed 0), one row per step.
+    overrides = dict(lr=1e-4, batch_size=args.batch, max_steps=args.steps, seed=0, warmup_ratio=0.0,
+                     length_grouping=False, device=args.device, log_every=1, lora=lora)  # fmt: skip
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, **overrides, **train)
     )
-    from pipeline.model.reference import CachedReference, ModelReference
-    from pipeline.model.scoring import CompletionScorer, score_pairs
-    from pipeline.params import LoraParams
-    from pipeline.train.adapters import add_adapters
-    from pipeline.train.loop import Resume, train_policy
-    from tests.helpers import train_params
-
-    workdir, steps, batch = args.workdir, args.steps, args.batch
-    runtime = resolve_runtime(args.device)
-    data = datasets.Dataset.from_list(tokenized_rows(workdir))
-    policy = CompletionScorer(load_causal_lm(workdir / "model", runtime, False, quantize))
-    if checkpointing:
-        enable_activation_checkpointing(policy.model)
-    if lora:  # the project's default adapters: r=16, alpha 32, every attention and MLP linear
-        policy.model = add_adapters(policy.model, LoraParams(enabled=True))
-    base = freeze(CompletionScorer(load_causal_lm(workdir / "model", runtime, False, quantize)))
+    runtime = resolve_runtime(params.train.device)
     t0 = time.perf_counter()
-    if cached:  # what the reference stage stores once per base model and data
-        reference = CachedReference(
-            np.stack(score_pairs(base, data, batch, runtime, 0, "ref"), 1), runtime.device
-        )
-        del base
-    else:
-        reference = ModelReference(base, runtime)
-    setup = time.perf_counter() - t0
-    params = train_params(
-        lr=1e-4,
-        batch_size=batch,
-        max_steps=steps,
-        cached_reference=cached,
-        length_grouping=False,
-        max_tokens_per_micro_batch=_default_token_budget(),
-        gradient_checkpointing=checkpointing,
-    )
-    stamps = [_now()]
-    result = train_policy(
-        policy,
-        reference,
-        data,
-        params,
-        runtime,
-        0,
-        Resume(Path(tempfile.mkdtemp()), "bench"),
-        on_log=lambda row: stamps.append(_now()),
-    )
-    losses = [row["loss"] for row in result.log]
+    if params.train.cached_reference:  # what the reference stage stores once per model and data
+        score_split(params, "train", runtime, 0, Path("data/reference"))
+    setup_seconds = time.perf_counter() - t0
+    data = load_tokenized(setup.TRAIN_SPLIT)
+    policy = setup.load_policy(params, runtime)
+    reference = setup.load_reference(params, runtime, len(data), policy)
+    stamps, folder = [now()], Path(tempfile.mkdtemp())
+    recipe = DPORecipe(policy, reference, data, params.train, params.loss, runtime, 0, folder,
+                       "bench", on_step=lambda: stamps.append(now()))  # fmt: skip
+    recipe.train()
+    losses = [row["loss"] for row in recipe.log]
     n_params = sum(p.numel() for p in policy.parameters())
-    return _summary(losses, stamps, data, batch, n_params, args, setup)
+    return summary(losses, stamps, data, args.batch, n_params, args, setup_seconds)
 
 
 def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
@@ -205,18 +98,18 @@ def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
     pairs = datasets.Dataset.from_list(json.loads((workdir / "pairs.json").read_text()))
     order = epoch_order(len(pairs), 0, 0)  # the pipeline's epoch-0 order (seed 0), read in turn
     pairs = pairs.select(order.tolist())
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "models/base")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "models/base", dtype=torch.float32)
     losses: list[float] = []
     stamps: list[float] = []
 
     class Record(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if not stamps:
-                stamps.append(_now())
+                stamps.append(now())
 
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(_now())
+            stamps.append(now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -225,38 +118,19 @@ def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
     cuda = args.device == "cuda"
     speed = {"precompute_ref_log_probs": True, "gradient_checkpointing": False} if fast else {}
     config = DPOConfig(
-        output_dir=str(Path(tempfile.mkdtemp())),
-        per_device_train_batch_size=batch,
-        max_steps=steps,
-        learning_rate=1e-4,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        beta=0.1,
-        max_length=MAX_LENGTH,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not cuda,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
+        learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, beta=0.1, max_length=MAX_LENGTH, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=not cuda, seed=0, dataloader_drop_last=False, disable_tqdm=True,
         bf16=cuda,  # autocast over fp32 master weights, as the pipeline runs on CUDA
-        seed=0,
-        dataloader_drop_last=False,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
-        **speed,
-    )
-    trainer = DPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=pairs,
-        processing_class=tokenizer,
-        callbacks=[Record()],
-    )
+        train_sampling_strategy="sequential", **speed,
+    )  # fmt: skip
+    trainer = DPOTrainer(model=model, args=config, train_dataset=pairs,
+                         processing_class=tokenizer, callbacks=[Record()])  # fmt: skip
     _check_same_ids(trainer.train_dataset, workdir, order)
     trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
-    return _summary(losses, stamps, trainer.train_dataset, batch, n_params, args, 0.0, TRL_COLUMNS)
+    return summary(losses, stamps, trainer.train_dataset, batch, n_params, args, 0.0, TRL_COLUMNS)
 
 
 def _check_same_ids(trl_dataset, workdir: Path, order) -> None:
@@ -271,92 +145,12 @@ def _check_same_ids(trl_dataset, workdir: Path, order) -> None:
             raise SystemExit("TRL and the pipeline tokenized a pair differently: not the same work")
 
 
-def _tokens(data, n: int, columns: tuple[str, str, str] = PIPELINE_COLUMNS) -> int:
-    """Tokens in the first n pairs' forward passes: the prompt twice (chosen and rejected rows)."""
-    rows = data[:n]
-    prompts, chosen, rejected = (rows[c] for c in columns)
-    return sum(
-        2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)
-    )
-
-
-def _now() -> float:
-    """Wall clock after the device has finished what was queued (CUDA runs asynchronously)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _default_token_budget() -> int:
-    """train.max_tokens_per_micro_batch of params.yaml: the pipeline runs with its defaults."""
-    import yaml
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    return int(params["train"]["max_tokens_per_micro_batch"])
-
-
-def _summary(
-    losses: list[float],
-    stamps: list[float],
-    data,
-    batch: int,
-    n_params: int,
-    args: argparse.Namespace,
-    setup: float,
-    columns: tuple[str, str, str] = PIPELINE_COLUMNS,
-) -> dict:
-    """Whole-run and steady-state throughput, peak memory, MFU and losses of one run.
-
-    `stamps` are the times before the first step and after each step; step k uses the pairs
-    k * batch .. (k + 1) * batch - 1 of `data` (sequential order on both sides).
-    """
-    import torch
-
-    steps = len(stamps) - 1
-    first = min(STEADY_FROM, steps - 1)
-    seconds, steady = stamps[-1] - stamps[0], stamps[-1] - stamps[first]
-    tokens = _tokens(data, steps * batch, columns)
-    steady_tokens = tokens - _tokens(data, first * batch, columns)
-    cuda = args.device == "cuda"
-    peak_mb = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    peak_flops = _peak_tflops(args) * 1e12 if cuda else None
-    return {
-        "seconds": seconds,
-        "pairs_per_s": steps * batch / seconds,
-        "tokens_per_s": tokens / seconds,
-        "steady_pairs_per_s": (steps - first) * batch / steady,
-        "steady_tokens_per_s": steady_tokens / steady,
-        "mfu": 6 * n_params * steady_tokens / steady / peak_flops if peak_flops else None,
-        "peak_mb": peak_mb,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "setup_seconds": setup,
-    }
-
-
-def _peak_tflops(args: argparse.Namespace) -> float | None:
-    """Dense bf16 peak of the device: `--peak-tflops`, or the H100/H200 figure by name."""
-    import torch
-
-    if args.peak_tflops:
-        return args.peak_tflops
-    name = torch.cuda.get_device_name()
-    return H100_BF16_DENSE_TFLOPS if ("H100" in name or "H200" in name) else None
-
-
-# Rows of the table: what each worker process runs. CUDA adds checkpointing and TRL's fastest.
 RUNS = {
-    "ours": lambda args: run_ours(args, cached=True),
-    "ours_live": lambda args: run_ours(args, cached=False),
-    "ours_ckpt": lambda args: run_ours(args, cached=True, checkpointing=True),
-    "ours_lora": lambda args: run_ours(args, cached=True, lora=True),
-    "ours_qlora": lambda args: run_ours(args, cached=True, lora=True, quantize="nf4"),
+    "ours": lambda args: run_ours(args),
+    "ours_live": lambda args: run_ours(args, cached_reference=False),
+    "ours_ckpt": lambda args: run_ours(args, gradient_checkpointing=True),
+    "ours_lora": lambda args: run_ours(args, lora=True),
+    "ours_qlora": lambda args: run_ours(args, lora=True, quantize="nf4"),
     "trl": lambda args: run_trl(args),
     "trl_fast": lambda args: run_trl(args, fast=True),
 }
@@ -384,21 +178,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        kind,
-        "--workdir",
-        str(workdir),
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--device",
-        args.device,
-        *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
-    ]
+    cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(workdir), "--steps",
+           str(args.steps), "--batch", str(args.batch), "--device", args.device,
+           *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -406,41 +188,11 @@ def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def dvc_timing(workdir: Path, reps: int) -> dict:
-    """Wall time of the demo DAG as a first experiment, then one that only changes train.lr.
-
-    Each repetition starts from nothing, as a new user would: a fresh copy of the repository and
-    an empty demo-asset cache. Medians over `reps`; the ratio is the median of per-pair ratios.
-    """
-    runs = [_dvc_pair(workdir / f"dvc-{i}") for i in range(reps)]
-    return {**medians(runs), "runs": runs}
-
-
 def medians(runs: list[dict]) -> dict:
     """Key by key median of repeated runs' figures (None where a figure does not apply)."""
     return {
         k: None if runs[0][k] is None else statistics.median(r[k] for r in runs) for k in runs[0]
     }
-
-
-def _dvc_pair(folder: Path) -> dict:
-    from tests.e2e import copy_repo, environment
-
-    repo = copy_repo(folder / "repo")
-    env = environment(folder / "cache")
-    times = {}
-    for name, extra in (("first", []), ("lr_only", ["-S", "train.lr=5e-4"])):
-        t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "pipeline.demo", "--name", f"bench-{name}", *extra],
-            cwd=repo,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        times[f"{name}_seconds"] = time.perf_counter() - t0
-    times["ratio"] = times["lr_only_seconds"] / times["first_seconds"]
-    return times
 
 
 def main() -> None:
@@ -454,30 +206,19 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODEL_SHAPES), default="tiny")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
     parser.add_argument("--rows", help=f"comma-separated rows to run, of {','.join(RUNS)}")
-    parser.add_argument("--dvc-reps", type=int, default=3, help="dvc exp run pairs timed (0: none)")
-    parser.add_argument("--dvc-only", action="store_true", help="only the dvc exp run timing")
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.dvc_only and args.dvc_reps < 1:
-        parser.error("--dvc-only needs --dvc-reps of at least 1")
     if args.worker:
         return worker(args)
     workdir = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    if args.dvc_only:  # beside latest.json, which keeps the last complete run
-        report = {"dvc_exp_run": dvc_timing(workdir, args.dvc_reps)}
-        write_report(report, REPO / "bench" / "results" / "dvc.json")
-        print_dvc(report["dvc_exp_run"])
-        return None
-    make_assets(workdir, args.steps * args.batch, model=args.model)
+    make_workspace(workdir, args.steps * args.batch, model=args.model)
     runs: dict[str, list[dict]] = {kind: [] for kind in rows_for(args)}
     for _ in range(args.reps):
         for kind in runs:
             runs[kind].append(spawn(kind, workdir, args))
     table = {kind: medians(rs) for kind, rs in runs.items()}
     report = {"config": config(args), "median": table, "runs": runs, "ratios": ratios(table)}
-    if args.dvc_reps:
-        report["dvc_exp_run"] = dvc_timing(workdir, args.dvc_reps)
     name = "latest.json" if args.device == "cpu" else f"{args.device}-{args.model}.json"
     write_report(report, REPO / "bench" / "results" / name)
     print_table(report)
@@ -489,21 +230,19 @@ def config(args: argparse.Namespace) -> dict:
 
     import torch
 
+    from pipeline.params import load_params
+
+    train = load_params(REPO / "params.yaml").train
     return {
-        "steps": args.steps,
-        "steady_from_step": STEADY_FROM + 1,
-        "reps": args.reps,
-        "batch": args.batch,
-        "model": args.model,
-        "vocab": VOCAB,
-        "max_length": MAX_LENGTH,
-        "max_tokens_per_micro_batch": _default_token_budget(),
+        "steps": args.steps, "steady_from_step": STEADY_FROM + 1, "reps": args.reps,
+        "batch": args.batch, "model": args.model, "vocab": VOCAB, "max_length": MAX_LENGTH,
+        "max_tokens_per_micro_batch": train.max_tokens_per_micro_batch,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "peak_tflops_bf16": _peak_tflops(args) if args.device == "cuda" else None,
+        "peak_tflops_bf16": peak_tflops(args) if args.device == "cuda" else None,
         "mfu_formula": "6 x parameters x steady tokens/s / peak dense bf16 FLOP/s",
         "versions": {p: version(p) for p in ("torch", "transformers", "trl")},
         "cuda": torch.version.cuda,
-    }
+    }  # fmt: skip
 
 
 def ratios(table: dict[str, dict]) -> dict[str, float]:
@@ -544,16 +283,6 @@ def print_table(report: dict) -> None:
         )
     for key, value in report["ratios"].items():
         print(f"{key}: {value:.3f}")
-    if "dvc_exp_run" in report:
-        print_dvc(report["dvc_exp_run"])
-
-
-def print_dvc(d: dict) -> None:
-    print(
-        f"dvc exp run (median of {len(d['runs'])}): first {d['first_seconds']:.1f} s, "
-        f"lr-only {d['lr_only_seconds']:.1f} s, ratio {d['ratio']:.2f} "
-        f"(each: {', '.join(format(r['ratio'], '.2f') for r in d['runs'])})"
-    )
 
 
 if __name__ == "__main__":
