@@ -167,7 +167,7 @@ class TrainParams:
     # less activation memory for about a third more compute; gradients unchanged.
     gradient_checkpointing: bool
 
-    # Low-rank adapters (README: "Bigger models on one GPU"); off trains every weight.
+    # Low-rank adapters (docs/lora.md); off trains every weight.
     lora: LoraParams = dataclasses.field(default_factory=LoraParams)
 
     def __post_init__(self) -> None:
@@ -179,7 +179,7 @@ class TrainParams:
             )
 
 
-#: The loss variants (formulas: pipeline/objective/losses.py and the README, "Loss variants").
+#: The loss variants (formulas: pipeline/objective/losses.py and docs/objective.md).
 LossName = Literal["sigmoid", "robust", "ipo", "hinge", "simpo"]
 #: Variants that read label_smoothing (as the smoothing eps, resp. the label flip rate).
 LABEL_SMOOTHED = frozenset({"sigmoid", "robust"})
@@ -209,19 +209,16 @@ class LossParams:
     reference_free: bool = False
 
     def __post_init__(self) -> None:
-        if self.label_smoothing and self.variant not in LABEL_SMOOTHED:
-            raise ParamsError(
-                f"loss.label_smoothing applies to {sorted(LABEL_SMOOTHED)} only, not "
-                f"{self.variant}"
-            )
-        if self.gamma and self.variant != "simpo":
-            raise ParamsError(
-                f"loss.gamma is SimPO's target margin and applies to simpo only, not {self.variant}"
-            )
-        if self.variant in REFERENCE_FREE and not self.reference_free:
-            raise ParamsError(
-                f"loss.variant {self.variant} is reference-free: set loss.reference_free: true"
-            )
+        name = self.variant
+        if self.label_smoothing and name not in LABEL_SMOOTHED:
+            wrong = f"loss.label_smoothing applies to {sorted(LABEL_SMOOTHED)} only, not {name}"
+        elif self.gamma and name != "simpo":
+            wrong = f"loss.gamma is SimPO's target margin and applies to simpo only, not {name}"
+        elif name in REFERENCE_FREE and not self.reference_free:
+            wrong = f"loss.variant {name} is reference-free: set loss.reference_free: true"
+        else:
+            return
+        raise ParamsError(wrong)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,18 +264,12 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Parse and validate every section of the params file; unknown sections are errors."""
-    raw = read_yaml(path)
-    sections = {f.name: f.type for f in dataclasses.fields(Params)}
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
+    raw, sections = read_yaml(path), typing.get_type_hints(Params)  # in params.yaml's order
+    if unknown := sorted(set(raw) - set(sections)):
         raise ParamsError(f"unknown section {unknown[0]} in {path} (known: {', '.join(sections)})")
-    hints = typing.get_type_hints(Params)
-    values = {}
-    for name in sections:
-        if name not in raw:
-            raise ParamsError(f"missing section {name} in {path}")
-        values[name] = parse_section(name, raw[name], hints[name])
-    return Params(**values)
+    if missing := [name for name in sections if name not in raw]:
+        raise ParamsError(f"missing section {missing[0]} in {path}")
+    return Params(**{name: parse_section(name, raw[name], cls) for name, cls in sections.items()})
 
 
 def stage_param_keys(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:

@@ -251,15 +251,10 @@ def _write_shards(folder: Path, rows: Sequence[SourceRow], shards: int) -> None:
 
 
 def generate_stack_exchange_sample(
-    out_dir: Path,
-    seed: int = 0,
-    train_questions: int = 420,
-    eval_questions: int = 85,
-    train_shards: int = 4,
-    eval_shards: int = 2,
-    overlap_questions: int = 8,
+    out_dir: Path, seed: int = 0, train_questions: int = 420, eval_questions: int = 85,
+    train_shards: int = 4, eval_shards: int = 2, overlap_questions: int = 8,
     label_noise: float = 0.1,
-) -> Path:
+) -> Path:  # fmt: skip
     """Write the hub layout (data/rl, data/evaluation) to `out_dir`, atomically; return it.
 
     Defaults give about 2,300 train and 400 evaluation pairs. `overlap_questions` evaluation
