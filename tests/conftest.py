@@ -37,6 +37,26 @@ def demo_tokenizer(demo_model_dir: Path):
     return AutoTokenizer.from_pretrained(demo_model_dir)
 
 
+@pytest.fixture(scope="session")
+def e2e_repo(tmp_path_factory, asset_cache: Path, demo_model_dir: Path, demo_dataset_dir: Path):
+    """Make a throwaway copy of the repository under test, as a fresh git repository, and the
+    environment its real entry points (dvc, python -m pipeline.demo) run in there: offline, on
+    the session's demo assets. `make(name, demo_params=True)` also writes the demo's values into
+    params.yaml (for `dvc repro`, which takes no `-S`), `overrides` on top of them."""
+    from pipeline.demo.experiment import demo_overrides
+    from tests.e2e import copy_repo, environment
+    from tests.helpers import apply_overrides
+
+    def make(name: str, demo_params: bool = False, **overrides: object) -> tuple[Path, dict]:
+        repo = copy_repo(tmp_path_factory.mktemp(name))
+        if demo_params:
+            demo = demo_overrides(repo / "demo" / "params.yaml", asset_cache)
+            apply_overrides(repo / "params.yaml", {**demo, **overrides})
+        return repo, environment(asset_cache)
+
+    return make
+
+
 @pytest.fixture
 def params_file(tmp_path: Path) -> Path:
     """A writable copy of the committed params.yaml."""

@@ -8,19 +8,14 @@ import datasets
 import pytest
 
 from pipeline.data.schema import TOKENIZED_SCHEMA
-from pipeline.demo.experiment import demo_overrides
-from tests.e2e import copy_repo, environment, run
-from tests.helpers import apply_overrides
+from tests.e2e import run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data_repo(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
-    repo = copy_repo(tmp_path_factory.mktemp("data-dag"))
-    demo = demo_overrides(repo / "demo" / "params.yaml", asset_cache)
-    apply_overrides(repo / "params.yaml", demo)
-    env = environment(asset_cache)
+def data_repo(e2e_repo):
+    repo, env = e2e_repo("data-dag", demo_params=True)
     output = run(repo, env, sys.executable, "-m", "dvc", "repro", "tokenize")
     return repo, env, output
 

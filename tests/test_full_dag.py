@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from tests.e2e import copy_repo, environment, git, run
+from tests.e2e import git, run
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -37,8 +37,11 @@ STAGES = (
 
 
 def readme_block(marker: str) -> str:
-    """The code of the fenced block that follows `<!-- marker: ... -->` in the README."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The code of the fenced block that follows `<!-- marker: ... -->` in the README, or else in
+    the first of docs/*.md (in name order) that has the marker. ValueError when none has it."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    texts = (page.read_text(encoding="utf-8") for page in pages)
+    text = next((t for t in texts if f"<!-- {marker}:" in t), "")
     after = text[text.index(f"<!-- {marker}:") :]
     start = after.index("```")
     body = after[after.index("\n", start) + 1 :]
@@ -93,15 +96,14 @@ def store_client(repo: Path) -> MlflowClient:
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
+def demo_runs(e2e_repo):
     """The README's experiments around a default demo run: lr 1e-6 first (the first version is
     champion), the default demo (should win), the default again with other checkpoint steps,
     stopped by Ctrl-C and run again (must resume to the default's curve), a demo pointed at a
     model folder that does not exist, a `dvc exp run` that fails offline and leaves
     loss.beta=0.7 in params.yaml, then lr 2e-6 (should lose, and must not pick up beta), then
     the undo the failure's error line gives."""
-    repo = copy_repo(tmp_path_factory.mktemp("full-dag"))
-    env = environment(asset_cache)
+    repo, env = e2e_repo("full-dag")
     params_before = (repo / "params.yaml").read_bytes()
     readme = readme_commands()
     outputs = {"demo-lr-1e-6": run(repo, env, *readme["demo-lr-1e-6"])}

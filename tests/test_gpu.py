@@ -71,20 +71,17 @@ def test_step_one_is_ln2_and_budget_and_checkpointing_keep_the_gradient(cuda, tm
 
 
 @pytest.mark.slow
-def test_demo_dag_on_cuda(tmp_path, asset_cache) -> None:
+def test_demo_dag_on_cuda(e2e_repo) -> None:
     """The real reference, train and evaluate stages on CUDA (bf16 autocast, checkpointing)."""
     pytest.importorskip("dvc", reason="the DAG needs dvc (carry its wheels to a bare GPU machine)")
     pytest.importorskip("mlflow", reason="the train stage logs to mlflow")
-    from pipeline.demo.experiment import demo_overrides
-    from tests.e2e import copy_repo, environment, run
-    from tests.helpers import apply_overrides
+    from tests.e2e import run
 
-    repo = copy_repo(tmp_path / "repo")
-    overrides = demo_overrides(repo / "demo" / "params.yaml", asset_cache)
-    overrides.update({"train.device": "cuda", "eval.device": "cuda", "train.log_every": 1})
-    overrides["train.gradient_checkpointing"] = True
-    apply_overrides(repo / "params.yaml", overrides)
-    run(repo, environment(asset_cache), sys.executable, "-m", "dvc", "repro", "evaluate")
+    cuda = {"train.device": "cuda", "eval.device": "cuda", "train.log_every": 1}
+    repo, env = e2e_repo(
+        "gpu-dag", demo_params=True, **cuda, **{"train.gradient_checkpointing": True}
+    )
+    run(repo, env, sys.executable, "-m", "dvc", "repro", "evaluate")
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["win_rate"] > 0.8
     # The reference stage scored other batches (other padding, other matmul shapes) than the

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.e2e import copy_repo, environment, run
+from tests.e2e import run
 from tests.test_full_dag import readme_block
 
 pytestmark = pytest.mark.slow
@@ -70,11 +70,10 @@ SWEPT_AGAIN = tuple(f"{name}-again" for name in SWEPT)
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
+def sweep(e2e_repo):
     """One demo run (the champion, its data stages cached), then the README's sweep twice in the
     same clone: its two queued lines plus one on other held-out pairs each time."""
-    repo = copy_repo(tmp_path_factory.mktemp("sweep"))
-    env = environment(asset_cache)
+    repo, env = e2e_repo("sweep")
     demo = (sys.executable, "-m", "pipeline.demo")
     run(repo, env, *demo, "--name", "sweep-base")
     queued, start = readme_sweep()

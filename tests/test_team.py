@@ -30,9 +30,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.demo.experiment import demo_overrides
-from tests.e2e import copy_repo, environment, git, run
-from tests.helpers import apply_overrides
+from tests.e2e import git, run
 from tests.test_full_dag import STAGES
 
 pytestmark = pytest.mark.slow
@@ -215,7 +213,7 @@ class Team:
 
 
 @pytest.fixture(scope="module", params=[BACKEND])
-def team(request, tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_dir):
+def team(request, tmp_path_factory, e2e_repo):
     """One DAG run against the server, pushed, cloned and pulled; every test reads its results."""
     backend = request.param
     top = tmp_path_factory.mktemp("team")
@@ -233,11 +231,9 @@ def team(request, tmp_path_factory, asset_cache, demo_model_dir, demo_dataset_di
         # `python -m pipeline.demo`: that is a `dvc exp run --temp`, whose results live in an
         # experiment ref (shared with `dvc exp push`), not in the workspace. Here they land in the
         # workspace and dvc.lock, which are what a team commits, pushes and pulls.
-        first = copy_repo(top / "first")
-        demo = demo_overrides(first / "demo" / "params.yaml", asset_cache)
-        apply_overrides(first / "params.yaml", demo)
+        first, env = e2e_repo("team-first", demo_params=True)
         git(first, "commit", "-q", "-am", "the offline demo's params")
-        env = {**environment(asset_cache), "MLFLOW_TRACKING_URI": server}
+        env["MLFLOW_TRACKING_URI"] = server
         dvc = [sys.executable, "-m", "dvc"]
         repro = run(first, env, *dvc, "repro")
 
