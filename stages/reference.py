@@ -4,7 +4,7 @@ model's completion log-probs of every pair, with a fingerprint of what they were
 Train and evaluate read them instead of running a second model. A change of lr or any other train
 setting leaves this stage's inputs alone, so `dvc exp run -S train.lr=...` restores it from cache.
 With train.lora.quantize: nf4 both splits are scored by the 4-bit base the policy trains on:
-DPO's reference must be the policy's own starting point (README, "Bigger models on one GPU").
+DPO's reference must be the policy's own starting point (docs/lora.md).
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Held-out evaluation: implicit rewards and ranking metrics from scored pairs.
 
-Metric definitions (README, "Metrics"): implicit reward r(y) = beta * (logp_policy(y|x) -
+Metric definitions (docs/objective.md, "Metrics"): implicit reward r(y) = beta * (logp_policy(y|x) -
 logp_ref(y|x)) (reference-free variants: see `pipeline.objective.losses.implicit_rewards`); win
 rate = share of pairs with r(y_w) > r(y_l), a tie counting one half; Kendall's tau per question
 over its distinct answers (tau-b), averaged over questions with >= 3 distinct answers.

@@ -1,8 +1,8 @@
 """Ranking metrics over per-pair implicit rewards: numpy in, plain floats out.
 
 Each pair i has a chosen (preferred) answer with implicit reward r_w[i] and a rejected one with
-r_l[i], where r(y) = beta * (logp_policy(y|x) - logp_reference(y|x)). Definitions: README,
-"Metrics".
+r_l[i], where r(y) = beta * (logp_policy(y|x) - logp_reference(y|x)). Definitions:
+docs/objective.md, "Metrics".
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """DPO loss variants: small pure functions over (B,) tensors; `compute_loss` picks one by name.
 
-Notation (README, "Metrics" and "Loss variants"): per pair, `pc`/`pr` are the policy's summed
-completion log-probs of the chosen/rejected answer, `rc`/`rr` the reference's, `nc`/`nr` the
-numbers of completion tokens scored. The log-ratio margin is
+Notation (docs/objective.md, "Metrics" and "Loss variants"): per pair, `pc`/`pr` are the
+policy's summed completion log-probs of the chosen/rejected answer, `rc`/`rr` the reference's,
+`nc`/`nr` the numbers of completion tokens scored. The log-ratio margin is
 
     h = (pc - rc) - (pr - rr)
 

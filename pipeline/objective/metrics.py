@@ -2,7 +2,8 @@
 
 Batches hold the chosen rows first and the rejected rows after them (`[chosen; rejected]`), so one
 forward pass scores both answers of every pair. The token counts here are the `n` of the
-length-normalised variants (README, "Loss variants") and must match what the scorer sums over.
+length-normalised variants (docs/objective.md, "Loss variants") and must match what the scorer
+sums over.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def step_metrics(
         chosen_nll: (B,) per-token NLL of the chosen answer (the RPO term, logged whether or not
             it is in the loss).
 
-    "rewards/accuracies" is the held-out win rate's rule (README, "Metrics"): the share of pairs
-    whose chosen reward exceeds the rejected one, a tie counting one half, so it reads 0.5 at
-    step 1 when every reward is 0. TRL counts strict `>` only (0.0 at step 1): the two differ on
-    ties alone.
+    "rewards/accuracies" is the held-out win rate's rule (docs/objective.md, "Metrics"): the
+    share of pairs whose chosen reward exceeds the rejected one, a tie counting one half, so it
+    reads 0.5 at step 1 when every reward is 0. TRL counts strict `>` only (0.0 at step 1): the
+    two differ on ties alone.
     """
     ties = (chosen_rewards == rejected_rewards).double()
     wins = (chosen_rewards > rejected_rewards).double() + 0.5 * ties
