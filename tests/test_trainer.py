@@ -247,6 +247,17 @@ def test_reference_free_simpo_trains_without_a_reference(tmp_path: Path) -> None
         run(tmp_path, params, loss=simpo)  # a reference given to reference-free training: error
 
 
+def test_the_summary_throughput_is_the_whole_runs(tmp_path: Path) -> None:
+    """pairs/s over the whole run (steps, logging, checkpoints): never above the fastest log
+    window's steps alone, and the pairs of every step counted."""
+    _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=6, save_every=3))
+    figures = result.summary()
+    assert 0 < figures["pairs_per_s"] <= max(row["pairs/s"] for row in result.log)
+    expected = 6 * PARAMS.batch_size / figures["train_seconds"]
+    assert figures["pairs_per_s"] == pytest.approx(expected, rel=0.02)  # train_seconds is rounded
+    assert figures["steps"] == 6 and figures["final_loss"] == result.log[-1]["loss"]
+
+
 def test_padded_share_is_reported_per_epoch_and_grouping_lowers_it(tmp_path: Path) -> None:
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=1), n_pairs=64)
     padding = result.summary()

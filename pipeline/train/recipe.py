@@ -105,12 +105,12 @@ class DPORecipe:
                     planned = self.epoch
                     steps = plan.epoch_steps(self.lengths, self.params, self.epoch, self.world)
                 epoch = self.epoch + (self.step_in_epoch + 1) / len(steps)
-                micro_batches, started = steps[self.step_in_epoch], time.perf_counter()
+                micro_batches, step_started = steps[self.step_in_epoch], time.perf_counter()
                 try:
                     metrics, grad_norm, pairs, tokens = self._optimizer_step(micro_batches)
                 except torch.cuda.OutOfMemoryError as error:
                     raise OutOfMemory(self._out_of_memory(micro_batches)) from error
-                seconds = time.perf_counter() - started
+                seconds = time.perf_counter() - step_started
                 self._count(metrics, grad_norm, pairs, tokens, seconds)
                 self._advance(metrics["loss"], pairs, len(steps))
                 show.update(1)
