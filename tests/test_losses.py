@@ -11,8 +11,8 @@ import torch
 
 from pipeline.objective.losses import VARIANTS, PairLogps, compute_loss, robust_loss, sigmoid_loss
 from pipeline.params import LABEL_SMOOTHED, REFERENCE_FREE, LossParams
-from pipeline.strict_yaml import ParamsError, parse_section
-from tests.helpers import objective
+from pipeline.strict_yaml import ParamsError, parse_section, read_yaml
+from tests.helpers import REPO, objective
 from tests.plain_dpo import dpo_loss
 
 # Three pairs, float64 so hand values compare tightly. Margins h = (pc - rc) - (pr - rr):
@@ -251,8 +251,7 @@ def test_every_variant_has_its_formula() -> None:
         compute_loss(pairs(reference=name not in REFERENCE_FREE), objective(name, BETA))
 
 
-PLAIN = {"variant": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0,
-         "sft_weight": 0.0, "reference_free": False}  # fmt: skip
+PLAIN = read_yaml(REPO / "params.yaml")["loss"]  # plain DPO, every key a new setting adds too
 
 
 @pytest.mark.parametrize(
