@@ -93,7 +93,7 @@ def test_killed_train_stage_resumes_to_the_uninterrupted_result(data_repo) -> No
     process.wait()
     first = found[0]
     assert first.exists() and not (repo / "models/policy").exists()
-    killed_run = json.loads(first.read_text())["extra"]["run_id"]
+    killed_run = json.loads(first.read_text())["run_id"]
 
     output = run(repo, env, *train)
     assert "resuming from" in output

@@ -118,13 +118,10 @@ class DPORecipe:
                     self.on_step()  # the stage re-divides its CPU threads here
                 show.set_postfix(loss=f"{metrics['loss']:.4f}",
                                  margin=f"{metrics['rewards/margins']:.3f}")  # fmt: skip
-                if (
-                    self.step % self.params.log_every == 0
-                    or self.step == self.total
-                    or (self.step_in_epoch == 0)
-                ):  # and at the end of each epoch
+                last = self.step == self.total  # a row and a checkpoint at the end, a row per epoch
+                if self.step % self.params.log_every == 0 or last or self.step_in_epoch == 0:
                     self._log_row(epoch)
-                if self.step % self.params.save_every == 0 or self.step == self.total:
+                if self.step % self.params.save_every == 0 or last:
                     self._save()
         except KeyboardInterrupt:
             show.close()
