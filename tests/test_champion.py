@@ -109,6 +109,32 @@ def test_a_champion_from_another_base_model_is_not_compared(client, store: Path)
     assert rescorer.calls == []
 
 
+def test_a_run_that_diverged_is_never_the_champion(client, store: Path) -> None:
+    """Not even as the first version, and not with the best held-out figures."""
+    never = Rescorer(0.0)
+    diverged = add_version(client, store, 0.99, diverged="true")
+    alias, seen = gate.assign_alias(client, "m", diverged, ALIASES, never)
+    assert (alias, seen.basis) == ("challenger", gate.DIVERGED)
+    sound = add_version(client, store, 0.6, diverged="false")
+    assert gate.assign_alias(client, "m", sound, ALIASES, never)[0] == "champion"
+    again = add_version(client, store, 0.99, diverged="true")
+    assert gate.assign_alias(client, "m", again, ALIASES, never)[0] == "challenger"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == sound
+    assert never.calls == []
+
+
+def test_a_version_carries_its_runs_divergence_tag(client) -> None:
+    from pipeline.track.registry import version_tags
+
+    report = {"win_rate": 0.9, "eval_loss": 0.2, "kendall_tau": 0.8, "pairs": 10,
+              "comparison_key": KEY}  # fmt: skip
+    experiment = client.create_experiment("e")
+    tagged = client.create_run(experiment, tags={"diverged": "true"}).info.run_id
+    untagged = client.create_run(experiment).info.run_id  # trained before the flag existed
+    assert version_tags(report, tagged)["diverged"] == "true"
+    assert version_tags(report, untagged)["diverged"] == "false"
+
+
 def test_the_alias_is_set_only_if_the_champion_did_not_move_meanwhile(client, store) -> None:
     old = add_version(client, store, 0.5)
     gate.assign_alias(client, "m", old, ALIASES, Rescorer(0))

@@ -258,6 +258,16 @@ def test_the_summary_throughput_is_the_whole_runs(tmp_path: Path) -> None:
     assert figures["steps"] == 6 and figures["final_loss"] == result.log[-1]["loss"]
 
 
+def test_a_run_whose_loss_exploded_is_flagged_even_when_it_settles(tmp_path: Path) -> None:
+    """lr 1000 throws the tiny policy far off: the logged loss passes 10 x ln 2."""
+    _, _, calm = run(tmp_path, dataclasses.replace(PARAMS, max_steps=4), ckpt="calm")
+    assert calm.summary()["diverged"] is False and calm.summary()["max_loss"] < 1
+    _, _, wild = run(tmp_path, dataclasses.replace(PARAMS, lr=1000.0, max_steps=8), ckpt="wild")
+    figures = wild.summary()
+    assert figures["diverged"] is True
+    assert figures["max_loss"] == max(row["loss"] for row in wild.log) > 10 * math.log(2)
+
+
 def test_padded_share_is_reported_per_epoch_and_grouping_lowers_it(tmp_path: Path) -> None:
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=1), n_pairs=64)
     padding = result.summary()

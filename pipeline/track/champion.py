@@ -28,17 +28,18 @@ FIGURES = ("win_rate", "eval_loss")  # what the gate reads
 # A champion's held-out figures on one version's pairs: its ModelVersion -> {win_rate, eval_loss}.
 Rescore = Callable[[ModelVersion], dict[str, float]]
 
-FIRST, SAME_PAIRS, RESCORED, OTHER_BASE = (
+FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED = (
     "first version",
     "same held-out pairs",
     "champion re-scored on these held-out pairs",
     "champion trained from another base model, not compared",
+    "its training diverged (a train loss above 10 x ln 2): never the champion",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    basis: str  # one of FIRST, SAME_PAIRS, RESCORED, OTHER_BASE
+    basis: str  # one of FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED
     champion: str | None = None  # the version compared with
     champion_figures: dict[str, float] | None = None  # its figures the decision used
 
@@ -104,6 +105,9 @@ def assign_alias(
     """
     champion_alias, challenger_alias = aliases
     new = client.get_model_version(name, version).tags
+    if new.get("diverged") == "true":  # whatever its held-out figures say
+        client.set_registered_model_alias(name, challenger_alias, version)
+        return challenger_alias, Comparison(DIVERGED)
     while True:
         champion = current_champion(client, name, champion_alias)
         comparison = (

@@ -15,7 +15,14 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from pipeline.track.champion import FIRST, RESCORED, Comparison, Rescore, assign_alias
+from pipeline.track.champion import (
+    DIVERGED,
+    FIRST,
+    RESCORED,
+    Comparison,
+    Rescore,
+    assign_alias,
+)
 from pipeline.track.runs import provenance_tags
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -37,8 +44,8 @@ class Registration:
     def describe(self, champion_alias: str) -> str:
         """One line for the stage's output: what happened and why."""
         seen = self.comparison
-        if seen.basis == FIRST:
-            verdict = FIRST
+        if seen.basis in (FIRST, DIVERGED):
+            verdict = seen.basis
         elif seen.champion_figures is None:
             verdict = f"champion v{seen.champion}: {seen.basis}"
         else:
@@ -60,8 +67,10 @@ class Registration:
 def version_tags(report: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Tags of a new model version from evaluate's report: its held-out figures (the champion
     gate reads win_rate and eval_loss), the key saying which pairs and scoring they come from,
-    and where the version came from."""
+    whether its training diverged (the train stage's tag on the run), and where it came from."""
+    diverged = MlflowClient().get_run(run_id).data.tags.get("diverged", "false")
     return {
+        "diverged": diverged,
         "win_rate": report["win_rate"],
         "eval_loss": report["eval_loss"],
         "kendall_tau": report["kendall_tau"],

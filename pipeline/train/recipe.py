@@ -34,6 +34,9 @@ from pipeline.train import checkpoint, distributed, plan
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
+# A logged train loss above this (10 x ln 2, the loss of a policy equal to its reference) means
+# the run diverged, even when the loss later settles: the champion gate keeps such a run out.
+DIVERGED_LOSS = 10 * math.log(2)
 # Where in the data a run is: saved with every checkpoint, restored on resume.
 POSITION = ("step", "epoch", "step_in_epoch", "epoch_loss_sum", "epoch_pairs", "epoch_losses")
 
@@ -261,9 +264,12 @@ class DPORecipe:
     def summary(self) -> dict[str, Any]:
         """reports/train.json: the run's figures (per-step rows are `log`)."""
         seconds = max(self.done["seconds"], 1e-9)  # this process's time, not a resumed prefix
+        max_loss = max(row["loss"] for row in self.log)
         return {
             "steps": self.step,
             "final_loss": self.log[-1]["loss"],
+            "max_loss": max_loss,
+            "diverged": bool(max_loss > DIVERGED_LOSS),
             "epoch_losses": self.epoch_losses,
             "train_seconds": round(seconds, 2),
             "pairs_per_s": round(self.done["pairs"] / seconds, 3),

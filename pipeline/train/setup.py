@@ -148,6 +148,10 @@ def save_outputs(recipe: DPORecipe, params: Params) -> None:
         write_json_atomic(REPORTS / "train.json", figures)
         write_json_atomic(METRICS / "train.json", {k: figures[k] for k in HEADLINE})
         runs.log_flat_metrics(figures, "train_summary/")
+        mlflow.set_tag("diverged", str(figures["diverged"]).lower())  # the champion gate reads it
+        if figures["diverged"]:
+            print(f"train: the train loss reached {figures['max_loss']:.4g} (above 10 x ln 2): "
+                  "the run diverged; register will keep it from the champion alias")  # fmt: skip
         mlflow.end_run()
     distributed.barrier(recipe.world)
     if recipe.world.is_main:
