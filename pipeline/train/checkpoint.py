@@ -1,9 +1,9 @@
 """Resumable training checkpoints: weights, optimizer, scheduler, RNG, data position, log so far.
 
 Each checkpoint is a folder written under a temporary name and renamed into place; only the
-newest is kept. A checkpoint carries a fingerprint of what produced it (train params, base model,
-train data), and one with another fingerprint is never resumed: DVC keeps the folder between
-experiments, and resuming an lr=1e-5 run from an lr=1e-6 checkpoint would be silently wrong.
+newest is kept. A checkpoint carries a fingerprint of what produced it (train and loss params,
+base model, train data), and one with another fingerprint is never resumed: resuming an lr=1e-5
+run from an lr=1e-6 checkpoint would be silently wrong.
 """
 
 from __future__ import annotations
