@@ -37,6 +37,7 @@ def copy_repo(dest: Path) -> Path:
 def environment(asset_cache: Path) -> dict[str, str]:
     """This interpreter's venv first on PATH (dvc.yaml runs `python`), no network, no user store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.pop("SHELL", None)  # unset, as on CI machines: DVC then runs stages through /bin/sh
     env.update(
         {
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

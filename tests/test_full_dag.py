@@ -79,7 +79,10 @@ def interrupt_and_resume(repo: Path, env: dict[str, str], command: list[str]) ->
         "compare": run(repo, env, sys.executable, "-m", "pipeline.compare"),
         "run status": [r.info.status for r in runs_named(store_client(repo), "demo-resumed")],
     }
-    left["resumed"] = run(repo, env, *command)
+    try:
+        left["resumed"] = run(repo, env, *command)
+    except AssertionError as failed:  # say what the interrupted run said, too
+        raise AssertionError(f"{failed}\n--- the interrupted run said:\n{interrupted[-4000:]}")
     left["checkpoints after"] = list(repo.glob("checkpoints/train/*/step-*"))
     return left
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import REPO
@@ -77,4 +78,31 @@ def test_sigterm_is_one_interrupted_line_and_exit_130(tmp_path: Path) -> None:
     stage.send_signal(signal.SIGTERM)
     _, stderr = stage.communicate(timeout=60)
     assert stage.returncode == 130
+    assert stderr.strip() == "interrupted: slow_stage: no output written"
+
+
+def test_ctrl_c_through_the_demos_stage_shell_ends_with_the_stages_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DVC runs a stage as `$SHELL -c CMD`; a terminal's Ctrl-C reaches the shell and the stage.
+    With SHELL unset (/bin/sh, dash on Debian), as on CI machines, the shell died of the SIGINT
+    and DVC reported "exited with -2"; the demo's environment picks a shell that waits."""
+    import signal
+
+    from pipeline.demo.experiment import venv_env
+
+    script = tmp_path / "slow_stage.py"
+    script.write_text(
+        "import time\nfrom pipeline.stage_io import run_stage\n"
+        "run_stage(lambda: (print('ready', flush=True), time.sleep(60)))\n"
+    )
+    monkeypatch.delenv("SHELL", raising=False)
+    env = {**venv_env(), "PYTHONPATH": str(REPO)}
+    command = [env.get("SHELL", "/bin/sh"), "-c", f"{sys.executable} {script}"]  # as DVC runs it
+    shell = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    assert shell.stdout.readline() == "ready\n"
+    os.killpg(shell.pid, signal.SIGINT)  # to the whole group, as a terminal sends it
+    _, stderr = shell.communicate(timeout=60)
+    assert shell.returncode == 130, stderr
     assert stderr.strip() == "interrupted: slow_stage: no output written"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,10 +87,24 @@ def committed_values_back(
     return {key: value for key, value in then.items() if now.get(key) != value and key not in keep}
 
 
+COOPERATIVE_SHELLS = ("bash", "zsh")
+
+
 def venv_env() -> dict[str, str]:
-    """Environment where dvc.yaml's `python` is this interpreter (the project's venv)."""
+    """Environment where dvc.yaml's `python` is this interpreter (the project's venv), run by a
+    shell that lets a Ctrl-C reach the stage and end it with the stage's own exit status.
+
+    DVC runs each stage command as `$SHELL -c CMD` (/bin/sh when SHELL is unset). bash and zsh
+    wait for an interrupted command and exit as it did: 130, after the stage's `interrupted:`
+    line. dash, Debian's /bin/sh, dies of the SIGINT at once, so DVC reports "exited with -2"
+    while the stage is still closing its MLflow run.
+    """
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if Path(env.get("SHELL", "/bin/sh")).name not in COOPERATIVE_SHELLS:
+        bash = shutil.which("bash")
+        if bash is not None:
+            env["SHELL"] = bash
     return env
 
 
