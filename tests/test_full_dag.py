@@ -82,7 +82,8 @@ def interrupt_and_resume(repo: Path, env: dict[str, str], command: list[str]) ->
     try:
         left["resumed"] = run(repo, env, *command)
     except AssertionError as failed:  # say what the interrupted run said, too
-        raise AssertionError(f"{failed}\n--- the interrupted run said:\n{interrupted[-4000:]}")
+        said = interrupted[-4000:]
+        raise AssertionError(f"{failed}\n--- the interrupted run said:\n{said}") from None
     left["checkpoints after"] = list(repo.glob("checkpoints/train/*/step-*"))
     return left
 
