@@ -94,7 +94,7 @@ def tokenized_rows(workdir: Path) -> list[dict[str, list[int]]]:
     """The pairs as this pipeline tokenizes them (prompt and completion apart, EOS appended)."""
     from transformers import AutoTokenizer
 
-    from pipeline.data.tokenization import encode, encode_completion
+    from pipeline.data.prompts import encode, encode_completion
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "models/base")
     return [

@@ -6,13 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.schema import SOURCE_SCHEMA, SchemaError, read_split
-from pipeline.download.data import (
-    Shard,
-    fetch_data,
-    list_shards,
-    open_dataset,
-    shards_for,
-)
+from pipeline.download.data import fetch_data
+from pipeline.download.shards import Shard, list_shards, open_dataset, shards_for
 from pipeline.params import DataParams
 from pipeline.stage_io import StageError
 from tests.helpers import hub_layout, source_rows, table

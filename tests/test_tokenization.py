@@ -3,15 +3,10 @@ import dataclasses
 import datasets
 import pytest
 
+from pipeline.data.prompts import encode_completion, render_prompt
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, SchemaError, load_tokenized
 from pipeline.data.subsample import with_ids
-from pipeline.data.tokenization import (
-    TooManyDropped,
-    encode_completion,
-    render_prompt,
-    tokenize_dataset,
-    tokenize_pair,
-)
+from pipeline.data.tokenization import TooManyDropped, tokenize_dataset, tokenize_pair
 from pipeline.params import TokenizeParams
 from tests.helpers import random_pairs, source_rows, table
 
