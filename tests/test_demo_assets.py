@@ -1,5 +1,6 @@
 """The offline demo assets: exact source schema and hub layout, the real set's pairing rule, and a
-tiny model folder that loads through the same classes as Qwen/Qwen3-0.6B."""
+tiny model folder that loads through the same classes as Qwen/Qwen3-0.6B and writes demo-like
+answers."""
 
 from __future__ import annotations
 
@@ -16,13 +17,25 @@ import torch
 
 from pipeline.demo import dataset as demo_assets
 from pipeline.demo.dataset import (
+    DEMO_SEED,
     MAX_PAIRS_PER_QUESTION,
+    PROMPT_TEMPLATE,
+    TOPICS,
     ensure_demo_dataset,
     generate_questions,
     generate_stack_exchange_sample,
     pair_rows,
+    pretraining_documents,
 )
-from pipeline.demo.model import TinyShape, build_tiny_qwen3, ensure_demo_model
+from pipeline.demo.model import (
+    Pretraining,
+    TinyShape,
+    build_tiny_qwen3,
+    causal_lm_loss,
+    collate,
+    encode_documents,
+    ensure_demo_model,
+)
 
 # The hub dataset's schema, spelled out here rather than imported, so a change to either side
 # is caught.
@@ -49,6 +62,10 @@ def by_question(rows: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
+def answer_urls(rows: list[dict]) -> set[str]:
+    return {url for row in rows for url in row["metadata"][1:]}
+
+
 def digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -67,12 +84,24 @@ def eval_rows(demo_dataset_dir: Path) -> list[dict]:
     return read(demo_dataset_dir / "data/evaluation")
 
 
+@pytest.fixture(scope="module")
+def reward_rows(demo_dataset_dir: Path) -> list[dict]:
+    return read(demo_dataset_dir / "data/reward")
+
+
+@pytest.fixture(scope="module")
+def held_out_documents(eval_rows: list[dict]) -> list[tuple[str, str]]:
+    """(question, answer) of the first evaluation rows: text the demo model never trained on."""
+    return list(dict.fromkeys((r["question"], r["response_j"]) for r in eval_rows[:24]))
+
+
 # --- dataset ---------------------------------------------------------------------------------
 
 
 def test_hub_layout_and_exact_schema(demo_dataset_dir: Path) -> None:
-    assert sorted(p.name for p in (demo_dataset_dir / "data").iterdir()) == ["evaluation", "rl"]
-    for folder, shards in (("data/rl", 4), ("data/evaluation", 2)):
+    folders = sorted(p.name for p in (demo_dataset_dir / "data").iterdir())
+    assert folders == ["evaluation", "reward", "rl"]
+    for folder, shards in (("data/rl", 4), ("data/evaluation", 2), ("data/reward", 3)):
         files = sorted((demo_dataset_dir / folder).iterdir())
         assert [f.name for f in files] == [
             f"train-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)
@@ -82,10 +111,13 @@ def test_hub_layout_and_exact_schema(demo_dataset_dir: Path) -> None:
             assert pq.read_metadata(f).num_rows > 0
 
 
-def test_sizes_fit_the_cpu_demo(train_rows: list[dict], eval_rows: list[dict]) -> None:
+def test_sizes_fit_the_cpu_demo(
+    train_rows: list[dict], eval_rows: list[dict], reward_rows: list[dict]
+) -> None:
     assert 2000 <= len(train_rows) <= 2600
     assert 350 <= len(eval_rows) <= 500
-    for row in train_rows:
+    assert 1500 <= len(reward_rows) <= 2500
+    for row in train_rows + reward_rows:
         assert 8 <= len(row["question"].split()) <= 65
         for text in (row["response_j"], row["response_k"]):
             assert 15 <= len(text.split()) <= 120
@@ -95,12 +127,12 @@ def test_sizes_fit_the_cpu_demo(train_rows: list[dict], eval_rows: list[dict]) -
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
     def make(name: str, seed: int) -> dict[str, str]:
         out = generate_stack_exchange_sample(
-            tmp_path / name, seed=seed, train_questions=40, eval_questions=12
+            tmp_path / name, seed=seed, train_questions=40, eval_questions=12, reward_questions=20
         )
         return digest(out)
 
     first = make("a", 3)
-    assert len(first) == 6
+    assert len(first) == 9
     assert first == make("b", 3)
     assert first != make("c", 4)
 
@@ -118,7 +150,9 @@ def test_failed_build_leaves_nothing_behind(
 
     monkeypatch.setattr(demo_assets, "_write_shards", fail_on_second_folder)
     with pytest.raises(OSError, match="disk full"):
-        generate_stack_exchange_sample(tmp_path / "sample", train_questions=5, eval_questions=3)
+        generate_stack_exchange_sample(
+            tmp_path / "sample", train_questions=5, eval_questions=3, reward_questions=5
+        )
     assert len(calls) == 2  # the first folder was written before the failure
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary sibling
 
@@ -142,8 +176,11 @@ def test_pairing_rule_of_the_real_set() -> None:
     assert any(len(q.answers) == 2 for q in questions)
 
 
-def test_written_pairs_follow_the_rule(train_rows: list[dict], eval_rows: list[dict]) -> None:
-    for rows in itertools.chain(by_question(train_rows).values(), by_question(eval_rows).values()):
+def test_written_pairs_follow_the_rule(
+    train_rows: list[dict], eval_rows: list[dict], reward_rows: list[dict]
+) -> None:
+    folders = (train_rows, eval_rows, reward_rows)
+    for rows in itertools.chain.from_iterable(by_question(f).values() for f in folders):
         assert 1 <= len(rows) <= MAX_PAIRS_PER_QUESTION
         assert all(r["response_j"] != r["response_k"] for r in rows)
         assert len({(r["qid"], r["question"], r["date"]) for r in rows}) == 1
@@ -210,6 +247,48 @@ def test_eval_overlap_is_small_but_planted(train_rows: list[dict], eval_rows: li
         assert {r["question"] for r in by_question(train_rows)[url]} == {
             r["question"] for r in by_question(eval_rows)[url]
         }
+
+
+def test_reward_questions_are_new_but_for_planted_eval_ones(
+    train_rows: list[dict], eval_rows: list[dict], reward_rows: list[dict]
+) -> None:
+    """data/reward asks its own questions, plus a few evaluation questions planted whole, so the
+    pipeline's rule "no held-out question in the reward data" has something to remove."""
+    train, evaluation = by_question(train_rows), by_question(eval_rows)
+    reward = by_question(reward_rows)
+    assert not set(reward) & set(train)
+    planted = set(reward) & set(evaluation)
+    assert len(planted) == 8
+    assert not planted & set(train)  # other evaluation questions than the ones data/rl got
+    for url in planted:  # the same question with the same pairs, not merely the same URL
+        assert sorted(map(str, reward[url])) == sorted(map(str, evaluation[url]))
+    new = [r for r in reward_rows if r["metadata"][0] not in planted]
+    assert not answer_urls(new) & answer_urls(train_rows + eval_rows)  # answers are unique too
+
+
+def test_reward_folder_never_shifts_train_or_eval(tmp_path: Path) -> None:
+    def make(name: str, reward_questions: int) -> dict[str, str]:
+        out = tmp_path / name
+        generate_stack_exchange_sample(
+            out, seed=1, train_questions=40, eval_questions=20, reward_questions=reward_questions
+        )
+        return {k: v for k, v in digest(out).items() if not k.startswith("data/reward/")}
+
+    assert make("small", 10) == make("large", 40)
+
+
+def test_pretraining_documents_hold_out_evaluation(
+    demo_dataset_dir: Path, train_rows: list[dict], eval_rows: list[dict]
+) -> None:
+    documents = pretraining_documents(demo_dataset_dir)
+    assert len(documents) == len(set(documents))
+    held_out = set(by_question(eval_rows))
+    kept = [r for r in train_rows if r["metadata"][0] not in held_out]
+    assert len(kept) < len(train_rows)  # the planted evaluation questions were left out...
+    planted = {r["question"] for r in train_rows if r["metadata"][0] in held_out}
+    assert not planted & {q for q, _ in documents}  # ...with every answer they have
+    expected = {(r["question"], r[side]) for r in kept for side in ("response_j", "response_k")}
+    assert set(documents) == expected  # chosen and rejected answers alike
 
 
 def test_rows_are_shuffled_across_shards(demo_dataset_dir: Path) -> None:
@@ -312,11 +391,68 @@ def test_model_is_a_qwen3_with_safetensors_only(demo_model_dir: Path, demo_token
 
 
 def test_model_build_is_seeded(tmp_path: Path) -> None:
+    """Same corpus, documents and seed: same bytes, pretraining included; the thread count the
+    build pins is given back."""
     corpus = [f"Use `sorted()` on list {i}.\n\n```python\nx = sorted(y)\n```" for i in range(50)]
-    a = digest(build_tiny_qwen3(tmp_path / "a", corpus, seed=5, shape=TinyShape(vocab_size=300)))
-    b = digest(build_tiny_qwen3(tmp_path / "b", corpus, seed=5, shape=TinyShape(vocab_size=300)))
-    c = digest(build_tiny_qwen3(tmp_path / "c", corpus, seed=6, shape=TinyShape(vocab_size=300)))
+    documents = [(f"How do I sort list {i}?", text) for i, text in enumerate(corpus[:12])]
+    threads = torch.get_num_threads()
+
+    def build(name: str, seed: int, docs: list[tuple[str, str]] = documents) -> dict[str, str]:
+        schedule = Pretraining(steps=4, batch_size=4)
+        shape = TinyShape(vocab_size=300)
+        return digest(build_tiny_qwen3(tmp_path / name, corpus, seed, shape, docs, schedule))
+
+    a, b, c, d = build("a", 5), build("b", 5), build("c", 6), build("d", 5, [])
     assert a == b
     assert a["model.safetensors"] != c["model.safetensors"]
+    assert a["model.safetensors"] != d["model.safetensors"]  # pretraining moved the weights
     assert a["tokenizer.json"] == c["tokenizer.json"]  # the tokenizer depends on the corpus only
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temporary leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"]  # no leftovers
+    assert torch.get_num_threads() == threads
+
+
+def answer_loss(model: torch.nn.Module, tokenizer, documents: list[tuple[str, str]]) -> float:
+    """Mean loss per answer token (EOS included) of `model` on (question, answer) documents."""
+    examples = encode_documents(tokenizer, documents)
+    input_ids, targets = collate(examples, tokenizer.pad_token_id, answer_only=True)
+    with torch.no_grad():
+        return causal_lm_loss(model, input_ids, targets).item()
+
+
+def test_pretrained_model_predicts_held_out_answers(
+    demo_model_dir: Path, demo_tokenizer, held_out_documents: list[tuple[str, str]]
+) -> None:
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir).eval()
+    torch.manual_seed(DEMO_SEED)
+    untrained = Qwen3ForCausalLM(model.config).eval()  # the same shape, as initialised
+    trained_loss = answer_loss(model, demo_tokenizer, held_out_documents)
+    untrained_loss = answer_loss(untrained, demo_tokenizer, held_out_documents)
+    assert untrained_loss > 6.0  # about log(vocabulary): nothing learned
+    assert trained_loss < 1.0 and trained_loss < 0.15 * untrained_loss
+
+
+def test_base_model_answers_in_the_demo_style(
+    demo_model_dir: Path, demo_tokenizer, held_out_documents: list[tuple[str, str]]
+) -> None:
+    """Greedy answers to held-out questions in the pipeline's prompt: they end with EOS, and the
+    ones with code name the API of the question's own topic."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir).eval()
+    questions = list(dict.fromkeys(q for q, _ in held_out_documents))[:8]
+    ended, coded, on_topic = 0, 0, 0
+    for question in questions:
+        prompt = PROMPT_TEMPLATE.replace("{question}", question)
+        ids = demo_tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=128, do_sample=False)[
+            0, ids.input_ids.shape[1] :
+        ]
+        ended += out[-1].item() in model.generation_config.eos_token_id
+        answer = demo_tokenizer.decode(out, skip_special_tokens=True)
+        topic = next(t for t in TOPICS if t.task in question.split("\n")[0])
+        coded += "```" in answer
+        on_topic += "```" in answer and topic.api in answer
+    assert ended >= 6
+    assert coded >= 2 and on_topic >= coded / 2

@@ -30,6 +30,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.demo.dataset import MODEL_FOLDER
 from tests.e2e import git, run
 from tests.test_full_dag import STAGES
 
@@ -282,7 +283,7 @@ def test_every_stage_ran_and_logged_to_the_server_not_a_local_store(team) -> Non
 def test_the_run_has_params_step_metrics_and_eval_metrics(team) -> None:
     run_ = the_run(team)
     params = run_.data.params
-    assert params["model.name"].endswith("/tiny-qwen3-v3") and float(params["train.lr"]) == 1e-3
+    assert params["model.name"].endswith(f"/{MODEL_FOLDER}") and float(params["train.lr"]) == 1e-3
     with (team.first / "plots/train.csv").open() as f:
         rows = list(csv.DictReader(f))
     history = team.client.get_metric_history(run_.info.run_id, "train/loss")

@@ -311,8 +311,10 @@ def one_batch(
     demo_model_dir: Path, tok: PreTrainedTokenizerBase, rows: list[dict], tmp_path_factory: Any
 ) -> OneBatch:
     policy = load(demo_model_dir)
-    with torch.no_grad():  # move the policy off the reference, so rewards and margins are not 0
-        generator = torch.Generator().manual_seed(0)
+    # Move the policy off the reference, so rewards and margins are not 0 and (with this seed on
+    # the pretrained demo base) the batch holds pairs ranked both ways: accuracies below 1.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
         for p in policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
     mine = copy.deepcopy(policy)  # before TRL patches the forward of its copy
