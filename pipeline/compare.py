@@ -19,14 +19,15 @@ from typing import Any
 
 # (header, key in DVC's rows, width): the params and figures that separate DPO runs.
 # Widths hold 4-digit figures and keep a row within 80 columns (a longer name is cut, a wider
-# figure widens its row); tau is kendall_tau, final_loss the last logged train loss.
+# figure widens its row); tau is kendall_tau, gen_win the judge's generation win rate against
+# the base model (the last logged train loss is in `dvc exp show`).
 NAME = ("experiment", "Experiment", 20)  # `make demo` names are 20 characters
 PARAMS = (("lr", "train.lr", 9), ("beta", "loss.beta", 5))
 FIGURES = (
     ("win_rate", "win_rate", 8),
     ("eval_loss", "eval_loss", 9),
     ("tau", "kendall_tau", 7),
-    ("final_loss", "final_loss", 10),
+    ("gen_win", "gen_win_rate", 10),
 )
 TIE = "="
 # Params that decide which held-out pairs an experiment is scored on (and how they are tokenized).

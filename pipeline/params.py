@@ -237,6 +237,49 @@ class ReferenceParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeParams:
+    """The reward model and the generation judge (README: "Judging what the policy writes")."""
+
+    # "" trains a Bradley-Terry reward model on `reward_dir` (the `reward` stage); else a hub id
+    # or local folder of a sequence-classification reward model with one output, used as it is.
+    model: str
+    # Hub revision of `model` (ignored for a local folder).
+    revision: str
+    # Folder of data.dataset holding the reward model's pairs (not the DPO pairs, not held out).
+    reward_dir: str
+    # Share of reward_dir's pairs to train on, in (0, 1] (only the shards it needs are fetched).
+    fraction: float = dataclasses.field(metadata=check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    # Reward model training: AdamW peak lr (linear warmup then decay), passes, pairs per step.
+    lr: float = dataclasses.field(metadata=positive())
+    epochs: int = dataclasses.field(metadata=positive())
+    batch_size: int = dataclasses.field(metadata=positive())
+    # Longest prompt + answer the reward model reads, in tokens (the answer's end is cut).
+    max_length: int = dataclasses.field(metadata=check(lambda v: v >= 16, "must be >= 16"))
+    # Held-out questions both models answer (distinct questions, a seeded choice).
+    prompts: int = dataclasses.field(metadata=positive())
+    # Answers per question and model; sample i of the policy is compared with sample i of the base.
+    samples: int = dataclasses.field(metadata=positive())
+    # Decoding, the same for both models: answer length cap, sampling temperature (0 = greedy)
+    # and nucleus share.
+    max_new_tokens: int = dataclasses.field(metadata=positive())
+    temperature: float = dataclasses.field(metadata=non_negative())
+    top_p: float = dataclasses.field(metadata=check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    # Questions per generate() call (each row holds `samples` answers).
+    generate_batch_size: int = dataclasses.field(metadata=positive())
+    # Seed of the reward model's init and shuffling, the question choice and the sampling.
+    seed: int = dataclasses.field(metadata=non_negative())
+    # Same meaning as train.device.
+    device: Device
+
+    def __post_init__(self) -> None:
+        if self.temperature == 0 and self.samples > 1:
+            raise ParamsError(
+                f"judge.samples: {self.samples} with judge.temperature: 0 would repeat one greedy "
+                "answer; set judge.samples: 1, or a temperature above 0 to sample several"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class RegisterParams:
     # MLflow experiment that holds one run per trained policy.
     experiment: str = dataclasses.field(metadata=check(bool, "must not be empty"))
@@ -246,6 +289,9 @@ class RegisterParams:
     champion_alias: str = dataclasses.field(metadata=check(bool, "must not be empty"))
     # Alias given to a new version that does not beat the champion.
     challenger_alias: str = dataclasses.field(metadata=check(bool, "must not be empty"))
+    # What decides the champion: the held-out pair win rate (evaluate) or the generation win
+    # rate against the base model (judge). A version records both either way.
+    gate: Literal["win_rate", "gen_win_rate"] = "win_rate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +305,7 @@ class Params:
     train: TrainParams
     loss: LossParams
     eval: EvalParams
+    judge: JudgeParams
     register: RegisterParams
 
 

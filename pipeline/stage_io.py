@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 
 MODEL_BASE = Path("models/base")
 MODEL_POLICY = Path("models/policy")
+MODEL_REWARD = Path("models/reward")
 DATA_RAW = Path("data/raw")
 DATA_SUBSAMPLED = Path("data/subsampled")
 DATA_TOKENIZED = Path("data/tokenized")
 DATA_REFERENCE = Path("data/reference")
+DATA_JUDGE_BASE = Path("data/judge_base")  # the base model's answers to the judge's questions
 REPORTS = Path("reports")
 METRICS = Path("metrics")
 PLOTS = Path("plots")

@@ -1,9 +1,11 @@
-"""register: models/policy + reports/eval.json -> a Model Registry version with an alias, and
-registry/registered.json (name, version, alias, run id, metrics, what it was compared with, and
-the stage's one-line summary).
+"""register: models/policy + reports/eval.json + reports/judge.json -> a Model Registry version
+with an alias, and registry/registered.json (name, version, alias, run id, metrics, what it was
+compared with, and the stage's one-line summary).
 
-When the champion was evaluated on other held-out pairs, it is first scored on this run's pairs
-with the evaluate stage's code (models/base, data/tokenized/eval and data/reference/eval)."""
+register.gate picks the figure that decides the champion. When the champion was measured on
+other held-out pairs (gate win_rate) or other judged answers (gate gen_win_rate), it is first
+measured like this version with the evaluate stage's code (models/base, data/tokenized/eval,
+data/reference/eval) or the judge stage's (models/reward, data/judge_base)."""
 
 import dataclasses
 import json
@@ -11,15 +13,25 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 from mlflow.entities.model_registry import ModelVersion
 
 from pipeline.evaluate.heldout import score_heldout
 from pipeline.evaluate.metrics import headline
+from pipeline.judge.generate import ANSWERS_FILE, model_answers, scored
+from pipeline.judge.verdict import figures_of, questions_of
 from pipeline.model.loading import resolve_runtime
 from pipeline.params import Params, load_params
 from pipeline.resources import stage_share
-from pipeline.stage_io import MODEL_POLICY, REGISTRY, REPORTS, run_stage, write_json_atomic
-from pipeline.track.champion import Rescore
+from pipeline.stage_io import (
+    DATA_JUDGE_BASE,
+    MODEL_POLICY,
+    REGISTRY,
+    REPORTS,
+    run_stage,
+    write_json_atomic,
+)
+from pipeline.track.champion import GATES, Rescore
 from pipeline.track.registry import log_policy, policy_folder, register_policy, version_tags
 from pipeline.track.runs import configure, read_run_id
 
@@ -44,19 +56,42 @@ def champion_scorer(params: Params, run_id: str) -> Rescore:
     return rescore
 
 
+def champion_judge(params: Params, run_id: str) -> Rescore:
+    """Judges a registered version on this run's questions, recorded in this run."""
+
+    def rejudge(champion: ModelVersion) -> dict[str, float]:
+        print(f"register: judging champion v{champion.version} on this run's questions")
+        runtime = resolve_runtime(params.judge.device)
+        base = pq.read_table(DATA_JUDGE_BASE / ANSWERS_FILE)
+        with tempfile.TemporaryDirectory() as tmp, stage_share(params.judge.device):
+            folder = policy_folder(champion.name, champion.version, Path(tmp))
+            answers = model_answers(folder, "policy", questions_of(base), params, runtime)
+            figures = figures_of(scored(answers, params, runtime), base, params.judge.seed)
+        with mlflow.start_run(run_id=run_id):
+            logged = ("gen_win_rate", "gen_win_rate_lc")
+            mlflow.log_metrics({f"register/champion_{k}": figures[k] for k in logged})
+        return figures
+
+    return rejudge
+
+
 def main() -> None:
     params = load_params()
     configure()
     run_id = read_run_id(MODEL_POLICY)
     report = json.loads((REPORTS / "eval.json").read_text())
+    judged = json.loads((REPORTS / "judge.json").read_text())
     model_uri = log_policy(run_id, MODEL_POLICY)
+    gate = params.register.gate
+    measure = champion_judge if gate == "gen_win_rate" else champion_scorer
     reg = register_policy(
         model_uri,
         run_id,
         params.register.model_name,
         (params.register.champion_alias, params.register.challenger_alias),
-        version_tags(report, run_id),
-        champion_scorer(params, run_id),
+        version_tags(report, judged, run_id),
+        measure(params, run_id),
+        GATES[gate],
     )
     summary = reg.describe(params.register.champion_alias)
     write_json_atomic(REGISTRY / "registered.json", {**dataclasses.asdict(reg), "summary": summary})

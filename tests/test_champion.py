@@ -28,6 +28,19 @@ def test_gate_compares_win_rate_then_held_out_loss() -> None:
     assert gate.beats({"win_rate": 0.91, "eval_loss": 0.5}, {"win_rate": "0.91"})  # an old one
 
 
+def test_the_generation_gate_compares_gen_win_rate_then_its_length_controlled_value() -> None:
+    judged = gate.GATES["gen_win_rate"]
+    champion = {"gen_win_rate": "0.75", "gen_win_rate_lc": "0.70", "win_rate": "0.99"}
+    assert gate.beats(
+        {"gen_win_rate": 0.8, "gen_win_rate_lc": 0.1, "win_rate": 0.5}, champion, judged
+    )
+    assert not gate.beats({"gen_win_rate": 0.7, "gen_win_rate_lc": 0.9}, champion, judged)
+    assert gate.beats({"gen_win_rate": 0.75, "gen_win_rate_lc": 0.71}, champion, judged)
+    assert not gate.beats({"gen_win_rate": 0.75, "gen_win_rate_lc": 0.70}, champion, judged)
+    # A champion registered before the judge existed loses to any judged version.
+    assert gate.beats({"gen_win_rate": 0.1, "gen_win_rate_lc": 0.1}, {"win_rate": "0.99"}, judged)
+
+
 class Rescorer:
     """A stand-in for scoring a champion on this run's pairs: fixed figures, calls counted."""
 
@@ -123,7 +136,7 @@ def test_a_run_that_diverged_is_never_the_champion(client, store: Path) -> None:
     assert never.calls == []
 
 
-def test_a_version_carries_its_runs_divergence_tag(client) -> None:
+def test_a_version_carries_its_runs_divergence_tag_and_both_gates_figures(client) -> None:
     from pipeline.track.registry import version_tags
 
     report = {"win_rate": 0.9, "eval_loss": 0.2, "kendall_tau": 0.8, "pairs": 10,
@@ -131,8 +144,19 @@ def test_a_version_carries_its_runs_divergence_tag(client) -> None:
     experiment = client.create_experiment("e")
     tagged = client.create_run(experiment, tags={"diverged": "true"}).info.run_id
     untagged = client.create_run(experiment).info.run_id  # trained before the flag existed
-    assert version_tags(report, tagged)["diverged"] == "true"
-    assert version_tags(report, untagged)["diverged"] == "false"
+    judged = {
+        **{"gen_win_rate": 0.7, "gen_win_rate_low": 0.6, "gen_win_rate_high": 0.8},
+        **{"gen_win_rate_lc": 0.65, "reward_accuracy": 0.9, "judge_key": "answers-a"},
+    }
+    assert version_tags(report, judged, tagged)["diverged"] == "true"
+    tags = version_tags(report, judged, untagged)
+    assert tags["diverged"] == "false"
+    # Both gates' figures, whichever decides, and what the judge's were measured on.
+    assert (tags["win_rate"], tags["gen_win_rate"], tags["judge_answers"]) == (
+        0.9,
+        0.7,
+        "answers-a",
+    )
 
 
 def test_the_alias_is_set_only_if_the_champion_did_not_move_meanwhile(client, store) -> None:
@@ -195,3 +219,26 @@ def test_two_registers_at_once_end_with_the_better_one_as_champion(client, store
     # The better one ends as champion whatever the order the lock let them in.
     assert said["better"][0].strip() == "champion", said
     assert str(client.get_model_version_by_alias("m", "champion").version) == versions["better"]
+
+
+def test_with_the_generation_gate_other_judged_answers_mean_the_champion_is_judged_again(
+    client, store: Path
+) -> None:
+    """Same judge key: the recorded gen_win_rate decides; another key (other questions, base
+    answers, decoding or reward model): the champion is judged like the new version, once."""
+    judged = gate.GATES["gen_win_rate"]
+    judge = {"judge_answers": "answers-a", "gen_win_rate_lc": "0.5"}
+    first = add_version(client, store, 0.9, gen_win_rate="0.8", **judge)
+    never = Rescorer(0.0)
+    assert gate.assign_alias(client, "m", first, ALIASES, never, judged)[0] == "champion"
+    # A better held-out win rate does not matter under this gate: the generation win rate does.
+    better_pairs = add_version(client, store, 0.99, gen_win_rate="0.7", **judge)
+    alias, seen = gate.assign_alias(client, "m", better_pairs, ALIASES, never, judged)
+    assert (alias, seen.basis) == ("challenger", gate.SAME_PAIRS)
+    assert seen.champion_figures == {"gen_win_rate": 0.8, "gen_win_rate_lc": 0.5}
+    rejudge = Rescorer(0.0)
+    rejudge.figures = {"gen_win_rate": 0.6, "gen_win_rate_lc": 0.55}
+    other = {"judge_answers": "answers-b", "gen_win_rate_lc": "0.6"}
+    new = add_version(client, store, 0.5, gen_win_rate="0.65", **other)
+    alias, seen = gate.assign_alias(client, "m", new, ALIASES, rejudge, judged)
+    assert (alias, seen.basis, rejudge.calls) == ("champion", gate.RESCORED, [first])

@@ -12,7 +12,7 @@ def row(name: str, win_rate, eval_loss, **extra) -> dict:
     """A row as `dvc.api.exp_show` gives it (params may be DVC's strings, "!" when missing)."""
     return {"Experiment": name, "typ": "branch_base", "rev": "abc1234", "train.lr": "1e-06",
             "loss.beta": 0.1, "win_rate": win_rate, "eval_loss": eval_loss,
-            "kendall_tau": 0.83036, "final_loss": 0.0951, **extra}  # fmt: skip
+            "kendall_tau": 0.83036, "gen_win_rate": 0.8125, **extra}  # fmt: skip
 
 
 def ranked_names(text: str) -> list[str]:
@@ -48,7 +48,7 @@ def test_waiting_experiments_follow_with_their_state_and_baselines_without_figur
 
 def test_every_line_fits_80_columns_even_with_long_names() -> None:
     rows = [row("a-very-long-experiment-name-indeed", 0.912621359223301, 0.2207981, **{
-        "train.lr": 0.000123456, "final_loss": 12345.678})]  # fmt: skip
+        "train.lr": 0.000123456, "gen_win_rate": 12345.678})]  # fmt: skip
     text = table(rows)
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert "a-very-long-experim~" in text

@@ -26,6 +26,10 @@ from tests.test_stage_deps import PLUMBING, module_path, stage_code
 # Reads in plumbing that are not followed (test_stage_deps.PLUMBING), listed by hand: the MLflow
 # experiment the train stage records its run in (pipeline/track/runs.py).
 PLUMBING_READS = {"train": {"register.experiment"}}
+# Keys the analysis attributes to a section because code typed with its dataclass also serves
+# another source: the reward stage fetches judge.model through pipeline/download/model.py, whose
+# ModelParams it fills from judge.model, judge.revision and model.trust_remote_code.
+BORROWED = {"reward": {"model.name", "model.revision", "model.allow_pickle_weights"}}
 
 
 def sections() -> dict[str, tuple[str, type]]:
@@ -124,7 +128,8 @@ def reads(path: Path) -> set[str]:
 
 def stage_reads(script: Path, stage: str) -> set[str]:
     files = stage_code(script) - PLUMBING
-    return set().union(*(reads(REPO / f) for f in files)) | PLUMBING_READS.get(stage, set())
+    found = set().union(*(reads(REPO / f) for f in files)) - BORROWED.get(stage, set())
+    return found | PLUMBING_READS.get(stage, set())
 
 
 def covered(key: str, listed: list[str]) -> bool:

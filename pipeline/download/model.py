@@ -22,13 +22,13 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tikt
 PICKLE_FILES = ["*.bin", "*.pt", "*.pth"]
 
 
-def resolve_model_dir(params: ModelParams) -> Path:
-    """A local folder holding the model named by `model.name`."""
-    local = local_folder("model.name", params.name, "a model folder")
+def resolve_model_dir(params: ModelParams, key: str = "model.name") -> Path:
+    """A local folder holding the model named by `params.name` (set by params key `key`)."""
+    local = local_folder(key, params.name, "a model folder")
     if local is not None:
         return local
     patterns = MODEL_FILES + (PICKLE_FILES if params.allow_pickle_weights else [])
-    with reaching_the_hub("model.name", params.name):
+    with reaching_the_hub(key, params.name):
         return Path(
             snapshot_download(params.name, revision=params.revision, allow_patterns=patterns)
         )
@@ -55,12 +55,13 @@ def check_model_dir(source: Path, params: ModelParams) -> None:
             )
 
 
-def fetch_model(params: ModelParams, out_dir: Path) -> Path:
-    """download stage, model half: out_dir with safetensors weights and the tokenizer.
+def fetch_model(params: ModelParams, out_dir: Path, key: str = "model.name") -> Path:
+    """download stage, model half: out_dir with safetensors weights and the tokenizer. (The
+    reward stage fetches `judge.model` with it too: `key` names the setting in messages.)
 
     Writes into `out_dir` directly; the stage wraps it in atomic_dir.
     """
-    source = resolve_model_dir(params)
+    source = resolve_model_dir(params, key)
     check_model_dir(source, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(source.glob("*.safetensors")):

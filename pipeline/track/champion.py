@@ -7,6 +7,10 @@ other pairs (another data.eval_size, data.seed, dataset or prompt template) the 
 first scores the champion on this run's pairs; a champion trained from another base model is not
 compared at all (its implicit rewards are log-ratios against another reference), so a new version
 never takes its alias automatically: promote it by hand or register it under another name.
+
+With `register.gate: gen_win_rate` the same holds for the judge's figures: comparable when the
+judged questions, the base model's scored answers, the decoding and the reward model are the same
+(one digest of data/judge_base); otherwise the champion is first judged on this run's questions.
 """
 
 from __future__ import annotations
@@ -23,9 +27,35 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.stage_io import repo_root
 
-KEY_TAGS = ("heldout_pairs", "base_model", "scoring")
-FIGURES = ("win_rate", "eval_loss")  # what the gate reads
-# A champion's held-out figures on one version's pairs: its ModelVersion -> {win_rate, eval_loss}.
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """What decides the champion (register.gate): figures compared in order, each with the
+    direction that wins (+1 higher, -1 lower), and the version tags that must be equal for two
+    versions' figures to be comparable."""
+
+    order: tuple[tuple[str, int], ...]
+    key_tags: tuple[str, ...]
+
+    @property
+    def figures(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.order)
+
+
+GATES = {
+    # Held-out pair win rate, then the lower held-out DPO loss (tiny models often rank the same
+    # pairs right): comparable on the same pairs, base model and scoring.
+    "win_rate": Gate(
+        (("win_rate", 1), ("eval_loss", -1)), ("heldout_pairs", "base_model", "scoring")
+    ),
+    # Generation win rate against the base model, then its length-controlled value: comparable
+    # on the same judged questions, base answers, decoding and reward model (one digest).
+    "gen_win_rate": Gate(
+        (("gen_win_rate", 1), ("gen_win_rate_lc", 1)), ("judge_answers", "base_model")
+    ),
+}
+KEY_TAGS = GATES["win_rate"].key_tags
+# A champion's figures measured like this version's: its ModelVersion -> {figure: value}.
 Rescore = Callable[[ModelVersion], dict[str, float]]
 
 FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED = (
@@ -44,14 +74,15 @@ class Comparison:
     champion_figures: dict[str, float] | None = None  # its figures the decision used
 
 
-def beats(new: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """A higher held-out win rate wins; at an equal win rate (tiny models often rank the same
-    pairs right) the lower held-out DPO loss wins; a full tie keeps the champion. A champion
-    without an eval_loss loses such a tie."""
-    new_rate, old_rate = float(new["win_rate"]), float(champion.get("win_rate", "-inf"))
-    if new_rate != old_rate:
-        return new_rate > old_rate
-    return float(new["eval_loss"]) < float(champion.get("eval_loss", "inf"))
+def beats(new: dict[str, Any], champion: dict[str, Any], gate: Gate = GATES["win_rate"]) -> bool:
+    """The gate's figures in order, the first that differs decides; a full tie keeps the
+    champion. A champion without a figure (registered before it existed) loses on it."""
+    for name, direction in gate.order:
+        missing = "-inf" if direction > 0 else "inf"
+        mine, theirs = float(new[name]), float(champion.get(name, missing))
+        if mine != theirs:
+            return (mine - theirs) * direction > 0
+    return False
 
 
 def current_champion(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -61,31 +92,32 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> ModelVersio
         return None
 
 
-def key_digest(tags: dict[str, Any]) -> str:
+def key_digest(tags: dict[str, Any], gate: Gate = GATES["win_rate"]) -> str:
     """A short name for a comparison key, used to keep re-scored figures on the champion."""
-    joined = "/".join(str(tags.get(k)) for k in KEY_TAGS)
+    joined = "/".join(str(tags.get(k)) for k in gate.key_tags)
     return hashlib.sha256(joined.encode()).hexdigest()[:12]
 
 
 def champion_figures(
-    client: MlflowClient, new: dict[str, Any], champion: ModelVersion, rescore: Rescore
-) -> Comparison:
+    client: MlflowClient, new: dict[str, Any], champion: ModelVersion, rescore: Rescore,
+    gate: Gate = GATES["win_rate"],
+) -> Comparison:  # fmt: skip
     """The champion's figures comparable with the `new` version's tags (see module doc)."""
-    theirs = champion.tags
-    if all(theirs.get(k) == new.get(k) for k in KEY_TAGS):
-        return Comparison(SAME_PAIRS, str(champion.version), {k: float(theirs[k]) for k in FIGURES})
+    theirs, figures = champion.tags, gate.figures
+    if all(theirs.get(k) == new.get(k) for k in gate.key_tags):
+        return Comparison(SAME_PAIRS, str(champion.version), {k: float(theirs[k]) for k in figures})
     # Versions registered before keys existed have none: assumed to share the base model.
     if theirs.get("base_model", new["base_model"]) != new["base_model"]:
         return Comparison(OTHER_BASE, str(champion.version))
-    prefix = f"rescored.{key_digest(new)}."  # kept on the champion: later versions skip the work
-    if all(prefix + k in theirs for k in FIGURES):
-        figures = {k: float(theirs[prefix + k]) for k in FIGURES}
+    prefix = f"rescored.{key_digest(new, gate)}."  # kept on the champion: later versions skip it
+    if all(prefix + k in theirs for k in figures):
+        measured = {k: float(theirs[prefix + k]) for k in figures}
     else:
         scored = rescore(champion)
-        figures = {k: float(scored[k]) for k in FIGURES}
-        for k, value in figures.items():
+        measured = {k: float(scored[k]) for k in figures}
+        for k, value in measured.items():
             client.set_model_version_tag(champion.name, champion.version, prefix + k, str(value))
-    return Comparison(RESCORED, str(champion.version), figures)
+    return Comparison(RESCORED, str(champion.version), measured)
 
 
 def assign_alias(
@@ -94,6 +126,7 @@ def assign_alias(
     version: str,
     aliases: tuple[str, str],
     rescore: Rescore,
+    gate: Gate = GATES["win_rate"],
 ) -> tuple[str, Comparison]:
     """Compare `version` with the current champion and give it the champion or the challenger
     alias (`aliases`) -> (alias, comparison).
@@ -113,10 +146,11 @@ def assign_alias(
         comparison = (
             Comparison(FIRST)
             if champion is None
-            else champion_figures(client, new, champion, rescore)
+            else champion_figures(client, new, champion, rescore, gate)
         )
         wins = comparison.basis == FIRST or (
-            comparison.champion_figures is not None and beats(new, comparison.champion_figures)
+            comparison.champion_figures is not None
+            and beats(new, comparison.champion_figures, gate)
         )
         with FileLock(str(repo_root() / ".mlflow-registry.lock"), timeout=600):
             now = current_champion(client, name, champion_alias)

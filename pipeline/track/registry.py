@@ -20,12 +20,16 @@ from pipeline.track.champion import (
     FIRST,
     RESCORED,
     Comparison,
+    Gate,
     Rescore,
     assign_alias,
 )
 from pipeline.track.runs import provenance_tags
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# The judge's figures every version records, whichever figure decides the champion.
+JUDGE_TAGS = ("gen_win_rate", "gen_win_rate_low", "gen_win_rate_high", "gen_win_rate_lc",
+              "reward_accuracy")  # fmt: skip
 MAX_NEW_TOKENS = 64  # default answer length of the served model
 # Explicit requirements: MLflow's inference would import every flavour (torchvision among them).
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow")
@@ -52,22 +56,26 @@ class Registration:
             won = "beats" if self.alias == champion_alias else "does not beat"
             verdict = f"{won} champion v{seen.champion}"
             if seen.basis == RESCORED:
-                figures = seen.champion_figures
-                verdict += (
-                    f", re-scored on these held-out pairs: win rate {figures['win_rate']:.4f}, "
-                    f"eval loss {figures['eval_loss']:.4f}"
+                measured = ", ".join(f"{k} {v:.4f}" for k, v in seen.champion_figures.items())
+                how = (
+                    "judged on these questions"
+                    if "gen_win_rate" in measured
+                    else ("re-scored on these held-out pairs")
                 )
+                verdict += f", {how}: {measured}"
+        figures = self.metrics
         return (
             f"registered {self.name} v{self.version} as @{self.alias} (win rate "
-            f"{float(self.metrics['win_rate']):.4f}, eval loss "
-            f"{float(self.metrics['eval_loss']):.4f}, {verdict})"
+            f"{float(figures['win_rate']):.4f}, eval loss {float(figures['eval_loss']):.4f}, "
+            f"gen win rate {float(figures['gen_win_rate']):.3f}, {verdict})"
         )
 
 
-def version_tags(report: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Tags of a new model version from evaluate's report: its held-out figures (the champion
-    gate reads win_rate and eval_loss), the key saying which pairs and scoring they come from,
-    whether its training diverged (the train stage's tag on the run), and where it came from."""
+def version_tags(report: dict[str, Any], judged: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Tags of a new model version from evaluate's and judge's reports: its held-out and
+    generation figures (the champion gate reads one pair of them, register.gate decides which),
+    the keys saying what they were measured on, whether its training diverged (the train
+    stage's tag on the run), and where it came from."""
     diverged = MlflowClient().get_run(run_id).data.tags.get("diverged", "false")
     return {
         "diverged": diverged,
@@ -76,6 +84,8 @@ def version_tags(report: dict[str, Any], run_id: str) -> dict[str, Any]:
         "kendall_tau": report["kendall_tau"],
         "eval_pairs": report["pairs"],
         **report["comparison_key"],
+        **{k: judged[k] for k in JUDGE_TAGS},
+        "judge_answers": judged["judge_key"],
         **provenance_tags(),
         "run_id": run_id,
     }
@@ -122,12 +132,13 @@ def register_policy(
     aliases: tuple[str, str],
     tags: dict[str, Any],
     rescore: Rescore,
+    gate: Gate,
 ) -> Registration:
     """Register a version of `name` and give it the champion or the challenger alias
     (`aliases`); `rescore` scores the champion on this version's held-out pairs if needed."""
     client = MlflowClient()
     version_ = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    alias, comparison = assign_alias(client, name, str(version_.version), aliases, rescore)
+    alias, comparison = assign_alias(client, name, str(version_.version), aliases, rescore, gate)
     return Registration(
         name, str(version_.version), alias, run_id, model_uri, comparison, dict(tags)
     )

@@ -1,0 +1,138 @@
+"""The reward stage's work: train a reward model on the dataset's reward pairs, or adopt an
+existing one (`judge.model`); either way measure its pair accuracy on the held-out pairs.
+
+No held-out question reaches the reward model's training pairs (the subsample stage's rule, by
+question URL), so its held-out accuracy is a fair figure and it never judges answers to questions
+it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.data.schema import read_split
+from pipeline.data.subsample import with_ids
+from pipeline.download.model import fetch_model
+from pipeline.download.shards import fetch_reward_pairs
+from pipeline.judge.reward import (
+    FORMAT_FILE,
+    RewardFormat,
+    load_reward_model,
+    pair_accuracy,
+    pair_rows,
+    train_reward_model,
+)
+from pipeline.model.loading import Runtime, pad_token_id
+from pipeline.params import ModelParams, Params, TokenizeParams
+from pipeline.stage_io import MODEL_BASE, StageError
+
+
+def reward_format(params: Params, tokenizer: PreTrainedTokenizerBase) -> RewardFormat:
+    """The pipeline's own prompt (tokenize's template settings) for a reward model trained
+    here; the model's chat template for one from judge.model (the pipeline's prompt when it
+    has none). Lengths are the judge's: the prompt keeps at most half of judge.max_length."""
+    length = params.judge.max_length
+    prompt = TokenizeParams(
+        template=params.tokenize.template, use_chat_template=params.tokenize.use_chat_template,
+        max_length=length, max_prompt_length=min(params.tokenize.max_prompt_length, length // 2),
+        max_drop_share=1.0, num_proc=1, pairs_per_shard=1,  # unused: no tokenize stage here
+    )  # fmt: skip
+    chat = bool(params.judge.model) and tokenizer.chat_template is not None
+    return RewardFormat(prompt, length, chat)
+
+
+def without_questions(table: pa.Table, held_out: pa.Table) -> tuple[pa.Table, int]:
+    """`table` without the pairs of held-out questions -> (kept, removed count)."""
+    held = with_ids(held_out)["question_id"].unique()
+    overlap = pc.is_in(with_ids(table)["question_id"], value_set=held)
+    kept = table.filter(pc.invert(overlap))
+    return kept, len(table) - len(kept)
+
+
+def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path) -> dict[str, Any]:
+    """Fetch judge.fraction of judge.reward_dir, drop held-out questions, train from models/base
+    (a new scalar head, seeded), save to `out` -> report."""
+    trust = params.model.trust_remote_code
+    with tempfile.TemporaryDirectory() as fetched:
+        manifest = fetch_reward_pairs(
+            params.data.dataset, params.data.revision, params.judge.reward_dir,
+            params.judge.fraction, Path(fetched),
+        )  # fmt: skip
+        table, removed = without_questions(read_split(Path(fetched)), held_out)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
+    form = reward_format(params, tokenizer)
+    pairs = pair_rows(table, tokenizer, form)
+    if not pairs:
+        raise StageError(
+            f"judge.reward_dir: no usable pair in {params.data.dataset}/{params.judge.reward_dir} "
+            f"({len(table)} pairs after removing {removed} of held-out questions, all with "
+            "identical or empty answers)"
+        )
+    torch.manual_seed(params.judge.seed)  # the new head's initial weights
+    model = load_reward_model(MODEL_BASE, runtime, trust, pad_token_id(tokenizer))
+    history = train_reward_model(model, pairs, params.judge, runtime)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    report = _measure(model, tokenizer, form, held_out, params, runtime, out)
+    return {
+        **report,
+        "train_pairs": len(pairs),
+        "held_out_questions_removed": removed,
+        "rows_fetched": manifest["rows_fetched"],
+        "history": history,
+    }
+
+
+def adopt_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path) -> dict[str, Any]:
+    """judge.model: fetch it like the base model (safetensors only, no remote code unless
+    model.trust_remote_code), check it is a reward model (one output), measure it -> report."""
+    name = params.judge.model
+    source = ModelParams(name, params.judge.revision, params.model.trust_remote_code, False)
+    fetch_model(source, out, key="judge.model")
+    config = AutoConfig.from_pretrained(out, trust_remote_code=source.trust_remote_code)
+    architectures = config.architectures or []
+    scalar = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if config.num_labels != 1 or not scalar:
+        raise StageError(
+            f"judge.model: {name!r} is not a reward model (a sequence-classification "
+            f"model with one output; it has {config.num_labels} outputs, architectures "
+            f'{architectures}); set judge.model: "" to train one on judge.reward_dir'
+        )
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=source.trust_remote_code)
+    policy_tokenizer = AutoTokenizer.from_pretrained(
+        MODEL_BASE, trust_remote_code=source.trust_remote_code
+    )
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        print(
+            f"reward: {name}'s tokenizer is not the policy's; the judge hands it answers as "
+            "text and it reads them with its own tokenizer"
+        )
+    model = load_reward_model(out, runtime, source.trust_remote_code, pad_token_id(tokenizer))
+    form = reward_format(params, tokenizer)
+    report = _measure(model, tokenizer, form, held_out, params, runtime, out)
+    return {**report, "model": name}
+
+
+def _measure(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    form: RewardFormat,
+    held_out: pa.Table,
+    params: Params,
+    runtime: Runtime,
+    out: Path,
+) -> dict[str, Any]:
+    """Held-out pair accuracy; the input format saved beside the model in `out`."""
+    pairs = pair_rows(held_out, tokenizer, form)
+    accuracy = pair_accuracy(model, pairs, params.judge.batch_size, runtime)
+    (out / FORMAT_FILE).write_text(json.dumps(dataclasses.asdict(form), indent=2) + "\n")
+    return {"reward_accuracy": accuracy, "heldout_pairs": len(pairs)}

@@ -1,0 +1,218 @@
+"""The reward model: a causal LM's backbone with a scalar head, trained on preference pairs with
+the Bradley-Terry loss, and the scores it gives (question, answer) texts.
+
+The judge reads answers as text and re-encodes them with the reward model's own tokenizer, so a
+reward model from another family than the policy (`judge.model`) scores the same strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+)
+from transformers.utils import logging as hf_logging
+
+from pipeline.data.prompts import encode, encode_completion, encode_prompt
+from pipeline.model.loading import Runtime, freeze, pad_token_id
+from pipeline.params import JudgeParams, TokenizeParams
+from pipeline.stage_io import bar
+
+FORMAT_FILE = "reward_format.json"  # in models/reward: how the judge builds the model's input
+WARMUP_SHARE = 0.1  # of the reward model's optimizer steps
+MAX_GRAD_NORM = 1.0
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(r(chosen) - r(rejected)).
+
+    chosen, rejected: (B,) scalar rewards of each pair's two answers. Returns a 0-dim tensor;
+    log-sigmoid keeps it finite for any margin (a naive log(sigmoid(.)) underflows).
+    """
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def load_reward_model(
+    path: Path, runtime: Runtime, trust_remote_code: bool, pad_id: int
+) -> PreTrainedModel:
+    """A sequence-classification model with one output at `path` (fp32, safetensors). From a
+    causal LM folder the scalar head is new (initialised from the torch seed in force; the
+    missing-weights report transformers prints for it is expected, so it is kept quiet). The
+    score is read at the last non-pad token, so the config must know the pad id."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = pad_id
+    return model.to(runtime.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFormat:
+    """How a (question, answer) becomes the reward model's input: the pipeline's own prompt
+    (tokenize.template or the chat template, as the policy saw it) for a reward model trained
+    here; the model's chat template (a user and an assistant turn) for one from `judge.model`,
+    as such models are trained."""
+
+    tokenize: TokenizeParams
+    max_length: int
+    chat: bool  # the reward model's chat template
+
+    def row(self, tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> list[int]:
+        """Token ids of one scored text: prompt, then the answer with one EOS, cut at
+        max_length (the answer's end goes first; the prompt keeps its own budget)."""
+        if self.chat:
+            turns = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+            return encode(tokenizer, text)[: self.max_length]
+        prompt, _ = encode_prompt(tokenizer, question, self.tokenize)
+        return (prompt + encode_completion(tokenizer, answer))[: self.max_length]
+
+
+def pair_rows(
+    table: pa.Table, tokenizer: PreTrainedTokenizerBase, form: RewardFormat
+) -> list[tuple[list[int], list[int]]]:
+    """(chosen row, rejected row) per pair of a source-schema table (response_j preferred);
+    pairs whose two rows are identical after truncation carry no preference and are dropped."""
+    pairs = []
+    for question, chosen, rejected in zip(
+        table["question"].to_pylist(),
+        table["response_j"].to_pylist(),
+        table["response_k"].to_pylist(),
+        strict=True,
+    ):
+        rows = (
+            form.row(tokenizer, question or "", chosen or ""),
+            form.row(tokenizer, question or "", rejected or ""),
+        )
+        if rows[0] != rows[1]:
+            pairs.append(rows)
+    return pairs
+
+
+def _padded(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """(N, T) right-padded ids."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids.to(device)
+
+
+def rewards(model: PreTrainedModel, ids: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """(N,) fp32 rewards of right-padded rows (N, T)."""
+    mask = (ids != model.config.pad_token_id).long()
+    with runtime.autocast():
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score_rows(
+    model: PreTrainedModel,
+    rows: Sequence[list[int]],
+    batch_size: int,
+    runtime: Runtime,
+    desc: str = "score",
+) -> np.ndarray:
+    """(N,) rewards of token rows, in their order (batched by length: less padding)."""
+    model.eval()
+    order = np.argsort([len(r) for r in rows], kind="stable")
+    scores = np.empty(len(rows), dtype=np.float64)
+    for start in bar(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = order[start : start + batch_size]
+        ids = _padded([rows[i] for i in chunk], model.config.pad_token_id, runtime.device)
+        scores[chunk] = rewards(model, ids, runtime).cpu().numpy()
+    return scores
+
+
+def pair_accuracy(
+    model: PreTrainedModel,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+    runtime: Runtime,
+) -> float:
+    """Share of pairs whose chosen row scores above the rejected one (a tie counts one half)."""
+    rows = [row for pair in pairs for row in pair]
+    scores = score_rows(model, rows, batch_size, runtime, desc="reward accuracy")
+    margin = scores[0::2] - scores[1::2]
+    return float(np.mean((margin > 0) + 0.5 * (margin == 0)))
+
+
+def train_reward_model(
+    model: PreTrainedModel,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    params: JudgeParams,
+    runtime: Runtime,
+) -> list[dict[str, float]]:
+    """Bradley-Terry training: AdamW, linear warmup then decay, clipped gradients, a seeded
+    shuffle per epoch. Returns one row per epoch (mean loss and accuracy on the train pairs)."""
+    steps_per_epoch = math.ceil(len(pairs) / params.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
+    total = steps_per_epoch * params.epochs
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_SHARE * total), total)
+    rng, history = np.random.default_rng(params.seed), []
+    model.train()
+    for epoch in range(params.epochs):
+        order, losses, correct = rng.permutation(len(pairs)), [], []
+        show = bar(range(steps_per_epoch), desc=f"reward epoch {epoch + 1}", unit="step")
+        for step in show:
+            batch = [pairs[i] for i in order[step * params.batch_size :][: params.batch_size]]
+            ids = _padded(
+                [r for pair in batch for r in pair], model.config.pad_token_id, runtime.device
+            )
+            scores = rewards(model, ids, runtime)
+            loss = bradley_terry_loss(scores[0::2], scores[1::2])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            margin = (scores[0::2] - scores[1::2]).detach()
+            correct.append(((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item())
+            show.set_postfix(loss=f"{losses[-1]:.4f}")
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                "accuracy": float(np.mean(correct)),
+            }
+        )
+    model.eval()
+    return history
+
+
+def load_format(folder: Path) -> RewardFormat:
+    """The input format the reward stage saved beside the model."""
+    saved = json.loads((folder / FORMAT_FILE).read_text(encoding="utf-8"))
+    return RewardFormat(TokenizeParams(**saved["tokenize"]), saved["max_length"], saved["chat"])
+
+
+def open_reward_model(
+    folder: Path, runtime: Runtime, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RewardFormat]:
+    """The reward stage's model (frozen), its tokenizer and its input format."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = load_reward_model(folder, runtime, trust_remote_code, pad_token_id(tokenizer))
+    return freeze(model), tokenizer, load_format(folder)
