@@ -10,7 +10,14 @@ import pyarrow.parquet as pq
 
 from pipeline.fingerprint import fingerprint
 from pipeline.judge.generate import ANSWERS_FILE, model_answers, scored
-from pipeline.judge.verdict import HEADLINE, figures_of, log_to_run, questions_of, side_by_side
+from pipeline.judge.verdict import (
+    HEADLINE,
+    figures_of,
+    log_to_run,
+    questions_of,
+    same_answer_same_reward,
+    side_by_side,
+)
 from pipeline.model.loading import resolve_runtime
 from pipeline.params import load_params
 from pipeline.resources import stage_share
@@ -32,9 +39,8 @@ def main() -> None:
     base = pq.read_table(DATA_JUDGE_BASE / ANSWERS_FILE)
     questions = questions_of(base)
     with stage_share(params.judge.device):
-        policy = scored(
-            model_answers(MODEL_POLICY, "policy", questions, params, runtime), params, runtime
-        )
+        answers = model_answers(MODEL_POLICY, "policy", questions, params, runtime)
+        policy = same_answer_same_reward(scored(answers, params, runtime), base)
     accuracy = json.loads((REPORTS / "reward.json").read_text())["reward_accuracy"]
     figures = {**figures_of(policy, base, params.judge.seed), "reward_accuracy": accuracy}
     # What the figures were measured on (questions, base answers, decoding, reward model): the

@@ -19,7 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from pipeline.evaluate.heldout import score_heldout
 from pipeline.evaluate.metrics import headline
 from pipeline.judge.generate import ANSWERS_FILE, model_answers, scored
-from pipeline.judge.verdict import figures_of, questions_of
+from pipeline.judge.verdict import figures_of, questions_of, same_answer_same_reward
 from pipeline.model.loading import resolve_runtime
 from pipeline.params import Params, load_params
 from pipeline.resources import stage_share
@@ -66,7 +66,8 @@ def champion_judge(params: Params, run_id: str) -> Rescore:
         with tempfile.TemporaryDirectory() as tmp, stage_share(params.judge.device):
             folder = policy_folder(champion.name, champion.version, Path(tmp))
             answers = model_answers(folder, "policy", questions_of(base), params, runtime)
-            figures = figures_of(scored(answers, params, runtime), base, params.judge.seed)
+            judged = same_answer_same_reward(scored(answers, params, runtime), base)
+            figures = figures_of(judged, base, params.judge.seed)
         with mlflow.start_run(run_id=run_id):
             logged = ("gen_win_rate", "gen_win_rate_lc")
             mlflow.log_metrics({f"register/champion_{k}": figures[k] for k in logged})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from tests.helpers import REPO
 
@@ -103,3 +105,13 @@ def saved_model_and_pairs(tmp_path: Path) -> tuple[Path, Path]:
     tiny_qwen3().save_pretrained(model_dir)
     random_pairs(6).save_to_disk(str(data_dir))
     return model_dir, data_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny-model tests: a second thread buys nothing, and
+    when other processes share the cores, spinning OpenMP threads make steps ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

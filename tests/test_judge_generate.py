@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,16 +20,10 @@ from pipeline.params import Params, load_params
 from pipeline.strict_yaml import ParamsError
 from tests.helpers import CPU, REPO
 
+# One intra-op thread per test module (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAX_NEW = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the model is tiny and the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- judge_questions ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +34,10 @@ from pipeline.model.loading import pad_token_id
 from pipeline.params import JudgeParams, Params, load_params
 from tests.helpers import CPU, REPO
 
+# One intra-op thread per test module (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 Pairs = list[tuple[list[int], list[int]]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the model is tiny and the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

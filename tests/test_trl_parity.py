@@ -48,7 +48,6 @@ import copy
 import dataclasses
 import math
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +88,12 @@ from pipeline.train.plan import epoch_plan, pair_lengths  # noqa: E402
 from tests.helpers import CPU, REPO, fit, objective  # noqa: E402
 from tests.plain_dpo import full_logits_logps  # noqa: E402
 
-# TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every reference forward.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
+# One intra-op thread (tests/conftest.py). TRL 1.16 calls transformers' deprecated
+# `is_gradient_checkpointing` on every reference forward.
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated"),
+]
 
 BETA = 0.1
 N_PAIRS = 16
@@ -176,16 +179,6 @@ def load(model_dir: Path) -> PreTrainedModel:
 
 def grad_norm(model: torch.nn.Module) -> float:
     return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: the model is tiny, so a second thread buys nothing,
-    and when other processes share the cores, spinning OpenMP threads make steps ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,20 @@ def questions_of(base: pa.Table) -> list[Question]:
     ]
 
 
+def same_answer_same_reward(policy: pa.Table, base: pa.Table) -> pa.Table:
+    """The policy's rows with the base's reward wherever the policy wrote the base's answer.
+
+    The same text scored in another batch can differ in the last float bits (other batch shapes,
+    other summation order), and such noise would otherwise decide a win: an identical answer is a
+    tie by definition."""
+    mine, theirs = source(policy, "policy"), source(base, "base")
+    same = np.array(mine["answer"].to_pylist(), dtype=object) == np.array(
+        theirs["answer"].to_pylist(), dtype=object
+    )
+    rewards = np.where(same, theirs["reward"].to_numpy(), mine["reward"].to_numpy())
+    return mine.set_column(mine.schema.get_field_index("reward"), "reward", pa.array(rewards))
+
+
 def _grid(table: pa.Table, column: str) -> np.ndarray:
     """(P, S) values of one source's column."""
     prompts = len(pc.unique(table["prompt"]))
@@ -92,7 +106,8 @@ def side_by_side(policy: pa.Table, base: pa.Table) -> pd.DataFrame:
 
 def log_to_run(run_id: str, figures: dict[str, Any], samples: pd.DataFrame) -> None:
     """The figures as `judge/*` metrics and the samples as an MLflow table of the policy's run
-    (the run's Artifacts tab shows it; the experiment's Evaluation view lines up runs' tables)."""
+    (the run's Artifacts tab shows it; the runs list's "Artifact evaluation" view lines up
+    several runs' tables by question)."""
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"judge/{k}": float(v) for k, v in figures.items()})
         mlflow.log_table(samples, artifact_file=SAMPLES_FILE)
