@@ -23,6 +23,8 @@ from pipeline.data.schema import SOURCE_SCHEMA, SUBSAMPLED_SCHEMA
 from pipeline.data.subsample import with_ids
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # seven runs of the stage, each in a fresh process: ~80 s in all
+
 HELD_OUT_QUESTIONS = 8  # whole questions of the demo's data/evaluation: a few dozen pairs
 PLANTED_QUESTIONS = 2  # of them, also put into the reward folder
 REWARD_PAIRS = 40  # reward-folder pairs of questions that are not held out
@@ -122,14 +124,17 @@ def other_reward_model(tmp_path_factory: pytest.TempPathFactory, demo_dataset_di
     return folder
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, demo_model_dir: Path, held_out: pa.Table) -> Path:
+def make_workdir(work: Path, base_model: Path, held_out: pa.Table) -> Path:
     """A working directory as the reward stage finds it after download_model and subsample."""
-    work = tmp_path / "work"
-    shutil.copytree(demo_model_dir, work / "models" / "base")
+    shutil.copytree(base_model, work / "models" / "base")
     (work / "data" / "subsampled" / "eval").mkdir(parents=True)
     pq.write_table(held_out, work / "data" / "subsampled" / "eval" / "data.parquet")
     return work
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, demo_model_dir: Path, held_out: pa.Table) -> Path:
+    return make_workdir(tmp_path / "work", demo_model_dir, held_out)
 
 
 def run_reward(workdir: Path, dataset: Path | str, **judge: object) -> subprocess.CompletedProcess:
@@ -258,11 +263,26 @@ def test_held_out_questions_are_removed_before_training(
     assert 0 <= metrics["reward_accuracy"] <= 1
 
 
+@pytest.fixture(scope="module")
+def adopted(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_model_dir: Path,
+    held_out: pa.Table,
+    reward_dataset: Path,
+    other_reward_model: Path,
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """One run of the stage with judge.model = other_reward_model: (workdir, process)."""
+    work = make_workdir(tmp_path_factory.mktemp("adopt") / "work", demo_model_dir, held_out)
+    return work, run_reward(work, reward_dataset, model=str(other_reward_model))
+
+
 def test_an_existing_reward_model_with_its_own_tokenizer_is_adopted(
-    workdir: Path, reward_dataset: Path, other_reward_model: Path, held_out: pa.Table
+    adopted: tuple[Path, subprocess.CompletedProcess],
+    other_reward_model: Path,
+    held_out: pa.Table,
 ) -> None:
+    workdir, done = adopted
     name = str(other_reward_model)
-    done = run_reward(workdir, reward_dataset, model=name)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert (
@@ -271,27 +291,38 @@ def test_an_existing_reward_model_with_its_own_tokenizer_is_adopted(
     ) in done.stdout.splitlines()
 
     report = json.loads((workdir / "reports" / "reward.json").read_text())
-    assert report["model"] == name and report["heldout_pairs"] == len(held_out)
+    assert report["model"] == name
+    assert 0 < report["heldout_pairs"] <= len(held_out)
     assert "history" not in report and "train_pairs" not in report  # nothing trained
     assert 0 <= report["reward_accuracy"] <= 1
     assert last_line(done) == (
         f"reward model ({name}): held-out pair accuracy {report['reward_accuracy']:.4f} "
-        f"on {len(held_out)} pairs"
+        f"on {report['heldout_pairs']} pairs"
     )
     model = workdir / "models" / "reward"
     form = json.loads((model / "reward_format.json").read_text())
-    assert form["chat"] is True
+    assert form["chat"] is True and form["max_length"] == 128
     # Adopted as it is: the weights are the given model's bytes, its own tokenizer beside them.
     assert (model / "model.safetensors").read_bytes() == (
         other_reward_model / "model.safetensors"
     ).read_bytes()
-    assert (
-        json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]
-        == json.loads((other_reward_model / "tokenizer.json").read_text())["model"]["vocab"]
-    )
+    vocab = [json.loads((f / "tokenizer.json").read_text())["model"]["vocab"]
+             for f in (model, other_reward_model)]  # fmt: skip
+    assert vocab[0] == vocab[1] and len(vocab[0]) < 1000  # not the policy's 2,048 + 3
     assert json.loads((model / "resolved_params.json").read_text())["judge"]["model"] == name
     metrics = json.loads((workdir / "metrics" / "reward.json").read_text())
     assert metrics == {"reward_accuracy": report["reward_accuracy"]}
+
+
+def test_an_adopted_chat_reward_model_reads_every_held_out_pairs_answers(
+    adopted: tuple[Path, subprocess.CompletedProcess], held_out: pa.Table
+) -> None:
+    """As for a reward model trained here, the prompt keeps at most half of judge.max_length,
+    so every held-out pair (distinct answers) is measured."""
+    workdir, done = adopted
+    assert done.returncode == 0, done.stderr
+    report = json.loads((workdir / "reports" / "reward.json").read_text())
+    assert report["heldout_pairs"] == len(held_out)
 
 
 def test_a_causal_lm_as_judge_model_is_not_a_reward_model(

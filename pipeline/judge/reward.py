@@ -79,7 +79,10 @@ class RewardFormat:
     def row(self, tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> list[int]:
         """Token ids of one scored text: prompt, then the answer with one EOS, cut at
         max_length (the answer's end goes first; the prompt keeps its own budget)."""
-        if self.chat:
+        if self.chat:  # the question keeps at most its budget, so the answer is never cut away
+            question_ids = encode(tokenizer, question)
+            if len(question_ids) > self.tokenize.max_prompt_length:
+                question = tokenizer.decode(question_ids[: self.tokenize.max_prompt_length])
             turns = [
                 {"role": "user", "content": question},
                 {"role": "assistant", "content": answer},
