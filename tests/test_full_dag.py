@@ -229,6 +229,9 @@ def test_dvc_exp_show_lists_the_experiments_with_metrics(demo_runs) -> None:
     assert shown - {"Experiment", "rev", "typ", "Created", "parent"} == {
         "final_loss", "padded_share", "pairs_per_s", "steps",
         "win_rate", "kendall_tau", "eval_loss", "pairwise_tau", "pairs",
+        "reward_accuracy", "gen_win_rate", "gen_win_rate_low", "gen_win_rate_high",
+        "gen_win_rate_lc", "reward_policy", "reward_base", "length_policy", "length_base",
+        "loop_share_policy",
     }  # fmt: skip
 
 
@@ -249,7 +252,11 @@ def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
     assert "eval_reference/kendall_tau" not in default.data.metrics  # undefined: not a NaN
     history = client.get_metric_history(default.info.run_id, "train/loss")
     assert len(history) >= 5 and history[0].step < history[-1].step
-    assert abs(history[0].value - 0.6931) < 0.05  # first window starts at ln 2
+    # The first window's DPO part starts at ln 2; the demo adds the chosen answer's NLL (RPO).
+    nll = client.get_metric_history(default.info.run_id, "train/nll/chosen")[0].value
+    weight = float(default.data.params["loss.sft_weight"])
+    assert abs(history[0].value - weight * nll - 0.6931) < 0.05
+    assert default.data.metrics["judge/gen_win_rate"] >= 0.75
     assert default.data.tags["git_commit"] != "unknown" and default.data.tags["params_hash"]
     for run_ in runs.values():
         assert client.get_metric_history(run_.info.run_id, "train/loss")
@@ -260,8 +267,8 @@ def test_the_better_experiment_takes_champion_and_the_worse_challenger(demo_runs
     assert len(client.search_model_versions("name='qwen3-dpo'")) == 4
     champion = client.get_model_version_by_alias("qwen3-dpo", "champion")
     challenger = client.get_model_version_by_alias("qwen3-dpo", "challenger")
-    # Same win rate on the demo, a much lower held-out loss: the default lr wins the tie-break
-    # (the resumed default ties it exactly, and a full tie keeps the champion).
+    # A higher held-out win rate than lr 1e-6 and 2e-6 (the resumed default ties it exactly, and
+    # a full tie keeps the champion).
     assert champion.tags["dvc_exp_name"] == "demo-default"
     assert challenger.tags["dvc_exp_name"] == "demo-lr-2e-6"
     assert (

@@ -15,7 +15,8 @@ from pipeline.judge.figures import judge_figures
 from pipeline.judge.generate import Question
 
 SAMPLES_FILE = "judge_samples.json"  # the MLflow table, in the run's artifacts
-# The figures dvc exp show lists; reports/judge.json and MLflow hold all of them.
+# The figures dvc exp show lists (the reward model's accuracy is in metrics/reward.json: one
+# column, not two that DVC would have to tell apart); reports/judge.json and MLflow hold all.
 HEADLINE = (
     "gen_win_rate",
     "gen_win_rate_low",
@@ -26,7 +27,6 @@ HEADLINE = (
     "length_policy",
     "length_base",
     "loop_share_policy",
-    "reward_accuracy",
 )
 
 
