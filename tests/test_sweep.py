@@ -6,11 +6,12 @@ must score the champion on its own pairs before deciding. Checks: every experime
 nothing lost (runs, loss points, versions), the lr experiments re-ran only train, evaluate and
 register, exactly one champion and no version that beats it on the same pairs, and that the
 re-scoring is the evaluate stage's own computation (it reproduces a version's recorded figures,
-and gives the base model the DPO loss of ln 2).
+and gives the base model the figures evaluate recorded for the reference).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import subprocess
@@ -171,5 +172,10 @@ def test_rescoring_is_the_evaluate_stage_computation(sweep, monkeypatch) -> None
     probe = mlflow.register_model(log_policy(base_run, MODEL_BASE), "probe")
     untrained = rescore(client.get_model_version("probe", probe.version))
     # Policy == reference: every log-ratio ~0 (the two ran with other thread counts, so not
-    # bit for bit, and the win rate is a coin toss of rounding signs: not checked).
-    assert abs(untrained["eval_loss"] - math.log(2)) < 1e-4, untrained
+    # bit for bit, and the win rate is a coin toss of rounding signs: not checked). The loss
+    # is the DPO part, ln 2, plus the RPO term (loss.sft_weight times the chosen answer's
+    # NLL), which evaluate recorded for the reference judged as a policy.
+    reference = json.loads((repo / "reports" / "eval.json").read_text())["reference"]
+    assert abs(untrained["eval_loss"] - reference["eval_loss"]) < 1e-4, (untrained, reference)
+    sft_weight = load_params().loss.sft_weight
+    assert (reference["eval_loss"] > math.log(2) + 1e-3) == (sft_weight > 0), reference
