@@ -88,9 +88,10 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraParams:
-    # Train low-rank adapters (peft LoRA) instead of every weight: the base stays frozen, so the
-    # reference is the same model with its adapters switched off (no second copy in memory).
+class AdapterParams:
+    # Train low-rank adapters (peft LoRA) instead of every weight. For the policy the base stays
+    # frozen, so the reference is the same model with its adapters switched off (no second copy
+    # in memory); the reward model's adapters are merged into it when it is saved.
     enabled: bool = False
     # Rank r of each adapter's two factors.
     rank: int = dataclasses.field(default=16, metadata=positive())
@@ -105,6 +106,12 @@ class LoraParams:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         metadata=check(lambda v: bool(v.strip(",")), "must name at least one module"),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraParams(AdapterParams):
+    """train.lora: the adapter settings, and the policy's 4-bit base (QLoRA)."""
+
     # "nf4": load the frozen base in 4-bit NormalFloat (QLoRA: bitsandbytes, bf16 compute, double
     # quantisation), for bases whose bf16 weights do not fit the GPU next to the adapters' state.
     # Needs adapters (a 4-bit weight cannot be trained) and CUDA (the stage refuses the CPU);
@@ -270,6 +277,9 @@ class JudgeParams:
     seed: int = dataclasses.field(metadata=non_negative())
     # Same meaning as train.device.
     device: Device
+    # LoRA adapters on the reward model's backbone (its scalar head trains in full), as
+    # train.lora; merged into the saved model, so the judge reads a plain model either way.
+    lora: AdapterParams = dataclasses.field(default_factory=AdapterParams)
 
     def __post_init__(self) -> None:
         if self.temperature == 0 and self.samples > 1:

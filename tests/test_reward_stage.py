@@ -263,6 +263,41 @@ def test_held_out_questions_are_removed_before_training(
     assert 0 <= metrics["reward_accuracy"] <= 1
 
 
+def test_a_lora_reward_model_is_saved_merged_and_scores_as_measured(
+    workdir: Path, reward_dataset: Path, demo_model_dir: Path, held_out: pa.Table
+) -> None:
+    """judge.lora: adapters on the backbone while training, merged into a plain model on disk
+    (no peft keys): weights outside the adapted modules are the base's, the adapted ones moved,
+    and the saved model, loaded as the judge loads it, gives the recorded held-out accuracy."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.judge.reward import open_reward_model, pair_accuracy, pair_rows
+    from pipeline.model.loading import resolve_runtime
+
+    lora = {
+        "enabled": True,
+        "rank": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": "q_proj,v_proj",
+    }
+    done = run_reward(workdir, reward_dataset, lora=lora, lr=1e-3)
+    assert done.returncode == 0, done.stderr
+    saved = load_file(workdir / "models" / "reward" / "model.safetensors")
+    base = load_file(demo_model_dir / "model.safetensors")  # tied embeddings: no lm_head
+    assert set(saved) == set(base) | {"score.weight"}  # a plain model: no lora_ / base_model keys
+    moved = {k for k, v in base.items() if not torch.equal(v, saved[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), moved
+
+    report = json.loads((workdir / "reports" / "reward.json").read_text())
+    runtime = resolve_runtime("cpu")
+    reloaded, tokenizer, form = open_reward_model(workdir / "models" / "reward", runtime, False)
+    pairs = pair_rows(held_out, tokenizer, form)
+    accuracy = pair_accuracy(reloaded, pairs, SMALL_JUDGE["batch_size"], runtime)
+    assert accuracy == report["reward_accuracy"]
+
+
 @pytest.fixture(scope="module")
 def adopted(
     tmp_path_factory: pytest.TempPathFactory,

@@ -28,8 +28,13 @@ from tests.test_stage_deps import PLUMBING, module_path, stage_code
 PLUMBING_READS = {"train": {"register.experiment"}}
 # Keys the analysis attributes to a section because code typed with its dataclass also serves
 # another source: the reward stage fetches judge.model through pipeline/download/model.py, whose
-# ModelParams it fills from judge.model, judge.revision and model.trust_remote_code.
-BORROWED = {"reward": {"model.name", "model.revision", "model.allow_pickle_weights"}}
+# ModelParams it fills from judge.model, judge.revision and model.trust_remote_code; the train
+# stage puts adapters on through pipeline/train/adapters.py, typed with judge.lora's
+# AdapterParams, which train.lora's LoraParams extends.
+BORROWED = {
+    "reward": {"model.name", "model.revision", "model.allow_pickle_weights"},
+    "train": {f"judge.lora.{key}" for key in ("rank", "alpha", "dropout", "target_modules")},
+}
 
 
 def sections() -> dict[str, tuple[str, type]]:

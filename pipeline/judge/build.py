@@ -34,6 +34,7 @@ from pipeline.judge.reward import (
 from pipeline.model.loading import Runtime, pad_token_id
 from pipeline.params import ModelParams, Params, TokenizeParams
 from pipeline.stage_io import MODEL_BASE, StageError
+from pipeline.train.adapters import add_adapters
 
 
 def reward_format(params: Params, tokenizer: PreTrainedTokenizerBase) -> RewardFormat:
@@ -60,7 +61,7 @@ def without_questions(table: pa.Table, held_out: pa.Table) -> tuple[pa.Table, in
 
 def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path) -> dict[str, Any]:
     """Fetch judge.fraction of judge.reward_dir, drop held-out questions, train from models/base
-    (a new scalar head, seeded), save to `out` -> report."""
+    (a new scalar head, seeded; with judge.lora, adapters merged after), save to `out` -> report."""
     trust = params.model.trust_remote_code
     with tempfile.TemporaryDirectory() as fetched:
         manifest = fetch_reward_pairs(
@@ -79,7 +80,11 @@ def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path
         )
     torch.manual_seed(params.judge.seed)  # the new head's initial weights
     model = load_reward_model(MODEL_BASE, runtime, trust, pad_token_id(tokenizer))
+    if params.judge.lora.enabled:
+        model = add_adapters(model, params.judge.lora, task_type="SEQ_CLS")
     history = train_reward_model(model, pairs, params.judge, runtime)
+    if params.judge.lora.enabled:  # a plain model on disk: the judge needs no peft
+        model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     report = _measure(model, tokenizer, form, held_out, params, runtime, out)

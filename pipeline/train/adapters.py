@@ -16,11 +16,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pipeline.model.loading import Runtime, is_quantized
 from pipeline.model.scoring import CompletionScorer, PairBatch, batch_logps
-from pipeline.params import LoraParams
+from pipeline.params import AdapterParams
 
 
-def add_adapters(model: PreTrainedModel, lora: LoraParams) -> PeftModel:
+def add_adapters(
+    model: PreTrainedModel, lora: AdapterParams, task_type: str = "CAUSAL_LM"
+) -> PeftModel:
     """Freeze `model` and put trainable LoRA adapters on the modules lora.target_modules names.
+    For a reward model (task_type "SEQ_CLS") peft also keeps its new scalar head trainable.
 
     On a 4-bit base, peft's k-bit preparation first: every weight frozen, any fp16/bf16 one left
     unquantised (norms, embeddings) upcast to fp32, so the adapters (fp32, like the master
@@ -34,7 +37,7 @@ def add_adapters(model: PreTrainedModel, lora: LoraParams) -> PeftModel:
         lora_dropout=lora.dropout,
         target_modules=[name.strip() for name in lora.target_modules.split(",") if name.strip()],
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 
