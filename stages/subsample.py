@@ -2,9 +2,6 @@
 
 import json
 
-import pyarrow.parquet as pq
-
-from pipeline.data.schema import read_split
 from pipeline.data.subsample import subsample
 from pipeline.params import load_params, save_resolved
 from pipeline.stage_io import (
@@ -20,18 +17,15 @@ from pipeline.stage_io import (
 def main() -> None:
     params = load_params()
     manifest = json.loads((DATA_RAW / "train" / "manifest.json").read_text())
-    train, evaluation, counts = subsample(
-        read_split(DATA_RAW / "train"),
-        read_split(DATA_RAW / "eval"),
-        fraction=params.data.fraction,
-        source_train_rows=manifest["source_rows"],
-        eval_size=params.data.eval_size,
-        seed=params.data.seed,
-    )
     with atomic_dir(DATA_SUBSAMPLED) as tmp:
-        for split, table in (("train", train), ("eval", evaluation)):
-            (tmp / split).mkdir()
-            pq.write_table(table, tmp / split / "data.parquet")
+        counts = subsample(
+            DATA_RAW,
+            tmp,
+            fraction=params.data.fraction,
+            source_train_rows=manifest["source_rows"],
+            eval_size=params.data.eval_size,
+            seed=params.data.seed,
+        )
         save_resolved(params, tmp, "subsample")
     write_json_atomic(REPORTS / "subsample.json", counts)
     print(", ".join(f"{k}={v}" for k, v in counts.items()))
