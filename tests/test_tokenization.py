@@ -145,3 +145,45 @@ def test_a_tokenized_split_is_checked_on_read(tmp_path) -> None:
         load_tokenized(wrong)
     with pytest.raises(SchemaError, match="no tokenized split there: run the tokenize stage"):
         load_tokenized(tmp_path / "missing")
+
+
+MIXED_TEXTS = [
+    "",
+    "   ",
+    "Plain words.",
+    "Unicode: naïve café — 日本語のテキスト, emoji 🙂 and ß.",
+    "Code:\n```python\nfor i in range(3):\n    print(f'{i!r}')\n```\n",
+    "over budget " * 80,
+    "ends with the end token<|endoftext|>",
+]
+
+
+def test_batched_encoding_gives_each_texts_own_ids(demo_tokenizer) -> None:
+    """One tokenizer call for a list (the map's batches) gives the ids of one call per text."""
+    from pipeline.data.prompts import encode, encode_completions, encode_many
+
+    assert encode_many(demo_tokenizer, MIXED_TEXTS) == [
+        encode(demo_tokenizer, t) for t in MIXED_TEXTS
+    ]
+    assert encode_completions(demo_tokenizer, MIXED_TEXTS) == [
+        encode_completion(demo_tokenizer, t) for t in MIXED_TEXTS
+    ]
+    assert encode_many(demo_tokenizer, []) == []
+
+
+def test_a_batch_of_pairs_is_each_pair_tokenized_alone(demo_tokenizer) -> None:
+    """Fitting and over-budget prompts, empty and identical answers: the batch decides as the
+    pair alone does."""
+    from pipeline.data.tokenization import tokenize_pairs
+
+    questions = [*MIXED_TEXTS, None]
+    chosen = [*reversed(MIXED_TEXTS), "x"]
+    rejected = [*MIXED_TEXTS[1:], MIXED_TEXTS[0], None]
+    batch = tokenize_pairs(demo_tokenizer, questions, chosen, rejected, PARAMS)
+    alone = [
+        tokenize_pair(demo_tokenizer, q, c, r, PARAMS)
+        for q, c, r in zip(questions, chosen, rejected, strict=True)
+    ]
+    assert batch == alone
+    assert {p.drop_reason for p in batch} >= {"", "empty_completion"}
+    assert any(p.truncated[0] for p in batch) and any(not p.truncated[0] for p in batch)

@@ -29,17 +29,39 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams
-) -> tuple[list[int], bool]:
-    """Prompt ids within max_prompt_length, and whether the question had to be shortened.
+def encode_many(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text in one tokenizer call: a fast tokenizer encodes the list in Rust
+    (several times faster than a call per text, same ids)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, questions: list[str], params: TokenizeParams
+) -> list[tuple[list[int], bool]]:
+    """Per question: prompt ids within max_prompt_length, and whether the question was cut.
 
     Only the question is cut (its start kept): the template's tail ("Answer: " or the assistant
     header) is what tells the model an answer follows, so it always survives.
     """
+    rendered = [render_prompt(tokenizer, q, params) for q in questions]
+    return [
+        (ids, False) if len(ids) <= params.max_prompt_length else _shortened(tokenizer, q, params)
+        for q, ids in zip(questions, encode_many(tokenizer, rendered), strict=True)
+    ]
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams
+) -> tuple[list[int], bool]:
+    """`encode_prompts` of one question."""
+    return encode_prompts(tokenizer, [question], params)[0]
+
+
+def _shortened(
+    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams
+) -> tuple[list[int], bool]:
+    """The prompt of a question too long for max_prompt_length: the question's first tokens."""
     ids = encode(tokenizer, render_prompt(tokenizer, question, params))
-    if len(ids) <= params.max_prompt_length:
-        return ids, False
     question_ids = encode(tokenizer, question)
     keep = max(len(question_ids) - (len(ids) - params.max_prompt_length), 0)
     while True:
@@ -51,10 +73,17 @@ def encode_prompt(
         keep = max(keep - (len(ids) - params.max_prompt_length), 0)
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Completion ids ending with exactly one EOS, whatever the text already ended with."""
+def encode_completions(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Completion ids of each text, ending with exactly one EOS whatever the text ended with."""
     eos = tokenizer.eos_token_id
-    ids = encode(tokenizer, text)
-    while ids and ids[-1] == eos:
-        ids.pop()
-    return ids + [eos]
+    completions = []
+    for ids in encode_many(tokenizer, texts):
+        while ids and ids[-1] == eos:
+            ids.pop()
+        completions.append(ids + [eos])
+    return completions
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """`encode_completions` of one text."""
+    return encode_completions(tokenizer, [text])[0]

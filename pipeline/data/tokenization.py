@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.data.prompts import encode_completion, encode_prompt
+from pipeline.data.prompts import encode_completions, encode_prompts
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, conform, tokenized_features
 from pipeline.params import TokenizeParams
 from pipeline.stage_io import StageError
@@ -40,36 +40,62 @@ class TokenizedPair:
     truncated: tuple[bool, bool, bool]  # prompt, chosen, rejected
 
 
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str | None],
+    chosen: list[str | None],
+    rejected: list[str | None],
+    params: TokenizeParams,
+) -> list[TokenizedPair]:
+    """Tokenize pairs (one tokenizer call per column) and decide which are kept."""
+    prompts = encode_prompts(tokenizer, [q or "" for q in questions], params)
+    chosen_ids = encode_completions(tokenizer, [c or "" for c in chosen])
+    rejected_ids = encode_completions(tokenizer, [r or "" for r in rejected])
+    return [
+        _decide(*parts, params)
+        for parts in zip(prompts, chosen, rejected, chosen_ids, rejected_ids, strict=True)
+    ]
+
+
 def tokenize_pair(
     tokenizer: PreTrainedTokenizerBase,
-    question: str,
+    question: str | None,
     chosen: str | None,
     rejected: str | None,
     params: TokenizeParams,
 ) -> TokenizedPair:
-    """Tokenize one pair and decide whether it is kept (drop_reason == "")."""
-    prompt, prompt_cut = encode_prompt(tokenizer, question or "", params)
+    """`tokenize_pairs` of one pair."""
+    return tokenize_pairs(tokenizer, [question], [chosen], [rejected], params)[0]
+
+
+def _decide(
+    prompt: tuple[list[int], bool],
+    chosen: str | None,
+    rejected: str | None,
+    full_chosen: list[int],
+    full_rejected: list[int],
+    params: TokenizeParams,
+) -> TokenizedPair:
+    """Cut the completions to the room the prompt leaves, or say why the pair is dropped."""
+    ids, prompt_cut = prompt
     if not (chosen or "").strip() or not (rejected or "").strip():
-        return TokenizedPair(prompt, [], [], "empty_completion", (prompt_cut, False, False))
-    room = params.max_length - len(prompt)
+        return TokenizedPair(ids, [], [], "empty_completion", (prompt_cut, False, False))
+    room = params.max_length - len(ids)
     if room < MIN_COMPLETION_TOKENS:
-        return TokenizedPair(prompt, [], [], "no_room_for_answer", (prompt_cut, False, False))
-    full_chosen = encode_completion(tokenizer, chosen)
-    full_rejected = encode_completion(tokenizer, rejected)
+        return TokenizedPair(ids, [], [], "no_room_for_answer", (prompt_cut, False, False))
     kept_chosen, kept_rejected = full_chosen[:room], full_rejected[:room]
     reason = "identical_completions" if kept_chosen == kept_rejected else ""
     truncated = (prompt_cut, len(full_chosen) > room, len(full_rejected) > room)
-    return TokenizedPair(prompt, kept_chosen, kept_rejected, reason, truncated)
+    return TokenizedPair(ids, kept_chosen, kept_rejected, reason, truncated)
 
 
 def tokenize_batch(
     batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, params: TokenizeParams
 ) -> dict[str, list[Any]]:
     """datasets.map(batched=True) function: texts -> ids plus drop reason and truncation flags."""
-    pairs = [
-        tokenize_pair(tokenizer, q, c, r, params)
-        for q, c, r in zip(batch["question"], batch["response_j"], batch["response_k"], strict=True)
-    ]
+    pairs = tokenize_pairs(
+        tokenizer, batch["question"], batch["response_j"], batch["response_k"], params
+    )
     return {
         "question_id": batch["question_id"],
         "pair_id": batch["pair_id"],
