@@ -1,6 +1,8 @@
 import dataclasses
+from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 
 from pipeline.data.prompts import encode_completion, render_prompt
@@ -130,6 +132,38 @@ def test_too_many_drops_fail_loudly(demo_tokenizer) -> None:
     params = dataclasses.replace(PARAMS, max_drop_share=0.2)
     with pytest.raises(TooManyDropped, match=r"tokenize train: dropped 33.3% .*empty_completion"):
         tokenize_dataset(crafted_dataset(), demo_tokenizer, params, "train")
+
+
+def split_file(folder, dataset: datasets.Dataset):
+    """A subsampled split as the subsample stage writes it, with one extra column."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    table = dataset.data.table.append_column("extra", pa.array(["x"] * len(dataset)))
+    pq.write_table(table, folder / "data.parquet")
+    return folder / "data.parquet"
+
+
+def test_a_split_file_is_tokenized_on_disk_and_leaves_no_scratch(demo_tokenizer, tmp_path) -> None:
+    """tokenize_split: the same rows and report as the in-memory map, shards memory-mapped from
+    `out_dir`, extra columns ignored, and no scratch folder left, on success as on failure."""
+    from pipeline.data.tokenization import tokenize_split
+
+    source = split_file(tmp_path / "subsampled", crafted_dataset())
+    out = tmp_path / "tokenized" / "train"
+    report = tokenize_split(source, out, demo_tokenizer, PARAMS)
+    kept, expected = tokenize_dataset(crafted_dataset(), demo_tokenizer, PARAMS, "train")
+    report.pop("pairs_per_s"), report.pop("shards")
+    assert report == expected
+    written = load_tokenized(out)
+    assert written.data.table.equals(kept.flatten_indices().data.table)
+    assert all(Path(f["filename"]).parent == out for f in written.cache_files)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train"]
+
+    params = dataclasses.replace(PARAMS, max_drop_share=0.2)
+    with pytest.raises(TooManyDropped):
+        tokenize_split(source, tmp_path / "again" / "train", demo_tokenizer, params)
+    assert list((tmp_path / "again").iterdir()) == []
 
 
 def test_a_tokenized_split_is_checked_on_read(tmp_path) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data.prompts import encode_completions, encode_prompts
-from pipeline.data.schema import SUBSAMPLED_SCHEMA, conform, tokenized_features
+from pipeline.data.schema import SUBSAMPLED_SCHEMA, check_schema, tokenized_features
 from pipeline.params import TokenizeParams
 from pipeline.stage_io import StageError
 
@@ -107,23 +107,26 @@ def tokenize_batch(
     }
 
 
-def split_report(
-    drop_reasons: list[str], truncated: list[list[bool]], lengths: dict[str, np.ndarray]
-) -> dict[str, Any]:
-    """Counts by drop reason, truncation counts and token-length percentiles of kept pairs."""
-    dropped = Counter(r for r in drop_reasons if r)
-    flags = np.array(truncated, dtype=bool).reshape(-1, 3)
-    report: dict[str, Any] = {
-        "pairs_in": len(drop_reasons),
-        "pairs_kept": len(drop_reasons) - sum(dropped.values()),
-        "dropped": {reason: dropped.get(reason, 0) for reason in DROP_REASONS},
-        "truncated": {
-            name: int(flags[:, i].sum()) for i, name in enumerate(("prompt", "chosen", "rejected"))
-        },
-        "drop_share": sum(dropped.values()) / max(len(drop_reasons), 1),
+def split_report(table: Any, lengths: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Counts by drop reason, truncation counts and token-length percentiles of kept pairs, from
+    the mapped Arrow table's drop_reason and truncated columns (Arrow compute: no Python row)."""
+    reasons = pc.value_counts(table["drop_reason"])
+    counts = dict(
+        zip(reasons.field("values").to_pylist(), reasons.field("counts").to_pylist(), strict=True)
+    )
+    pairs, dropped = len(table), {reason: counts.get(reason, 0) for reason in DROP_REASONS}
+    truncated = {
+        name: int(pc.sum(pc.list_element(table["truncated"], i)).as_py() or 0)
+        for i, name in enumerate(("prompt", "chosen", "rejected"))
     }
-    report["lengths"] = {name: percentiles(values) for name, values in lengths.items()}
-    return report
+    return {
+        "pairs_in": pairs,
+        "pairs_kept": pairs - sum(dropped.values()),
+        "dropped": dropped,
+        "truncated": truncated,
+        "drop_share": sum(dropped.values()) / max(pairs, 1),
+        "lengths": {name: percentiles(values) for name, values in lengths.items()},
+    }
 
 
 def percentiles(values: np.ndarray) -> dict[str, float]:
@@ -144,11 +147,17 @@ class TooManyDropped(StageError, ValueError):
 
 
 def tokenize_dataset(
-    dataset: Any, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams, split: str
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    params: TokenizeParams,
+    split: str,
+    cache: Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Tokenize a datasets.Dataset of subsampled rows; return (kept rows, report).
 
-    Runs across `params.num_proc` processes; raises TooManyDropped naming the split and reasons.
+    Runs across `params.num_proc` processes. With a `cache` folder the mapped rows are written
+    there (memory-mapped Arrow files) instead of held in memory. Raises TooManyDropped naming
+    the split and reasons.
     """
     # The tokenized schema, plus two columns the drop report reads before they are dropped.
     features = datasets.Features(
@@ -167,25 +176,24 @@ def tokenize_dataset(
         features=features,
         fn_kwargs={"tokenizer": tokenizer, "params": params},
         desc=f"tokenize {split}",
+        cache_file_name=str(cache / f"{split}-mapped.arrow") if cache else None,
+        keep_in_memory=cache is None,
     )
-    # Arrow compute, not Python loops: the real train split is ~75k pairs.
-    table = tokenized.flatten_indices().data.table
-    kept_table = table.filter(pc.equal(table["drop_reason"], "")).drop_columns(
-        ["drop_reason", "truncated"]
-    )
+    table = tokenized.data.table  # the map's own output: no indices mapping to apply
+    kept_rows = np.flatnonzero(pc.equal(table["drop_reason"], "").to_numpy(zero_copy_only=False))
+    kept = tokenized.select(kept_rows).remove_columns(["drop_reason", "truncated"])
     lengths = {
-        name: pc.list_value_length(kept_table[f"{name}_input_ids"]).to_numpy()
+        name: pc.list_value_length(table[f"{name}_input_ids"]).to_numpy()[kept_rows]
         for name in ("prompt", "chosen", "rejected")
     }
     lengths["pair_total"] = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
-    report = split_report(table["drop_reason"].to_pylist(), table["truncated"].to_pylist(), lengths)
+    report = split_report(table, lengths)
     if report["drop_share"] > params.max_drop_share:
         raise TooManyDropped(
             f"tokenize {split}: dropped {report['drop_share']:.1%} of pairs "
             f"(> tokenize.max_drop_share {params.max_drop_share:.1%}): {report['dropped']}"
         )
-    # Columns keep the int32 list types declared above (the Arrow table carries them).
-    return datasets.Dataset(kept_table), report
+    return kept, report
 
 
 def _procs(params: TokenizeParams, rows: int) -> int | None:
@@ -196,15 +204,25 @@ def _procs(params: TokenizeParams, rows: int) -> int | None:
 def tokenize_split(
     source: Path, out_dir: Path, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams
 ) -> dict[str, Any]:
-    """Tokenize one subsampled parquet split into Arrow shards at `out_dir`; return its report."""
-    table = conform(pq.read_table(source), SUBSAMPLED_SCHEMA, str(source))
+    """Tokenize one subsampled parquet split into Arrow shards at `out_dir`; return its report.
+
+    Never the whole split in memory: the parquet file is converted to a memory-mapped Arrow file
+    and mapped batch by batch into another, both in a scratch folder beside `out_dir` that is
+    removed afterwards (also on failure or Ctrl-C)."""
+    check_schema(pq.read_schema(source), SUBSAMPLED_SCHEMA, str(source))
     split = out_dir.name
     started = time.perf_counter()
-    kept, report = tokenize_dataset(datasets.Dataset(table), tokenizer, params, split)
-    seconds = time.perf_counter() - started  # worker start-up included, as users see it
-    report["pairs_per_s"] = round(report["pairs_in"] / seconds, 1)
-    report["shards"] = max(1, math.ceil(len(kept) / params.pairs_per_shard))
-    kept.save_to_disk(str(out_dir), num_shards=report["shards"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{split}-scratch-", dir=out_dir.parent) as scratch:
+        dataset = datasets.Dataset.from_parquet(
+            str(source), features=datasets.Features.from_arrow_schema(SUBSAMPLED_SCHEMA),
+            cache_dir=scratch, columns=SUBSAMPLED_SCHEMA.names,
+        )  # fmt: skip
+        kept, report = tokenize_dataset(dataset, tokenizer, params, split, Path(scratch))
+        seconds = time.perf_counter() - started  # worker start-up included, as users see it
+        report["pairs_per_s"] = round(report["pairs_in"] / seconds, 1)
+        report["shards"] = max(1, math.ceil(len(kept) / params.pairs_per_shard))
+        kept.save_to_disk(str(out_dir), num_shards=report["shards"])
     return report
 
 
