@@ -196,6 +196,11 @@ def tree(root: Path, path: str) -> dict[str, bytes]:
     return {str(f.relative_to(root)): f.read_bytes() for f in files}
 
 
+# The demo, shortened where nothing here looks: what this test checks is the server, the remote
+# and the clone, not the figures (tests/test_full_dag.py runs the demo in full).
+LIGHT = {"train.max_steps": 40, "judge.fraction": 0.25, "judge.prompts": 16}
+
+
 @dataclass
 class Team:
     backend: str
@@ -232,7 +237,7 @@ def team(request, tmp_path_factory, e2e_repo):
         # `python -m pipeline.demo`: that is a `dvc exp run --temp`, whose results live in an
         # experiment ref (shared with `dvc exp push`), not in the workspace. Here they land in the
         # workspace and dvc.lock, which are what a team commits, pushes and pulls.
-        first, env = e2e_repo("team-first", demo_params=True)
+        first, env = e2e_repo("team-first", demo_params=True, **LIGHT)
         git(first, "commit", "-q", "-am", "the offline demo's params")
         env["MLFLOW_TRACKING_URI"] = server
         dvc = [sys.executable, "-m", "dvc"]
