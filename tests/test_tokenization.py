@@ -221,3 +221,34 @@ def test_a_batch_of_pairs_is_each_pair_tokenized_alone(demo_tokenizer) -> None:
     assert batch == alone
     assert {p.drop_reason for p in batch} >= {"", "empty_completion"}
     assert any(p.truncated[0] for p in batch) and any(not p.truncated[0] for p in batch)
+
+
+def one_at_a_time(tokenizer, question: str, params: TokenizeParams) -> tuple[list[int], bool]:
+    """The prompt rule for one question, call by call: the reference for the batched cut."""
+    from pipeline.data.prompts import encode
+
+    ids = encode(tokenizer, render_prompt(tokenizer, question, params))
+    if len(ids) <= params.max_prompt_length:
+        return ids, False
+    question_ids = encode(tokenizer, question)
+    keep = max(len(question_ids) - (len(ids) - params.max_prompt_length), 0)
+    while True:
+        ids = encode(
+            tokenizer, render_prompt(tokenizer, tokenizer.decode(question_ids[:keep]), params)
+        )
+        if len(ids) <= params.max_prompt_length or keep == 0:
+            return ids[: params.max_prompt_length], True
+        keep = max(keep - (len(ids) - params.max_prompt_length), 0)
+
+
+@pytest.mark.parametrize("budget", [4, 12, 32, 200])
+def test_batched_prompt_cut_is_the_one_question_rule(demo_tokenizer, budget: int) -> None:
+    """Fitting and over-budget questions (unicode, code, empty, a template longer than the
+    budget) in one batch: each gets the ids of the rule applied to it alone."""
+    from pipeline.data.prompts import encode_prompts
+
+    params = dataclasses.replace(PARAMS, max_prompt_length=budget, max_length=budget + 8)
+    questions = [*MIXED_TEXTS, "How do I " + "really " * 30 + "sort?"]
+    got = encode_prompts(demo_tokenizer, questions, params)
+    assert got == [one_at_a_time(demo_tokenizer, q, params) for q in questions]
+    assert all(len(ids) <= budget for ids, _ in got)

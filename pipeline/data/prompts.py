@@ -43,11 +43,13 @@ def encode_prompts(
     Only the question is cut (its start kept): the template's tail ("Answer: " or the assistant
     header) is what tells the model an answer follows, so it always survives.
     """
-    rendered = [render_prompt(tokenizer, q, params) for q in questions]
-    return [
-        (ids, False) if len(ids) <= params.max_prompt_length else _shortened(tokenizer, q, params)
-        for q, ids in zip(questions, encode_many(tokenizer, rendered), strict=True)
-    ]
+    rendered = encode_many(tokenizer, [render_prompt(tokenizer, q, params) for q in questions])
+    prompts = [(ids, False) for ids in rendered]
+    over = [i for i, ids in enumerate(rendered) if len(ids) > params.max_prompt_length]
+    cut = _shortened(tokenizer, [questions[i] for i in over], [rendered[i] for i in over], params)
+    for i, ids in zip(over, cut, strict=True):
+        prompts[i] = (ids, True)
+    return prompts
 
 
 def encode_prompt(
@@ -58,19 +60,33 @@ def encode_prompt(
 
 
 def _shortened(
-    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams
-) -> tuple[list[int], bool]:
-    """The prompt of a question too long for max_prompt_length: the question's first tokens."""
-    ids = encode(tokenizer, render_prompt(tokenizer, question, params))
-    question_ids = encode(tokenizer, question)
-    keep = max(len(question_ids) - (len(ids) - params.max_prompt_length), 0)
-    while True:
-        short = tokenizer.decode(question_ids[:keep])
-        ids = encode(tokenizer, render_prompt(tokenizer, short, params))
-        if len(ids) <= params.max_prompt_length or keep == 0:
-            # keep == 0 and still too long: the template alone exceeds the budget; cut it.
-            return ids[: params.max_prompt_length], True
-        keep = max(keep - (len(ids) - params.max_prompt_length), 0)
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    rendered: list[list[int]],
+    params: TokenizeParams,
+) -> list[list[int]]:
+    """Prompts of questions too long for max_prompt_length (`rendered`: their full prompts'
+    ids): each question's first tokens, as many as fit. A question first keeps its length less
+    the excess; while the re-rendered prompt still exceeds (tokens merge differently at the
+    cut), it keeps fewer. Each round decodes and encodes every pending question in one call."""
+    budget = params.max_prompt_length
+    question_ids = encode_many(tokenizer, questions)
+    keep = [max(len(q) - (len(r) - budget), 0) for q, r in zip(question_ids, rendered, strict=True)]
+    prompts: list[list[int]] = [[] for _ in questions]
+    pending = list(range(len(questions)))
+    while pending:
+        shorts = tokenizer.batch_decode([question_ids[i][: keep[i]] for i in pending])
+        encoded = encode_many(tokenizer, [render_prompt(tokenizer, q, params) for q in shorts])
+        still = []
+        for i, ids in zip(pending, encoded, strict=True):
+            if len(ids) <= budget or keep[i] == 0:
+                # keep == 0 and still too long: the template alone exceeds the budget; cut it.
+                prompts[i] = ids[:budget]
+            else:
+                keep[i] = max(keep[i] - (len(ids) - budget), 0)
+                still.append(i)
+        pending = still
+    return prompts
 
 
 def encode_completions(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
