@@ -1,0 +1,184 @@
+"""The data stages at scale: wall time, pairs/s and peak RSS of download_data, subsample and
+tokenize on a generated dataset in the hub layout, at two fractions; beside them, the same
+tokenize run by another revision of this repository (default: the last one before the stages
+streamed their input) and a `datasets.map` that tokenizes one text per call, as TRL's DPO
+preprocessing does.
+
+    python bench/data_scale.py --pairs 100000             # ~15 min on 2 CPU cores
+    python bench/data_scale.py --pairs 20000 --fractions 0.5 1.0 --budget 16
+
+Pairs are the demo generator's (seeded; answers of 20-110 words). `--budget` sets
+tokenize.max_prompt_length: the demo's 64 leaves a few prompts over budget, 16 nearly all of
+them. Peak RSS is the largest of a stage's processes (its tokenize workers included).
+Writes bench/results/data_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BEFORE_STREAMING = "1a1662e"  # the last commit whose data stages held a split in memory
+PAIRS_PER_QUESTION = 5.5  # the demo generator's mean
+
+
+def generate(folder: Path, pairs: int) -> None:
+    """`pairs` train pairs (about) and ~2,000 held-out pairs in the hub layout, seeded."""
+    from pipeline.demo.dataset import generate_stack_exchange_sample
+
+    questions = max(1, round(pairs / PAIRS_PER_QUESTION))
+    generate_stack_exchange_sample(
+        folder, seed=0, train_questions=questions, eval_questions=400,
+        train_shards=max(4, pairs // 50_000), reward_questions=10,
+    )  # fmt: skip
+
+
+def in_child(*args: str) -> Any:
+    """This script's `args` subcommand in a child process -> the JSON it prints. The bench
+    process stays small: Linux counts the pages a forked child starts with into its peak RSS."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_params(source: Path, target: Path, overrides: dict[str, Any]) -> None:
+    """`source` params.yaml with dotted-key overrides, written to `target`."""
+    tree = yaml.safe_load(source.read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        *path, name = key.split(".")
+        node = tree
+        for part in path:
+            node = node[part]
+        node[name] = value
+    target.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+
+
+def run_stage(code: Path, work: Path, stage: str) -> dict[str, float]:
+    """`python -m stages.<stage>` of the checkout `code` in `work` -> seconds, peak RSS (MB)."""
+    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    with open(work / f"{stage}.log", "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{stage} failed in {work}: see {work / f'{stage}.log'}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def per_text_map(work: Path, budget: int) -> dict[str, float]:
+    """The baseline: datasets.map over the subsampled train pairs, one tokenizer call per text
+    (prompt, chosen, rejected), as TRL's DPO preprocessing tokenizes."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    params = yaml.safe_load((work / "params.yaml").read_text())["tokenize"]
+    tokenizer = AutoTokenizer.from_pretrained(work / "models" / "base")
+    source = str(work / "data" / "subsampled" / "train" / "data.parquet")
+    with tempfile.TemporaryDirectory() as cache:
+        pairs = datasets.Dataset.from_parquet(source, cache_dir=cache)
+
+        def one(row: dict[str, Any]) -> dict[str, Any]:
+            prompt = params["template"].replace("{question}", row["question"] or "")
+            encoded = [tokenizer(t or "", add_special_tokens=False)["input_ids"]
+                       for t in (prompt, row["response_j"], row["response_k"])]  # fmt: skip
+            return {"prompt_ids": encoded[0][-budget:], "chosen_ids": encoded[1],
+                    "rejected_ids": encoded[2]}  # fmt: skip
+
+        started = time.perf_counter()
+        pairs.map(one, num_proc=params["num_proc"], remove_columns=pairs.column_names)
+        seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), "pairs_per_s": round(len(pairs) / seconds, 1)}
+
+
+def pairs_per_s(work: Path) -> float:
+    return json.loads((work / "reports" / "tokenize.json").read_text())["train"]["pairs_per_s"]
+
+
+def measure(dataset: Path, fraction: float, budget: int, top: Path, old: Path) -> dict[str, Any]:
+    """The three stages at one fraction, then the old revision's tokenize and the baseline."""
+    from pipeline.demo.experiment import demo_overrides
+
+    work = top / f"fraction-{fraction}"
+    work.mkdir()
+    overrides = {**demo_overrides(REPO / "demo" / "params.yaml"), "data.dataset": str(dataset),
+                 "data.fraction": fraction, "tokenize.max_prompt_length": budget}  # fmt: skip
+    write_params(REPO / "params.yaml", work / "params.yaml", overrides)
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")  # the stages read their params list there
+    row: dict[str, Any] = {"fraction": fraction}
+    for stage in ("download_model", "download_data", "subsample", "tokenize"):
+        row[stage] = run_stage(REPO, work, stage)
+    row["pairs"] = json.loads((work / "reports" / "subsample.json").read_text())["train"]
+    row["tokenize"]["pairs_per_s"] = pairs_per_s(work)
+    before = top / f"before-{fraction}"
+    before.mkdir()
+    for folder in ("models", "data/subsampled"):
+        shutil.copytree(work / folder, before / folder)
+    write_params(old / "params.yaml", before / "params.yaml", overrides)
+    shutil.copy(old / "dvc.yaml", before / "dvc.yaml")
+    row["tokenize_before"] = {
+        **run_stage(old, before, "tokenize"),
+        "pairs_per_s": pairs_per_s(before),
+    }
+    row["per_text_map"] = in_child("per-text", str(work), str(budget))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=100_000, help="train pairs to generate")
+    parser.add_argument("--fractions", type=float, nargs=2, default=[0.25, 1.0])
+    parser.add_argument("--budget", type=int, default=64, help="tokenize.max_prompt_length")
+    parser.add_argument("--before", default=BEFORE_STREAMING, help="revision to compare with")
+    if sys.argv[1:2] == ["generate"]:
+        generate(Path(sys.argv[2]), int(sys.argv[3]))
+        return print("{}")
+    if sys.argv[1:2] == ["per-text"]:
+        return print(json.dumps(per_text_map(Path(sys.argv[2]), int(sys.argv[3]))))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="data-scale-") as scratch:
+        top, old = Path(scratch), Path(scratch) / "before-code"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(old),
+                        args.before], check=True)  # fmt: skip
+        try:
+            dataset = top / "dataset"
+            in_child("generate", str(dataset), str(args.pairs))
+            rows = [measure(dataset, f, args.budget, top, old) for f in args.fractions]
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
+    report(rows, args)
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"{args.pairs} generated pairs, tokenize.max_prompt_length {args.budget}")
+    print(
+        f"{'fraction':>8} {'pairs':>7} {'stage':<16} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}"
+    )
+    for row in rows:
+        for stage in ("download_data", "subsample", "tokenize", "tokenize_before", "per_text_map"):
+            figures = row[stage]
+            rate = figures.get("pairs_per_s") or row["pairs"] / figures["seconds"]
+            print(f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {figures['seconds']:>8.1f} "
+                  f"{rate:>8.0f} {figures.get('peak_rss_mb', float('nan')):>8.0f}")  # fmt: skip
+    out = REPO / "bench" / "results" / "data_scale.json"
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
