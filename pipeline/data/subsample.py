@@ -7,8 +7,9 @@ Both splits are read twice in record batches, never whole: a first pass over the
 (qid, metadata) finds each row's question; the seeded choice is made on row indices; a second
 pass writes the chosen rows batch by batch. Memory grows with 8 bytes per fetched train row (the
 index of every row outside the held-out questions) and with question ids (the eval split's, and
-the distinct ones written, for the counts), not with the texts. pyarrow's own Parquet reader does the streaming: the stages already read and write its
-files, and it yields the rows of each file in order, which the seeded choice relies on.
+the distinct ones written, for the counts), not with the texts. pyarrow's own Parquet reader
+does the streaming: the stages already read and write its files, and it yields the rows of each
+file in order, which the seeded choice relies on.
 """
 
 from __future__ import annotations
