@@ -1,7 +1,7 @@
 """The data stages at scale: wall time, pairs/s and peak RSS of download_data, subsample and
 tokenize on a generated dataset in the hub layout, at two fractions; beside them, the same
-tokenize run by another revision of this repository (default: the last one before the stages
-streamed their input) and a `datasets.map` that tokenizes one text per call, as TRL's DPO
+subsample and tokenize run by another revision of this repository (default: the last one before
+the stages streamed their input) and a `datasets.map` that tokenizes one text per call, as TRL's DPO
 preprocessing does.
 
     python bench/data_scale.py --pairs 100000             # ~15 min on 2 CPU cores
@@ -127,10 +127,11 @@ def measure(dataset: Path, fraction: float, budget: int, top: Path, old: Path) -
     row["tokenize"]["pairs_per_s"] = pairs_per_s(work)
     before = top / f"before-{fraction}"
     before.mkdir()
-    for folder in ("models", "data/subsampled"):
+    for folder in ("models", "data/raw"):
         shutil.copytree(work / folder, before / folder)
     write_params(old / "params.yaml", before / "params.yaml", overrides)
     shutil.copy(old / "dvc.yaml", before / "dvc.yaml")
+    row["subsample_before"] = run_stage(old, before, "subsample")
     row["tokenize_before"] = {
         **run_stage(old, before, "tokenize"),
         "pairs_per_s": pairs_per_s(before),
@@ -170,7 +171,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"{'fraction':>8} {'pairs':>7} {'stage':<16} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}"
     )
     for row in rows:
-        for stage in ("download_data", "subsample", "tokenize", "tokenize_before", "per_text_map"):
+        stages = ("download_data", "subsample", "subsample_before", "tokenize", "tokenize_before",
+                  "per_text_map")  # fmt: skip
+        for stage in stages:
             figures = row[stage]
             rate = figures.get("pairs_per_s") or row["pairs"] / figures["seconds"]
             print(f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {figures['seconds']:>8.1f} "
