@@ -257,6 +257,8 @@ def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
     weight = float(default.data.params["loss.sft_weight"])
     assert abs(history[0].value - weight * nll - 0.6931) < 0.05
     assert default.data.metrics["judge/gen_win_rate"] >= 0.75
+    assert default.data.metrics["judge/reward_accuracy"] >= 0.9
+    assert abs(slow.data.metrics["judge/gen_win_rate"] - 0.5) <= 0.1  # barely moved: a coin
     assert default.data.tags["git_commit"] != "unknown" and default.data.tags["params_hash"]
     for run_ in runs.values():
         assert client.get_metric_history(run_.info.run_id, "train/loss")
