@@ -224,7 +224,8 @@ def test_a_batch_of_pairs_is_each_pair_tokenized_alone(demo_tokenizer) -> None:
 
 
 def one_at_a_time(tokenizer, question: str, params: TokenizeParams) -> tuple[list[int], bool]:
-    """The prompt rule for one question, call by call: the reference for the batched cut."""
+    """The previous prompt rule for one question, call by call: decode the question's first
+    tokens and re-encode the prompt until it fits. The reference for the one-step cut."""
     from pipeline.data.prompts import encode
 
     ids = encode(tokenizer, render_prompt(tokenizer, question, params))
@@ -242,13 +243,29 @@ def one_at_a_time(tokenizer, question: str, params: TokenizeParams) -> tuple[lis
 
 
 @pytest.mark.parametrize("budget", [4, 12, 32, 200])
-def test_batched_prompt_cut_is_the_one_question_rule(demo_tokenizer, budget: int) -> None:
+def test_the_prompt_cut_keeps_the_template_and_a_clean_question_start(
+    demo_tokenizer, budget: int
+) -> None:
     """Fitting and over-budget questions (unicode, code, empty, a template longer than the
-    budget) in one batch: each gets the ids of the rule applied to it alone."""
-    from pipeline.data.prompts import encode_prompts
+    budget) in one batch. A fitting prompt has the ids of the previous rule. An over-budget one
+    fits, keeps the template's head and tail, keeps at least as many tokens as the previous
+    rule, and its question is a start of the real question: cut at a token's end in the text,
+    never inside a character (the previous rule kept a broken byte of 日本 as U+FFFD)."""
+    from pipeline.data.prompts import encode, encode_prompts
 
     params = dataclasses.replace(PARAMS, max_prompt_length=budget, max_length=budget + 8)
     questions = [*MIXED_TEXTS, "How do I " + "really " * 30 + "sort?"]
+    head, tail = PARAMS.template.split("{question}")
+    template_tokens = len(encode(demo_tokenizer, head + tail))
     got = encode_prompts(demo_tokenizer, questions, params)
-    assert got == [one_at_a_time(demo_tokenizer, q, params) for q in questions]
-    assert all(len(ids) <= budget for ids, _ in got)
+    for question, (ids, cut) in zip(questions, got, strict=True):
+        before, was_cut = one_at_a_time(demo_tokenizer, question, params)
+        assert cut == was_cut and len(ids) <= budget, question
+        if not cut:
+            assert ids == before, question
+        elif budget > template_tokens:
+            text = demo_tokenizer.decode(ids)
+            assert len(ids) >= len(before) and text.startswith(head) and text.endswith(tail)
+            kept = text[len(head) : len(text) - len(tail)]
+            assert question.startswith(kept) and "\ufffd" not in kept, (question, kept)
+    assert any(cut for _, cut in got)

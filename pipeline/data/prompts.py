@@ -30,9 +30,16 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def encode_many(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """`encode` of each text in one tokenizer call: a fast tokenizer encodes the list in Rust
-    (several times faster than a call per text, same ids)."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    """`encode` of each text in one call. A fast tokenizer's Rust backend encodes the list
+    without the character offsets it would otherwise compute for every token (same ids, about a
+    third less time); other tokenizers go through their usual call."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or backend.truncation or backend.padding:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in fast(texts, add_special_tokens=False)]
 
 
 def encode_prompts(
@@ -66,16 +73,19 @@ def _shortened(
     params: TokenizeParams,
 ) -> list[list[int]]:
     """Prompts of questions too long for max_prompt_length (`rendered`: their full prompts'
-    ids): each question's first tokens, as many as fit. A question first keeps its length less
-    the excess; while the re-rendered prompt still exceeds (tokens merge differently at the
-    cut), it keeps fewer. Each round decodes and encodes every pending question in one call."""
+    ids): each question's first tokens, as many as fit.
+
+    A question keeps its length less the prompt's excess, cut in the text where its last kept
+    token ends (the tokenizer's offsets): one encoding of the questions, one of the cut prompts.
+    Where tokens merge differently at the cut and the prompt still exceeds, the question keeps
+    fewer and is cut again (a rare second round)."""
     budget = params.max_prompt_length
-    question_ids = encode_many(tokenizer, questions)
-    keep = [max(len(q) - (len(r) - budget), 0) for q, r in zip(question_ids, rendered, strict=True)]
+    ends = _token_ends(tokenizer, questions)
+    keep = [max(len(e) - (len(r) - budget), 0) for e, r in zip(ends, rendered, strict=True)]
     prompts: list[list[int]] = [[] for _ in questions]
     pending = list(range(len(questions)))
     while pending:
-        shorts = tokenizer.batch_decode([question_ids[i][: keep[i]] for i in pending])
+        shorts = [questions[i][: ends[i][keep[i] - 1]] if keep[i] else "" for i in pending]
         encoded = encode_many(tokenizer, [render_prompt(tokenizer, q, params) for q in shorts])
         still = []
         for i, ids in zip(pending, encoded, strict=True):
@@ -87,6 +97,14 @@ def _shortened(
                 still.append(i)
         pending = still
     return prompts
+
+
+def _token_ends(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Per text, the character position where each of its tokens ends."""
+    if not texts:
+        return []
+    offsets = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [[end for _, end in spans] for spans in offsets["offset_mapping"]]
 
 
 def encode_completions(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
