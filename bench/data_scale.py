@@ -6,10 +6,15 @@ preprocessing does.
 
     python bench/data_scale.py --pairs 100000             # ~15 min on 2 CPU cores
     python bench/data_scale.py --pairs 20000 --fractions 0.5 1.0 --budget 16
+    python bench/data_scale.py --pairs 100000 --tokenizer /path/to/Qwen3-0.6B
+    python bench/data_scale.py --pairs 2000000 --fractions 0.5 1.0 --before none
 
 Pairs are the demo generator's (seeded; answers of 20-110 words). `--budget` sets
 tokenize.max_prompt_length: the demo's 64 leaves a few prompts over budget, 16 nearly all of
-them. Peak RSS is the largest of a stage's processes (its tokenize workers included).
+them. `--tokenizer` tokenizes with another tokenizer folder (a real model's: Qwen3's 151k-token
+vocabulary encodes differently from the demo's 2k); `--before none` skips the other revision
+(it held a split in memory: at 2 million pairs it needs more than this machine's 24 GB).
+Peak RSS is the largest of a stage's processes (its tokenize workers included).
 Writes bench/results/data_scale.json.
 """
 
@@ -110,21 +115,44 @@ def pairs_per_s(work: Path) -> float:
     return json.loads((work / "reports" / "tokenize.json").read_text())["train"]["pairs_per_s"]
 
 
-def measure(dataset: Path, fraction: float, budget: int, top: Path, old: Path) -> dict[str, Any]:
-    """The three stages at one fraction, then the old revision's tokenize and the baseline."""
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def use_tokenizer(model_dir: Path, tokenizer: Path | None) -> None:
+    """Replace the base model folder's tokenizer files with those of `tokenizer` (None: keep)."""
+    if tokenizer is None:
+        return
+    for name in TOKENIZER_FILES:
+        (model_dir / name).unlink(missing_ok=True)
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, model_dir / name)
+
+
+def measure(
+    dataset: Path, fraction: float, args: argparse.Namespace, top: Path, old: Path | None
+) -> dict[str, Any]:
+    """The three stages at one fraction, then the old revision's stages and the baseline."""
     from pipeline.demo.experiment import demo_overrides
 
     work = top / f"fraction-{fraction}"
     work.mkdir()
     overrides = {**demo_overrides(REPO / "demo" / "params.yaml"), "data.dataset": str(dataset),
-                 "data.fraction": fraction, "tokenize.max_prompt_length": budget}  # fmt: skip
+                 "data.fraction": fraction, "tokenize.max_prompt_length": args.budget}  # fmt: skip
     write_params(REPO / "params.yaml", work / "params.yaml", overrides)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")  # the stages read their params list there
     row: dict[str, Any] = {"fraction": fraction}
     for stage in ("download_model", "download_data", "subsample", "tokenize"):
+        if stage == "tokenize":
+            use_tokenizer(work / "models" / "base", args.tokenizer)
         row[stage] = run_stage(REPO, work, stage)
     row["pairs"] = json.loads((work / "reports" / "subsample.json").read_text())["train"]
     row["tokenize"]["pairs_per_s"] = pairs_per_s(work)
+    row["per_text_map"] = in_child("per-text", str(work), str(args.budget))
+    if old is None:
+        return row
     before = top / f"before-{fraction}"
     before.mkdir()
     for folder in ("models", "data/raw"):
@@ -136,7 +164,6 @@ def measure(dataset: Path, fraction: float, budget: int, top: Path, old: Path) -
         **run_stage(old, before, "tokenize"),
         "pairs_per_s": pairs_per_s(before),
     }
-    row["per_text_map"] = in_child("per-text", str(work), str(budget))
     return row
 
 
@@ -145,7 +172,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100_000, help="train pairs to generate")
     parser.add_argument("--fractions", type=float, nargs=2, default=[0.25, 1.0])
     parser.add_argument("--budget", type=int, default=64, help="tokenize.max_prompt_length")
-    parser.add_argument("--before", default=BEFORE_STREAMING, help="revision to compare with")
+    parser.add_argument("--before", default=BEFORE_STREAMING,
+                        help="revision to compare with ('none': skip it)")  # fmt: skip
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the demo's)")
     if sys.argv[1:2] == ["generate"]:
         generate(Path(sys.argv[2]), int(sys.argv[3]))
         return print("{}")
@@ -153,15 +182,18 @@ def main() -> None:
         return print(json.dumps(per_text_map(Path(sys.argv[2]), int(sys.argv[3]))))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="data-scale-") as scratch:
-        top, old = Path(scratch), Path(scratch) / "before-code"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(old),
-                        args.before], check=True)  # fmt: skip
+        top = Path(scratch)
+        old = None if args.before == "none" else top / "before-code"
+        if old is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach",
+                            str(old), args.before], check=True)  # fmt: skip
         try:
             dataset = top / "dataset"
             in_child("generate", str(dataset), str(args.pairs))
-            rows = [measure(dataset, f, args.budget, top, old) for f in args.fractions]
+            rows = [measure(dataset, f, args, top, old) for f in args.fractions]
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
+            if old is not None:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
     report(rows, args)
 
 
@@ -173,13 +205,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for row in rows:
         stages = ("download_data", "subsample", "subsample_before", "tokenize", "tokenize_before",
                   "per_text_map")  # fmt: skip
-        for stage in stages:
+        for stage in (s for s in stages if s in row):
             figures = row[stage]
             rate = figures.get("pairs_per_s") or row["pairs"] / figures["seconds"]
             print(f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {figures['seconds']:>8.1f} "
                   f"{rate:>8.0f} {figures.get('peak_rss_mb', float('nan')):>8.0f}")  # fmt: skip
     out = REPO / "bench" / "results" / "data_scale.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
 
 

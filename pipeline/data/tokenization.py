@@ -178,6 +178,9 @@ def tokenize_dataset(
         desc=f"tokenize {split}",
         cache_file_name=str(cache / f"{split}-mapped.arrow") if cache else None,
         keep_in_memory=cache is None,
+        # Named here, not hashed: datasets would otherwise pickle the tokenizer (a 151k-token
+        # vocabulary) to fingerprint every map job, for a cache this stage never reuses.
+        new_fingerprint=f"tokenize-{split}-{dataset._fingerprint}",
     )
     table = tokenized.data.table  # the map's own output: no indices mapping to apply
     kept_rows = np.flatnonzero(pc.equal(table["drop_reason"], "").to_numpy(zero_copy_only=False))
