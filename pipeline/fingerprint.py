@@ -23,3 +23,17 @@ def fingerprint(config: dict[str, Any], *folders: Path) -> str:
                 while chunk := f.read(1 << 23):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+def dvc_dir_hash(folder: Path) -> str:
+    """The hash DVC 3 records for a folder ("<md5>.dir"): the md5 of the JSON list of its files'
+    md5s and paths, sorted by path. A digest a user can match with `dvc.lock` or `dvc add`."""
+    entries = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        md5 = hashlib.md5()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 23):
+                md5.update(chunk)
+        entries.append({"md5": md5.hexdigest(), "relpath": path.relative_to(folder).as_posix()})
+    entries.sort(key=lambda entry: entry["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"

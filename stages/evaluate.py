@@ -5,7 +5,7 @@ pairs and scoring they come from), plots/eval_margins.csv (reward-margin histogr
 import mlflow
 
 from pipeline import stage_io
-from pipeline.evaluate.heldout import comparison_key, score_heldout
+from pipeline.evaluate.heldout import EVAL_SPLIT, comparison_key, score_heldout
 from pipeline.evaluate.metrics import headline, json_safe, margin_histogram
 from pipeline.model.loading import resolve_runtime
 from pipeline.params import load_params
@@ -25,6 +25,7 @@ def main() -> None:
     stage_io.write_json_atomic(stage_io.METRICS / "eval.json", json_safe(headline(metrics)))
     runs.configure()
     with mlflow.start_run(run_id=runs.read_run_id(stage_io.MODEL_POLICY)):
+        runs.log_split(EVAL_SPLIT, params, "evaluation")
         runs.log_flat_metrics({k: v for k, v in metrics.items() if k != "reference"}, "eval/")
         runs.log_flat_metrics(metrics["reference"], "eval_reference/")
     stage_io.write_csv_atomic(

@@ -171,3 +171,8 @@ def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
             raise KeyError(f"demo override {key} is not a key of {params_file}")
         node[name] = value
     params_file.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+
+
+def input_context(dataset_input: Any) -> str:
+    """The context (training, evaluation) an MLflow run's dataset input was logged with."""
+    return next(tag.value for tag in dataset_input.tags if tag.key == "mlflow.data.context")

@@ -7,6 +7,7 @@ aliases, the champion loads back and generates, and params.yaml is left as commi
 
 import csv
 import io
+import json
 import os
 import re
 import shlex
@@ -21,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.e2e import git, run
-from tests.helpers import REPO
+from tests.helpers import REPO, input_context
 
 pytestmark = pytest.mark.slow
 # What an experiment that only changes train.lr takes from the cache, and what it runs again:
@@ -258,6 +259,9 @@ def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
     assert abs(history[0].value - weight * nll - 0.6931) < 0.05
     assert default.data.metrics["judge/gen_win_rate"] >= 0.75
     assert default.data.metrics["judge/reward_accuracy"] >= 0.9
+    inputs = client.get_run(default.info.run_id).inputs.dataset_inputs  # the Dataset column
+    rows = {input_context(i): json.loads(i.dataset.profile)["num_rows"] for i in inputs}
+    assert rows == {"training": 2166, "evaluation": 309}
     assert abs(slow.data.metrics["judge/gen_win_rate"] - 0.5) <= 0.1  # barely moved: a coin
     assert default.data.tags["git_commit"] != "unknown" and default.data.tags["params_hash"]
     for run_ in runs.values():

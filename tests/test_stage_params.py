@@ -23,9 +23,11 @@ from pipeline.params import Params
 from tests.helpers import REPO
 from tests.test_stage_deps import PLUMBING, module_path, stage_code
 
-# Reads in plumbing that are not followed (test_stage_deps.PLUMBING), listed by hand: the MLflow
-# experiment the train stage records its run in (pipeline/track/runs.py).
-PLUMBING_READS = {"train": {"register.experiment"}}
+# Reads in plumbing that are not followed (test_stage_deps.PLUMBING), listed by hand, all in
+# pipeline/track/runs.py: the MLflow experiment the train stage records its run in, and where
+# the split the run names as its input came from (its bytes are a dep already).
+DATA_SOURCE = {"data.dataset", "data.revision", "data.train_dir", "data.eval_dir"}
+PLUMBING_READS = {"train": {"register.experiment", *DATA_SOURCE}, "evaluate": DATA_SOURCE}
 # Keys the analysis attributes to a section because code typed with its dataclass also serves
 # another source: the reward stage fetches judge.model through pipeline/download/model.py, whose
 # ModelParams it fills from judge.model, judge.revision and model.trust_remote_code; the train

@@ -62,3 +62,60 @@ def test_run_file_round_trip(tmp_path: Path) -> None:
     assert tracking.read_run_id(tmp_path) == "abc"
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         tracking.read_run_id(tmp_path / "missing")
+
+
+def test_the_split_digest_is_the_hash_dvc_records(tmp_path: Path) -> None:
+    """`dvc add` of a folder (nested files, a non-ASCII name) records the same "<md5>.dir"."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.fingerprint import dvc_dir_hash
+
+    folder = tmp_path / "split"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "data-00000-of-00001.arrow").write_bytes(bytes(range(256)) * 40)
+    (folder / "state.json").write_text('{"a": 1}\r\n')  # DVC 3 hashes bytes: no dos2unix
+    (folder / "sub" / "naïve.txt").write_text("x")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*dvc, "add", "-q", "split"], cwd=tmp_path, check=True)
+    recorded = yaml.safe_load((tmp_path / "split.dvc").read_text())["outs"][0]["md5"]
+    assert dvc_dir_hash(folder) == recorded and recorded.endswith(".dir")
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_run_names_its_splits_as_mlflow_datasets(
+    store: Path, params_file: Path, local: bool
+) -> None:
+    """The runs list's Dataset column: each split with its source, DVC digest, rows, context."""
+    from pipeline.fingerprint import dvc_dir_hash
+    from tests.helpers import apply_overrides, input_context, random_pairs
+
+    source = store.parent / "stack-exchange-paired"
+    (source / "data" / "rl").mkdir(parents=True)
+    if local:
+        apply_overrides(params_file, {"data.dataset": str(source)})
+    params = load_params(params_file)
+    train, held_out = store.parent / "train", store.parent / "eval"
+    random_pairs(12).save_to_disk(str(train))
+    random_pairs(5, seed=1).save_to_disk(str(held_out))
+    run_id = tracking.start_training_run(params, "cpu", None)
+    tracking.log_split(train, params, "training")
+    tracking.log_split(held_out, params, "evaluation")
+    mlflow.end_run()
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    by_context = {input_context(i): i.dataset for i in inputs}
+    assert set(by_context) == {"training", "evaluation"}
+    logged = by_context["training"]
+    assert logged.digest == dvc_dir_hash(train) and '"num_rows": 12' in logged.profile
+    assert '"num_rows": 5' in by_context["evaluation"].profile
+    if local:
+        assert logged.name == "stack-exchange-paired/data/rl"
+        assert logged.source_type == "local" and str(source / "data" / "rl") in logged.source
+    else:
+        assert logged.name == "stack-exchange-paired/data/rl"
+        assert logged.source_type == "hugging_face"
+        assert '"path": "lvwerra/stack-exchange-paired"' in logged.source
+        assert '"revision": "main"' in logged.source and '"data_dir": "data/rl"' in logged.source

@@ -13,12 +13,17 @@ import hashlib
 import json
 import os
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 
+from pipeline.data.schema import load_tokenized
+from pipeline.download.hub import HUB_ID
+from pipeline.fingerprint import dvc_dir_hash
 from pipeline.params import Params
 from pipeline.stage_io import repo_root, write_json_atomic
 
@@ -121,6 +126,30 @@ def start_training_run(params: Params, device: str, run_id: str | None) -> str:
     )
     mlflow.log_params(flat_params(params))
     return run.info.run_id
+
+
+def log_split(split: Path, params: Params, context: str) -> None:
+    """Name a tokenized split as an input of the active run, with MLflow's dataset API: where
+    its pairs come from (the hub dataset, folder and revision, or the local folder), DVC's hash
+    of the split's folder as digest, its row count and schema. The runs list shows it in its
+    Dataset column, and searches and compares runs by it. `context`: training or evaluation."""
+    data = params.data
+    folder = data.train_dir if context == "training" else data.eval_dir
+    local = Path(data.dataset).expanduser()
+    # MLflow warns that it registers its local source class twice, and that the integer columns
+    # of the schema it infers cannot hold missing values: neither is the user's to act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if HUB_ID.match(data.dataset) and not local.is_dir():
+            source: dict[str, Any] = {"path": data.dataset, "data_dir": folder}
+            source["revision"] = data.revision
+        else:
+            source = {"source": resolve_dataset_source(str(local.resolve() / folder))}
+        dataset = mlflow.data.from_huggingface(
+            load_tokenized(split), name=f"{Path(data.dataset).name}/{folder}",
+            digest=dvc_dir_hash(split), **source,
+        )  # fmt: skip
+        mlflow.log_input(dataset, context=context)  # infers the schema
 
 
 def log_reports(folder: Path, names: tuple[str, ...]) -> None:

@@ -113,6 +113,7 @@ def stage_recipe(params: Params) -> Iterator[DPORecipe]:
             previous = checkpoint.resumable_run_id(folder, key)
             run_id = runs.start_training_run(params, str(runtime.device), previous)
             on_log = runs.step_logger(run_id)
+            runs.log_split(TRAIN_SPLIT, params, "training")
             runs.log_reports(REPORTS, ("tokenize", "subsample"))
             trainable = trainable_parameters(scorer)
             mlflow.log_param("train.trainable_parameters", trainable)
