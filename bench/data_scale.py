@@ -7,7 +7,7 @@ preprocessing does.
     python bench/data_scale.py --pairs 100000             # ~15 min on 2 CPU cores
     python bench/data_scale.py --pairs 20000 --fractions 0.5 1.0 --budget 16
     python bench/data_scale.py --pairs 100000 --tokenizer /path/to/Qwen3-0.6B
-    python bench/data_scale.py --pairs 2000000 --fractions 0.5 1.0 --before none
+    python bench/data_scale.py --pairs 2000000 --fractions 0.1 1.0 --before none --no-baseline
 
 Pairs are the demo generator's (seeded; answers of 20-110 words). `--budget` sets
 tokenize.max_prompt_length: the demo's 64 leaves a few prompts over budget, 16 nearly all of
@@ -150,7 +150,8 @@ def measure(
         row[stage] = run_stage(REPO, work, stage)
     row["pairs"] = json.loads((work / "reports" / "subsample.json").read_text())["train"]
     row["tokenize"]["pairs_per_s"] = pairs_per_s(work)
-    row["per_text_map"] = in_child("per-text", str(work), str(args.budget))
+    if args.baseline:
+        row["per_text_map"] = in_child("per-text", str(work), str(args.budget))
     if old is None:
         return row
     before = top / f"before-{fraction}"
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE_STREAMING,
                         help="revision to compare with ('none': skip it)")  # fmt: skip
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the demo's)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the one-text-per-call map")  # fmt: skip
     if sys.argv[1:2] == ["generate"]:
         generate(Path(sys.argv[2]), int(sys.argv[3]))
         return print("{}")

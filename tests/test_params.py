@@ -99,7 +99,8 @@ def test_resolved_params_follow_dvc_yaml() -> None:
     }
     trained = resolve_keys(params, stage_param_keys("train", REPO / "dvc.yaml"))
     assert trained["train"]["lr"] == params.train.lr and trained["loss"]["beta"] == params.loss.beta
-    assert "data" not in trained and "tokenize" not in trained
+    assert "tokenize" not in trained  # the data it reads: where its split came from, for MLflow
+    assert set(trained["data"]) == {"dataset", "revision", "train_dir", "eval_dir"}
     assert resolve_keys(params, ["eval"])["eval"]["batch_size"] == params.eval.batch_size
     nested = resolve_keys(params, ["train.device", "train.lora.quantize"])
     assert nested == {"train": {"device": "auto", "lora": {"quantize": "none"}}}
