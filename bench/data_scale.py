@@ -7,13 +7,16 @@ preprocessing does.
     python bench/data_scale.py --pairs 100000             # ~15 min on 2 CPU cores
     python bench/data_scale.py --pairs 20000 --fractions 0.5 1.0 --budget 16
     python bench/data_scale.py --pairs 100000 --tokenizer /path/to/Qwen3-0.6B
+    python bench/data_scale.py --pairs 100000 --max-length 96      # most answers cut
     python bench/data_scale.py --pairs 2000000 --fractions 0.1 1.0 --before none --no-baseline
 
 Pairs are the demo generator's (seeded; answers of 20-110 words). `--budget` sets
 tokenize.max_prompt_length: the demo's 64 leaves a few prompts over budget, 16 nearly all of
-them. `--tokenizer` tokenizes with another tokenizer folder (a real model's: Qwen3's 151k-token
-vocabulary encodes differently from the demo's 2k); `--before none` skips the other revision
-(it held a split in memory: at 2 million pairs it needs more than this machine's 24 GB).
+them. `--max-length` sets tokenize.max_length: at 96 most answers run past the room their
+prompt leaves, as long real answers do at 512. `--tokenizer` tokenizes with another tokenizer
+folder (a real model's: Qwen3's 151k-token vocabulary encodes differently from the demo's 2k);
+`--before none` skips the other revision (it held a split in memory: at 2 million pairs it needs
+more than this machine's 24 GB).
 Peak RSS is the largest of a stage's processes (its tokenize workers included).
 Writes bench/results/data_scale.json.
 """
@@ -140,7 +143,8 @@ def measure(
     work = top / f"fraction-{fraction}"
     work.mkdir()
     overrides = {**demo_overrides(REPO / "demo" / "params.yaml"), "data.dataset": str(dataset),
-                 "data.fraction": fraction, "tokenize.max_prompt_length": args.budget}  # fmt: skip
+                 "data.fraction": fraction, "tokenize.max_prompt_length": args.budget,
+                 "tokenize.max_length": args.max_length}  # fmt: skip
     write_params(REPO / "params.yaml", work / "params.yaml", overrides)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")  # the stages read their params list there
     row: dict[str, Any] = {"fraction": fraction}
@@ -173,6 +177,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100_000, help="train pairs to generate")
     parser.add_argument("--fractions", type=float, nargs=2, default=[0.25, 1.0])
     parser.add_argument("--budget", type=int, default=64, help="tokenize.max_prompt_length")
+    parser.add_argument("--max-length", type=int, default=192,
+                        help="tokenize.max_length (the demo's: answers kept whole)")  # fmt: skip
     parser.add_argument("--before", default=BEFORE_STREAMING,
                         help="revision to compare with ('none': skip it)")  # fmt: skip
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the demo's)")
@@ -201,7 +207,8 @@ def main() -> None:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"{args.pairs} generated pairs, tokenize.max_prompt_length {args.budget}")
+    print(f"{args.pairs} generated pairs, tokenize.max_prompt_length {args.budget}, "
+          f"max_length {args.max_length}")  # fmt: skip
     print(
         f"{'fraction':>8} {'pairs':>7} {'stage':<16} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}"
     )

@@ -269,3 +269,67 @@ def test_the_prompt_cut_keeps_the_template_and_a_clean_question_start(
             kept = text[len(head) : len(text) - len(tail)]
             assert question.startswith(kept) and "\ufffd" not in kept, (question, kept)
     assert any(cut for _, cut in got)
+
+
+def spaced_texts(seed: int, count: int) -> list[str]:
+    """Texts built to cut badly: space runs, tabs, newlines after punctuation, unicode, code,
+    end tokens in the middle, long unbroken words."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = [*MIXED_TEXTS, "word", " ", "  ", "\t", ".\n", "e\u0301", "'s", "1234", "x" * 40]
+    pieces += ["<|endoftext|>", " <|endoftext|>", "—", "日本語"]
+    return [
+        "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(0, 60)))
+        for _ in range(count)
+    ]
+
+
+def test_completion_heads_are_the_whole_texts_first_ids(demo_tokenizer, monkeypatch) -> None:
+    """A long answer is encoded only as far as the pair can keep, with the same ids as the whole
+    text's first ones (unicode, code, space runs, end tokens mid-text, empty and dense texts)."""
+    from pipeline.data import prompts
+
+    texts = [*MIXED_TEXTS, *spaced_texts(0, 400), "word " * 20_000]
+    lengths = [1 + (7 * i) % 90 for i in range(len(texts))]
+    full = prompts.encode_completions(demo_tokenizer, texts)
+    encode_many, encoded = prompts.encode_many, []
+
+    def recording(tokenizer, batch: list[str]) -> list[list[int]]:
+        encoded.extend(batch)
+        return encode_many(tokenizer, batch)
+
+    monkeypatch.setattr(prompts, "encode_many", recording)
+    heads = prompts.completion_heads(demo_tokenizer, texts, lengths)
+    assert [ids[:n] for ids, n in zip(full, lengths, strict=True)] == heads
+    assert max(len(text) for text in encoded) < 1_000  # the 100,000-character text was cut
+
+
+def test_a_text_cut_at_a_space_cut_point_keeps_its_ids(demo_tokenizer) -> None:
+    """What `completion_heads` rests on, at every cut point of varied texts: the ids of the
+    text's start are the first ids of the whole text, up to the start's last token."""
+    from pipeline.data.prompts import _space_cut, encode, encode_many
+
+    for text in spaced_texts(1, 40):
+        whole = encode(demo_tokenizer, text)
+        cuts = sorted({_space_cut(text, start) for start in range(len(text))})
+        heads = encode_many(demo_tokenizer, [text[:c] for c in cuts])
+        for cut, head in zip(cuts, heads, strict=True):
+            assert head == whole[: len(head)], (text, cut)
+
+
+def test_other_tokenizers_encode_whole_texts(tmp_path) -> None:
+    """A tokenizer whose pre-tokens may span a cut point (here Metaspace, which joins a space to
+    the word after it) gets its texts encoded whole: the ids are still the whole text's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.data import prompts
+
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "</s>": 3}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+    assert not prompts._cuts_at_spaces(tokenizer)
+    texts = ["a b " * 50, "b a"]
+    full = prompts.encode_completions(tokenizer, texts)
+    assert prompts.completion_heads(tokenizer, texts, [5, 9]) == [full[0][:5], full[1][:9]]

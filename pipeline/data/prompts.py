@@ -6,7 +6,11 @@ inputs with it too, so a question reads the same to every model the pipeline tra
 
 from __future__ import annotations
 
+import json
+import re
+
 from transformers import PreTrainedTokenizerBase
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from pipeline.params import TokenizeParams
 
@@ -109,13 +113,80 @@ def _token_ends(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[li
 
 def encode_completions(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Completion ids of each text, ending with exactly one EOS whatever the text ended with."""
-    eos = tokenizer.eos_token_id
-    completions = []
-    for ids in encode_many(tokenizer, texts):
-        while ids and ids[-1] == eos:
-            ids.pop()
-        completions.append(ids + [eos])
-    return completions
+    return [_with_one_eos(ids, tokenizer.eos_token_id) for ids in encode_many(tokenizer, texts)]
+
+
+def completion_heads(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], lengths: list[int]
+) -> list[list[int]]:
+    """Per text, the first `lengths[i]` ids of `encode_completions`, encoding only the start of a
+    text much longer than that: a training pair keeps at most max_length tokens, and a 20,000-word
+    answer would otherwise cost its whole encoding to keep its first few hundred tokens.
+
+    A text is cut before a space that follows a non-space. With Qwen's (or GPT-2's) byte-level
+    pre-tokenizer no pre-token spans such a point, so the start's ids are the whole text's first
+    ids; with any other tokenizer every text is encoded whole."""
+    if not _cuts_at_spaces(tokenizer):
+        whole = encode_completions(tokenizer, texts)
+        return [ids[:n] for ids, n in zip(whole, lengths, strict=True)]
+    heads: list[list[int]] = [[] for _ in texts]
+    chars = [max(n, 1) * CHARS_PER_TOKEN_GUESS for n in lengths]
+    pending = list(range(len(texts)))
+    while pending:
+        cuts = [_space_cut(texts[i], chars[i]) for i in pending]
+        starts = [texts[i][:cut] for i, cut in zip(pending, cuts, strict=True)]
+        encoded = encode_many(tokenizer, starts)
+        still = []
+        for i, cut, ids in zip(pending, cuts, encoded, strict=True):
+            if cut == len(texts[i]):  # the whole text
+                heads[i] = _with_one_eos(ids, tokenizer.eos_token_id)[: lengths[i]]
+            elif len(ids) >= lengths[i]:  # the text goes on past the cut: no EOS in its head
+                heads[i] = ids[: lengths[i]]
+            else:  # dense text (code, CJK): fewer characters per token than guessed
+                chars[i] = 2 * cut
+                still.append(i)
+        pending = still
+    return heads
+
+
+# Characters of text encoded first per token wanted: English runs at ~4 per Qwen token, so one
+# round covers nearly every text; denser text takes another round with twice as many.
+CHARS_PER_TOKEN_GUESS = 6
+_SPACE_AFTER_NON_SPACE = re.compile(r"(?<=\S) ")
+
+
+def _space_cut(text: str, start: int) -> int:
+    """The first position >= start holding a space after a non-space; len(text) if none."""
+    found = _SPACE_AFTER_NON_SPACE.search(text, start) if start < len(text) else None
+    return found.start() if found else len(text)
+
+
+def _cuts_at_spaces(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether cutting a text before a space after a non-space keeps the start's ids: true of
+    byte-level BPE split by Qwen's or GPT-2's pattern (every pre-token holds spaces only at its
+    start or is all whitespace), under no normalizer or NFC, with no added token holding a space."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return False
+    normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else None
+    if normalizer not in (None, {"type": "NFC"}):
+        return False
+    if any(" " in token.content for token in tokenizer.added_tokens_decoder.values()):
+        return False
+    pre = json.loads(backend.pre_tokenizer.__getstate__())
+    steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    if [step["type"] for step in steps] == ["ByteLevel"]:
+        return bool(steps[0]["use_regex"])  # GPT-2's own pattern
+    return [step["type"] for step in steps] == ["Split", "ByteLevel"] and steps[0] == {
+        "type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX},
+        "behavior": "Isolated", "invert": False,
+    }  # fmt: skip
+
+
+def _with_one_eos(ids: list[int], eos: int) -> list[int]:
+    while ids and ids[-1] == eos:
+        ids.pop()
+    return ids + [eos]
 
 
 def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.data.prompts import encode_completions, encode_prompts
+from pipeline.data.prompts import completion_heads, encode_prompts
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, check_schema, tokenized_features
 from pipeline.params import TokenizeParams
 from pipeline.stage_io import StageError
@@ -49,8 +49,10 @@ def tokenize_pairs(
 ) -> list[TokenizedPair]:
     """Tokenize pairs (one tokenizer call per column) and decide which are kept."""
     prompts = encode_prompts(tokenizer, [q or "" for q in questions], params)
-    chosen_ids = encode_completions(tokenizer, [c or "" for c in chosen])
-    rejected_ids = encode_completions(tokenizer, [r or "" for r in rejected])
+    # One token past the room each prompt leaves: enough to keep and to tell truncation.
+    wanted = [max(params.max_length - len(ids), 0) + 1 for ids, _ in prompts]
+    chosen_ids = completion_heads(tokenizer, [c or "" for c in chosen], wanted)
+    rejected_ids = completion_heads(tokenizer, [r or "" for r in rejected], wanted)
     return [
         _decide(*parts, params)
         for parts in zip(prompts, chosen, rejected, chosen_ids, rejected_ids, strict=True)
@@ -76,7 +78,8 @@ def _decide(
     full_rejected: list[int],
     params: TokenizeParams,
 ) -> TokenizedPair:
-    """Cut the completions to the room the prompt leaves, or say why the pair is dropped."""
+    """Cut the completions to the room the prompt leaves, or say why the pair is dropped.
+    `full_*`: each completion's ids, or at least its first room + 1 of them."""
     ids, prompt_cut = prompt
     if not (chosen or "").strip() or not (rejected or "").strip():
         return TokenizedPair(ids, [], [], "empty_completion", (prompt_cut, False, False))
