@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
 EXTRAS ?= test,reference
 
-.PHONY: install demo compare report serve test check bench ci-pull ci-repro ci-comment ci-push
+.PHONY: install demo compare report serve tune test check bench ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -34,6 +34,12 @@ BASE ?= main
 REV ?=
 report:
 	$(BIN)/python -m pipeline.report $(BASE) $(if $(REV),--rev $(REV))
+
+# Hyperparameter search (tune.yaml): each trial one DVC experiment, the study in Optuna's storage
+# (optuna.db, or OPTUNA_STORAGE). make tune ARGS="--demo --workers 2"; README "Tuning".
+ARGS ?=
+tune: install
+	$(BIN)/python -m pipeline.tune $(ARGS)
 
 # The registry's champion over HTTP on 127.0.0.1:PORT: MLflow's scoring server in this
 # environment (no new virtualenv). POST /invocations with {"inputs": [prompt, ...],

@@ -1,0 +1,330 @@
+"""`python -m pipeline.tune`: Optuna proposes the next experiment, DVC runs it.
+
+The search is declared in `tune.yaml` (the keys, their ranges, the objective metric, the number
+of trials, the sampler's seed). Each trial is exactly what a user would type: `dvc exp run --temp
+-S key=value ... -n <study>-<number>` (with `--demo`: `python -m pipeline.demo -S ...`), so it
+is one DVC experiment, one MLflow run and one registry version through the normal DAG; its
+objective is read from that experiment's metrics. The study lives in Optuna's RDB storage:
+SQLite beside the MLflow store by default, or the URL in OPTUNA_STORAGE (PostgreSQL for a team),
+so the same command on another machine adds its workers to the same study. A killed worker's
+trial is marked FAIL once its heartbeat is older than the grace period, and the study resumes
+where it stopped. At the end: the best trial, the commands that reproduce it, and plots in
+reports/tune/<study>/, also logged to a parent MLflow run that lists the trial runs as children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.demo.experiment import flatten
+from pipeline.stage_io import StageError, repo_root, run_stage
+
+SPEC_FILE = Path("tune.yaml")
+# Where each objective metric is written (stages evaluate, judge, train).
+METRICS = {
+    **dict.fromkeys(("win_rate", "eval_loss", "kendall_tau", "pairwise_tau"), "metrics/eval.json"),
+    **dict.fromkeys(("gen_win_rate", "gen_win_rate_lc"), "metrics/judge.json"),
+    "final_loss": "metrics/train.json",
+}
+# The tie-break's weight in the value Optuna sees: below a win rate's resolution on a few hundred
+# held-out pairs (1/309 on the demo), so it only orders trials whose objective is equal.
+TIE_WEIGHT = 1e-4
+HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
+
+
+class TuneError(StageError, ValueError):
+    """A tune.yaml problem, named by its key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    key: str  # a params.yaml key, as -S takes it
+    low: float
+    high: float
+    log: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    space: tuple[Dimension, ...]
+    objective: str
+    direction: str  # "maximize" or "minimize"
+    tie_break: str | None  # lower is better
+    n_trials: int
+    seed: int
+
+
+def load_spec(path: Path, params: dict[str, Any], demo: bool) -> Spec:
+    """tune.yaml (with its `demo:` keys on top when `demo`), checked against params.yaml's keys
+    (`params`, flattened). Raises TuneError naming the key at the first problem."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if demo:
+        raw = {**raw, **(raw.get("demo") or {})}
+    space = tuple(_dimension(key, rng, params) for key, rng in (raw.get("space") or {}).items())
+    if not space:
+        raise TuneError(f"{path}: space: name at least one params key to search")
+    objective, tie_break = raw.get("objective", "win_rate"), raw.get("tie_break")
+    for name, metric in (("objective", objective), ("tie_break", tie_break)):
+        if metric is not None and metric not in METRICS:
+            known = ", ".join(METRICS)
+            raise TuneError(f"{path}: {name}: unknown metric {metric!r} (one of: {known})")
+    direction = raw.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise TuneError(f"{path}: direction: {direction!r} is neither maximize nor minimize")
+    n_trials, seed = raw.get("n_trials", 12), raw.get("seed", 42)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise TuneError(f"{path}: n_trials: {n_trials!r} is not a positive whole number")
+    return Spec(space, objective, direction, tie_break, n_trials, int(seed))
+
+
+def _dimension(key: str, rng: Any, params: dict[str, Any]) -> Dimension:
+    where = f"{SPEC_FILE}: space: {key}"
+    if key not in params:
+        raise TuneError(f"{where}: not a key of params.yaml")
+    if not isinstance(rng, dict) or not {"low", "high"} <= set(rng):
+        raise TuneError(f"{where}: give a range as {{low: ..., high: ..., log: true|false}}")
+    try:
+        low, high = float(rng["low"]), float(rng["high"])
+    except (TypeError, ValueError):
+        raise TuneError(f"{where}: low and high must be numbers") from None
+    log = bool(rng.get("log", False))
+    if not low < high:
+        raise TuneError(f"{where}: low {low:g} is not below high {high:g}")
+    if log and low <= 0:
+        raise TuneError(f"{where}: a log range must be above 0 (low is {low:g})")
+    return Dimension(key, low, high, log)
+
+
+def trial_command(values: dict[str, float], name: str, demo: bool) -> list[str]:
+    """The command a user would type for this trial."""
+    flags = [arg for key, value in values.items() for arg in ("-S", f"{key}={value:.6g}")]
+    if demo:
+        return [sys.executable, "-m", "pipeline.demo", *flags, "--name", name]
+    return [sys.executable, "-m", "dvc", "exp", "run", "--temp", *flags, "-n", name]
+
+
+def experiment_metrics(name: str) -> dict[str, float]:
+    """The metrics an experiment's commit holds, from every file METRICS names."""
+    from pipeline.report import read_at
+
+    found: dict[str, float] = {}
+    for path in sorted(set(METRICS.values())):
+        text = read_at(name, path)
+        found.update(json.loads(text) if text else {})
+    return found
+
+
+class TrialFailed(Exception):
+    """A trial's experiment failed or wrote no objective; its log says why."""
+
+
+def run_experiment(values: dict[str, float], name: str, demo: bool, log: Path) -> dict[str, float]:
+    """Run the trial's experiment (output to `log`) and return its metrics."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        done = subprocess.run(trial_command(values, name, demo), stdout=out, stderr=out)
+    if done.returncode != 0:
+        raise TrialFailed(f"{name} failed (exit {done.returncode}): see {log}")
+    return experiment_metrics(name)
+
+
+Runner = Callable[[dict[str, float], str], dict[str, float]]
+
+
+def value_of(spec: Spec, metrics: dict[str, float]) -> float:
+    """The number Optuna optimises: the objective, nudged by the tie-break (lower is better)."""
+    if not math.isfinite(metrics.get(spec.objective, math.nan)):
+        raise TrialFailed(f"no {spec.objective} in the experiment's metrics")
+    value = float(metrics[spec.objective])
+    if spec.tie_break and math.isfinite(metrics.get(spec.tie_break, math.nan)):
+        sign = 1 if spec.direction == "maximize" else -1
+        value -= sign * TIE_WEIGHT * min(float(metrics[spec.tie_break]), 10.0)
+    return value
+
+
+def default_storage() -> str:
+    return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{repo_root() / 'optuna.db'}"
+
+
+def open_study(
+    study: str,
+    storage_url: str,
+    spec: Spec,
+    heartbeat: tuple[int, int] = (HEARTBEAT_SECONDS, GRACE_SECONDS),
+) -> Any:
+    """The named study in the RDB storage (created on first use). A running trial beats every
+    heartbeat[0] seconds; one silent for heartbeat[1] (its worker was killed) is marked FAIL when
+    a worker next starts a trial."""
+    import optuna
+
+    # Heartbeats are marked experimental in Optuna; they are what makes a killed worker's trial
+    # end, so the warning says nothing a user can act on.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = optuna.storages.RDBStorage(
+        storage_url, heartbeat_interval=heartbeat[0], grace_period=heartbeat[1]
+    )
+    sampler = optuna.samplers.TPESampler(seed=spec.seed)
+    return optuna.create_study(
+        study_name=study, storage=storage, sampler=sampler, direction=spec.direction,
+        load_if_exists=True,
+    )  # fmt: skip
+
+
+def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
+    """Trials until the study holds spec.n_trials complete ones (over every worker and machine),
+    `workers` at a time in this process, with a progress bar over the study's trials."""
+    import optuna
+    from tqdm import tqdm
+
+    complete, failed = (optuna.trial.TrialState.COMPLETE,), (optuna.trial.TrialState.FAIL,)
+    done = len(study.get_trials(deepcopy=False, states=complete))
+    bar = tqdm(total=spec.n_trials, initial=min(done, spec.n_trials), desc=study.study_name)
+
+    def objective(trial: Any) -> float:
+        values = {d.key: trial.suggest_float(d.key, d.low, d.high, log=d.log) for d in spec.space}
+        name = f"{study.study_name}-{trial.number}"
+        trial.set_user_attr("experiment", name)
+        metrics = runner(values, name)
+        trial.set_user_attr("metrics", metrics)
+        return value_of(spec, metrics)
+
+    def progress(study_: Any, _: Any) -> None:
+        bar.n = min(len(study_.get_trials(deepcopy=False, states=complete)), spec.n_trials)
+        bar.refresh()
+        if len(study_.get_trials(deepcopy=False, states=failed)) >= spec.n_trials:
+            study_.stop()  # as many failures as trials wanted: something else is wrong
+
+    if done < spec.n_trials:
+        study.optimize(
+            objective, n_jobs=workers, catch=(TrialFailed,),
+            callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=complete), progress],
+        )  # fmt: skip
+    bar.close()
+
+
+def best_summary(study: Any, spec: Spec, demo: bool) -> list[str]:
+    """What a user reads at the end: the best trial and how to get it back."""
+    best = study.best_trial
+    name, metrics = best.user_attrs["experiment"], best.user_attrs.get("metrics", {})
+    figures = ", ".join(
+        f"{m} {metrics[m]:.4f}" for m in (spec.objective, spec.tie_break) if m and m in metrics
+    )
+    values = " ".join(f"-S {k}={v:.6g}" for k, v in best.params.items())
+    again = "python -m pipeline.demo" if demo else "dvc exp run"
+    return [
+        f"best: trial {best.number} ({name}): {figures}; "
+        + ", ".join(f"{k} {v:.4g}" for k, v in best.params.items()),
+        f"its results in the workspace:  dvc exp apply {name}",
+        f"run it again:                  {again} {values}",
+    ]
+
+
+def write_plots(study: Any, spec: Spec, folder: Path) -> list[Path]:
+    """Optimisation history, parameter importances and (for two or more keys) the contour of the
+    first two keys, as PNG files in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [d.key for d in spec.space]
+    drawings = {"history": lambda: plots.plot_optimization_history(study)}
+    if len(keys) > 1:
+        drawings["importances"] = lambda: plots.plot_param_importances(study)
+        drawings["contour"] = lambda: plots.plot_contour(study, params=keys[:2])
+    written = []
+    for name, draw in drawings.items():
+        axes = draw()
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
+        written.append(folder / f"{name}.png")
+    return written
+
+
+def log_parent_run(study: Any, spec: Spec, plots: list[Path]) -> str:
+    """One MLflow run for the study, named tune-<study>, with the best figures and the plots;
+    each trial's training run becomes its child (the `mlflow.parentRunId` tag)."""
+    import mlflow
+
+    from pipeline.track.runs import configure, experiment_id
+
+    configure()
+    client = mlflow.MlflowClient()
+    experiment = experiment_id("qwen3-dpo")
+    tag = f"tags.tune_study = '{study.study_name}'"
+    found = client.search_runs([experiment], filter_string=f"{tag} and tags.tune_parent = 'true'")
+    parent = found[0].info.run_id if found else client.create_run(
+        experiment, run_name=f"tune-{study.study_name}",
+        tags={"tune_study": study.study_name, "tune_parent": "true"},
+    ).info.run_id  # fmt: skip
+    for trial in study.get_trials(deepcopy=False):
+        name = trial.user_attrs.get("experiment")
+        runs = client.search_runs([experiment], filter_string=f"tags.dvc_exp_name = '{name}'")
+        for child in runs if name else []:
+            client.set_tag(child.info.run_id, "mlflow.parentRunId", parent)
+            client.set_tag(child.info.run_id, "tune_study", study.study_name)
+    best = study.best_trial
+    for key, value in best.params.items():
+        client.log_param(parent, f"best.{key}", f"{value:.6g}")
+    client.log_metric(parent, f"best_{spec.objective}", best.user_attrs["metrics"][spec.objective])
+    for path in plots:
+        client.log_artifact(parent, str(path), artifact_path="tune")
+    return parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default="tune", help="study name (trials: <study>-<number>)")
+    parser.add_argument("--n-trials", type=int, help="complete trials wanted (tune.yaml: n_trials)")
+    parser.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
+    parser.add_argument("--demo", action="store_true", help="trials on the offline demo")
+    parser.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE or "
+                        "sqlite:///optuna.db beside the MLflow store)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import optuna
+
+    args = parse_args(argv)
+    params = flatten(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")))
+    spec = load_spec(SPEC_FILE, params, args.demo)
+    if args.n_trials is not None:
+        if args.n_trials < 1:
+            raise TuneError(f"--n-trials: {args.n_trials} is not a positive whole number")
+        spec = dataclasses.replace(spec, n_trials=args.n_trials)
+    if args.workers < 1:
+        raise TuneError(f"--workers: {args.workers} is not a positive whole number")
+    storage = args.storage or default_storage()
+    study = open_study(args.study, storage, spec)
+    logs = Path("reports") / "tune" / args.study
+
+    def runner(values: dict[str, float], name: str) -> dict[str, float]:
+        return run_experiment(values, name, args.demo, logs / f"{name}.log")
+
+    run_study(study, spec, runner, args.workers)
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise TuneError(f"no trial of study {args.study!r} completed: see the logs in {logs}/")
+    plots = write_plots(study, spec, logs)
+    parent = log_parent_run(study, spec, plots)
+    for line in best_summary(study, spec, args.demo):
+        print(line)
+    print(f"plots: {logs}/  MLflow: run {parent} (tune-{args.study}) and its children")
+    print(f"dashboard: optuna-dashboard {storage}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
