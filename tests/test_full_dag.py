@@ -392,7 +392,9 @@ def post(url: str, body: bytes) -> tuple[int, Any]:
         return refused.code, json.loads(refused.read() or b"{}")
 
 
-def test_make_serve_answers_over_http_and_survives_a_bad_request(demo_runs, tmp_path) -> None:
+def test_make_serve_answers_over_http_and_survives_a_bad_request(
+    demo_runs, demo_model_dir, tmp_path
+) -> None:
     """`make serve` as the README gives it: the champion answers a prompt in under 5 s with at
     most max_new_tokens tokens; malformed JSON gets a 4xx with a message and the server goes on
     (20 requests in a row)."""
@@ -411,7 +413,7 @@ def test_make_serve_answers_over_http_and_survives_a_bad_request(demo_runs, tmp_
                               start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     prompt = "Question: How do I reverse a list in Python?\n\nAnswer: "
-    tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "base")
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)  # the policy's, unchanged
     try:
         for _ in range(240):
             try:
