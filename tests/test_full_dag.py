@@ -379,6 +379,21 @@ def test_the_readme_served_model_snippet_honours_max_new_tokens(demo_runs) -> No
     assert lengths[4] < lengths[48]
 
 
+def wait_for(url: str, server: subprocess.Popen, log: Path | None = None) -> None:
+    """Until `url` answers (two minutes at most); fail with the log if the server exits."""
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            assert server.poll() is None, log.read_text() if log else f"{url}: the server exited"
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within two minutes")
+
+
 def post(url: str, body: bytes) -> tuple[int, Any]:
     """HTTP POST of a JSON body -> (status, parsed reply)."""
     import urllib.error
@@ -399,7 +414,6 @@ def test_make_serve_answers_over_http_and_survives_a_bad_request(
     most max_new_tokens tokens; malformed JSON gets a 4xx with a message and the server goes on
     (20 requests in a row)."""
     import socket
-    import urllib.request
 
     from transformers import AutoTokenizer
 
@@ -415,13 +429,7 @@ def test_make_serve_answers_over_http_and_survives_a_bad_request(
     prompt = "Question: How do I reverse a list in Python?\n\nAnswer: "
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)  # the policy's, unchanged
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()
-                time.sleep(0.5)
+        wait_for(f"{url}/ping", server, (tmp_path / "serve.log"))
         answers = {}
         for tokens in (4, 32):
             body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": tokens}})
@@ -502,7 +510,6 @@ def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
     import json
     import socket
     import subprocess
-    import time
     import urllib.request
 
     repo, env, _, client = demo_runs
@@ -526,12 +533,7 @@ def test_mlflow_ui_serves_both_runs_on_loopback(demo_runs) -> None:
     )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for(f"http://127.0.0.1:{port}/health", server)
         experiment = client.get_experiment_by_name("qwen3-dpo").experiment_id
         request = urllib.request.Request(
             f"{base}/runs/search",
