@@ -113,19 +113,15 @@ def test_a_second_run_of_a_study_resumes_it(tmp_path) -> None:
     assert [t.number for t in study.trials] == list(range(9))  # 3 more, numbered on
 
 
-def database_urls() -> list[str]:
-    from tests.test_team import HAS_POSTGRESQL
+@pytest.fixture
+def storage(tmp_path):
+    """A throwaway PostgreSQL database where the machine has PostgreSQL (CI installs it), as a
+    team shares one; else SQLite."""
+    from tests.test_team import HAS_POSTGRESQL, postgresql_database
 
-    return ["postgresql", "sqlite"] if HAS_POSTGRESQL else ["sqlite"]
-
-
-@pytest.fixture(params=database_urls())
-def storage(request, tmp_path):
-    if request.param == "sqlite":
+    if not HAS_POSTGRESQL:
         yield f"sqlite:///{tmp_path}/optuna.db"
         return
-    from tests.test_team import postgresql_database
-
     with postgresql_database() as url:
         yield url
 
