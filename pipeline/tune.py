@@ -172,6 +172,7 @@ def open_study(
     # Heartbeats are marked experimental in Optuna; they are what makes a killed worker's trial
     # end, so the warning says nothing a user can act on.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar counts; failures warn
     storage = optuna.storages.RDBStorage(
         storage_url, heartbeat_interval=heartbeat[0], grace_period=heartbeat[1]
     )
