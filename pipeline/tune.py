@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -193,8 +194,17 @@ def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
     done = len(study.get_trials(deepcopy=False, states=complete))
     bar = tqdm(total=spec.n_trials, initial=min(done, spec.n_trials), desc=study.study_name)
 
+    lock = threading.Lock()
+
     def objective(trial: Any) -> float:
-        values = {d.key: trial.suggest_float(d.key, d.low, d.high, log=d.log) for d in spec.space}
+        # Each trial draws from its own stream, seeded by its number: one worker proposes what
+        # the same seed proposed before, and workers on any machine never propose the same values
+        # (one seeded sampler per process would: every process would draw the same numbers).
+        with lock:
+            study.sampler = optuna.samplers.TPESampler(seed=spec.seed + trial.number)
+            values = {
+                d.key: trial.suggest_float(d.key, d.low, d.high, log=d.log) for d in spec.space
+            }
         name = f"{study.study_name}-{trial.number}"
         trial.set_user_attr("experiment", name)
         metrics = runner(values, name)

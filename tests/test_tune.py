@@ -150,6 +150,8 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(storage, tmp_path) -
     study = optuna.load_study(study_name="shared", storage=storage)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) >= 8 and {t.user_attrs["experiment"] for t in complete} <= set(names)
+    proposals = [tuple(t.params.values()) for t in study.trials]
+    assert len(set(proposals)) == len(proposals)  # no two workers ran the same values
 
 
 def test_a_killed_workers_trial_fails_and_the_study_completes(tmp_path) -> None:
