@@ -293,6 +293,7 @@ def log_parent_run(study: Any, spec: Spec, plots: list[Path]) -> str:
     client.log_metric(parent, f"best_{spec.objective}", best.user_attrs["metrics"][spec.objective])
     for path in plots:
         client.log_artifact(parent, str(path), artifact_path="tune")
+    client.set_terminated(parent)  # FINISHED; a resumed study logs to it again
     return parent
 
 

@@ -215,4 +215,5 @@ def test_a_study_ends_in_plots_a_summary_and_a_parent_run_over_the_trials(
     assert (
         lines[2].startswith("run it again:") and "python -m pipeline.demo -S train.lr=" in lines[2]
     )
+    assert client.get_run(parent).info.status == "FINISHED"
     assert tune.log_parent_run(study, SPEC, plots) == parent  # a resumed study keeps its parent
