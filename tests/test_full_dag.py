@@ -421,13 +421,13 @@ def test_make_serve_answers_over_http_and_survives_a_bad_request(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)  # the policy's, unchanged
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(["make", "serve", f"PORT={port}", f"VENV={sys.prefix}"], cwd=repo,
                               env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     prompt = "Question: How do I reverse a list in Python?\n\nAnswer: "
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)  # the policy's, unchanged
     try:
         wait_for(f"{url}/ping", server, (tmp_path / "serve.log"))
         answers = {}
