@@ -13,6 +13,7 @@ from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
 from pipeline.params import LossParams, TrainParams
 from pipeline.train.plan import epoch_order, optimizer_steps
 from pipeline.train.recipe import NonFiniteLoss
+from pipeline.train.schedule import linear_schedule
 from tests.helpers import CPU, REPO, fit, loss_params, random_pairs, tiny_qwen3, train_params
 
 PARAMS = train_params(epochs=2, seed=7, save_every=2)
@@ -163,6 +164,24 @@ def test_epoch_order_is_seeded_and_steps_cover_every_pair() -> None:
     steps = optimizer_steps(epoch_order(10, 1, 0), batch_size=3, grad_accum=2)
     assert [[len(m) for m in s] for s in steps] == [[3, 3], [3, 1]]
     assert sorted(int(i) for s in steps for m in s for i in m) == list(range(10))
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 7), (3, 10), (1, 1), (10, 10), (5, 37)])
+def test_the_lr_schedule_is_transformers_linear_schedule_step_for_step(warmup, total) -> None:
+    from transformers import get_linear_schedule_with_warmup
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        schedule, seen = make(optimizer, warmup, total), []
+        for _ in range(total + 3):  # past the end too: the factor stays 0
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    ours = lrs(linear_schedule)
+    assert ours == lrs(get_linear_schedule_with_warmup)  # exactly, float for float
+    assert ours[total] == 0.0 and max(ours) <= 3e-4
 
 
 def test_log_rows_hold_what_dvc_yaml_plots(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import kendalltau
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +109,8 @@ def _question_tau(answers: dict[Hashable, _Answer]) -> float:
     rewards = np.array([np.mean(a.rewards) for a in answers.values()])
     if np.ptp(scores) == 0 or np.ptp(rewards) == 0:
         return math.nan  # decided here so scipy does not warn about constant input
+    from scipy.stats import kendalltau  # here, not at the top: a slow import only this needs
+
     return float(kendalltau(rewards, scores, variant="b").statistic)
 
 

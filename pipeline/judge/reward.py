@@ -22,7 +22,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    get_linear_schedule_with_warmup,
 )
 from transformers.utils import logging as hf_logging
 
@@ -30,6 +29,7 @@ from pipeline.data.prompts import encode, encode_completion, encode_prompt
 from pipeline.model.loading import Runtime, freeze, pad_token_id
 from pipeline.params import JudgeParams, TokenizeParams
 from pipeline.stage_io import bar
+from pipeline.train.schedule import linear_schedule
 
 FORMAT_FILE = "reward_format.json"  # in models/reward: how the judge builds the model's input
 WARMUP_SHARE = 0.1  # of the reward model's optimizer steps
@@ -173,7 +173,7 @@ def train_reward_model(
     steps_per_epoch = math.ceil(len(pairs) / params.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
     total = steps_per_epoch * params.epochs
-    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_SHARE * total), total)
+    schedule = linear_schedule(optimizer, math.ceil(WARMUP_SHARE * total), total)
     rng, history = np.random.default_rng(params.seed), []
     model.train()
     for epoch in range(params.epochs):

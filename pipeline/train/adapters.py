@@ -3,20 +3,33 @@
 With adapters the base weights never change, so the reference model is the policy itself with its
 adapters switched off: exactly the base model, with no second copy in memory and no second load.
 That holds for a 4-bit (QLoRA) base too: adapters off, the policy is that same 4-bit base.
+
+peft is imported only where adapters are made or merged: importing it imports bitsandbytes when
+that is installed, which costs every stage's start seconds, adapters or not.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pipeline.model.loading import Runtime, is_quantized
 from pipeline.model.scoring import CompletionScorer, PairBatch, batch_logps
 from pipeline.params import AdapterParams
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    """Whether `model` is a peft model (it can only be one once peft is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def add_adapters(
@@ -28,6 +41,8 @@ def add_adapters(
     On a 4-bit base, peft's k-bit preparation first: every weight frozen, any fp16/bf16 one left
     unquantised (norms, embeddings) upcast to fp32, so the adapters (fp32, like the master
     weights elsewhere) train in full precision on top of the 4-bit linears."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     if is_quantized(model):
         # Activation checkpointing is the trainer's own (train.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -55,7 +70,7 @@ class AdaptersOffReference:
     """
 
     def __init__(self, scorer: CompletionScorer, runtime: Runtime) -> None:
-        if not isinstance(scorer.model, PeftModel):
+        if not has_adapters(scorer.model):
             raise TypeError("AdaptersOffReference needs a policy with LoRA adapters")
         self.scorer, self.runtime = scorer, runtime
 
@@ -97,4 +112,6 @@ def merge_onto_base(
         unexpected = base.load_state_dict(base_weights, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"dequantised weights the base does not have: {unexpected[:3]}")
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -6,15 +6,18 @@ A leaf of the train recipe: it only writes what the recipe hands it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.model.loading import is_quantized
 from pipeline.model.scoring import CompletionScorer
 from pipeline.train import distributed
-from pipeline.train.adapters import dequantized_weights, merge_onto_base
+from pipeline.train.adapters import dequantized_weights, has_adapters, merge_onto_base
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def base_dtype(model_dir: Path, trust_remote_code: bool) -> torch.dtype:
@@ -49,7 +52,7 @@ def save_policy(
     With adapters, `adapter/` holds them alone; `base_dir` is needed when they cannot merge in
     place (`merged_policy`)."""
     model = scorer.model
-    if isinstance(model, PeftModel):  # the adapter alone, then the merged model for serving
+    if has_adapters(model):  # the adapter alone, then the merged model for serving
         adapter_dir = folder / "adapter"
         model, state = merged_policy(model, state, adapter_dir, base_dir, trust_remote_code), None
     if dtype != torch.float32:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from pipeline.model.loading import Runtime, assert_frozen
 from pipeline.model.reference import ModelReference, ReferenceScores
@@ -31,6 +30,7 @@ from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts
 from pipeline.params import LossParams, TrainParams
 from pipeline.stage_io import Interrupted, StageError, bar
 from pipeline.train import checkpoint, distributed, plan
+from pipeline.train.schedule import linear_schedule
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
@@ -87,7 +87,7 @@ class DPORecipe:
         )
         self.total = plan.total_steps(params, len(dataset), self.world)
         warmup = int(params.warmup_ratio * self.total)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total)
+        self.scheduler = linear_schedule(self.optimizer, warmup, self.total)
         self.step = self.epoch = self.step_in_epoch = self.epoch_pairs = self.saved = 0
         self.epoch_loss_sum, self.epoch_losses, self.log = 0.0, [], []
         self.window: dict[str, float] = {}  # sums since the last log row
