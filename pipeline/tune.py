@@ -42,7 +42,8 @@ METRICS = {
 # The tie-break's weight in the value Optuna sees: below a win rate's resolution on a few hundred
 # held-out pairs (1/309 on the demo), so it only orders trials whose objective is equal.
 TIE_WEIGHT = 1e-4
-HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
+# A running trial's heartbeat, and how many may be missed before the trial is marked FAIL.
+HEARTBEAT_SECONDS, GRACE_BEATS = 30, 4
 
 
 class TuneError(StageError, ValueError):
@@ -108,9 +109,27 @@ def _dimension(key: str, rng: Any, params: dict[str, Any]) -> Dimension:
     return Dimension(key, low, high, log)
 
 
-def trial_command(values: dict[str, float], name: str, demo: bool) -> list[str]:
-    """The command a user would type for this trial."""
-    flags = [arg for key, value in values.items() for arg in ("-S", f"{key}={value:.6g}")]
+def fixed_settings(sets: list[str], params: dict[str, Any], spec: Spec) -> tuple[str, ...]:
+    """`-S key=value` flags every trial of a study gets (e.g. a shorter schedule to search on),
+    checked: a params.yaml key, and not one the search sets. Returned as `key=value` strings."""
+    searched = {d.key for d in spec.space}
+    for item in sets:
+        key, equals, _ = item.partition("=")
+        if not equals:
+            raise TuneError(f"-S {item}: give key=value")
+        if key not in params:
+            raise TuneError(f"-S {item}: {key} is not a key of params.yaml")
+        if key in searched:
+            raise TuneError(f"-S {item}: {key} is searched ({SPEC_FILE} space); it cannot be fixed")
+    return tuple(sets)
+
+
+def trial_command(
+    values: dict[str, float], name: str, demo: bool, fixed: tuple[str, ...] = ()
+) -> list[str]:
+    """The command a user would type for this trial: the fixed settings, then the trial's."""
+    flags = [arg for item in fixed for arg in ("-S", item)]
+    flags += [arg for key, value in values.items() for arg in ("-S", f"{key}={value:.6g}")]
     if demo:
         return [sys.executable, "-m", "pipeline.demo", *flags, "--name", name]
     return [sys.executable, "-m", "dvc", "exp", "run", "--temp", *flags, "-n", name]
@@ -131,11 +150,13 @@ class TrialFailed(Exception):
     """A trial's experiment failed or wrote no objective; its log says why."""
 
 
-def run_experiment(values: dict[str, float], name: str, demo: bool, log: Path) -> dict[str, float]:
+def run_experiment(
+    values: dict[str, float], name: str, demo: bool, fixed: tuple[str, ...], log: Path
+) -> dict[str, float]:
     """Run the trial's experiment (output to `log`) and return its metrics."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        done = subprocess.run(trial_command(values, name, demo), stdout=out, stderr=out)
+        done = subprocess.run(trial_command(values, name, demo, fixed), stdout=out, stderr=out)
     if done.returncode != 0:
         raise TrialFailed(f"{name} failed (exit {done.returncode}): see {log}")
     return experiment_metrics(name)
@@ -163,7 +184,7 @@ def open_study(
     study: str,
     storage_url: str,
     spec: Spec,
-    heartbeat: tuple[int, int] = (HEARTBEAT_SECONDS, GRACE_SECONDS),
+    heartbeat: tuple[int, int] = (HEARTBEAT_SECONDS, GRACE_BEATS * HEARTBEAT_SECONDS),
 ) -> Any:
     """The named study in the RDB storage (created on first use). A running trial beats every
     heartbeat[0] seconds; one silent for heartbeat[1] (its worker was killed) is marked FAIL when
@@ -182,6 +203,20 @@ def open_study(
         study_name=study, storage=storage, sampler=sampler, direction=spec.direction,
         load_if_exists=True,
     )  # fmt: skip
+
+
+def keep_fixed(study: Any, fixed: tuple[str, ...]) -> None:
+    """Record the study's fixed settings on first use; refuse a run that gives other ones (its
+    trials would not be comparable with the study's)."""
+    recorded = study.user_attrs.get("fixed")
+    if recorded is None:
+        study.set_user_attr("fixed", list(fixed))
+    elif tuple(recorded) != fixed:
+        said = " ".join(f"-S {item}" for item in recorded) or "no -S"
+        raise TuneError(
+            f"study {study.study_name!r} runs its trials with {said}: give the same, "
+            "or name a new --study"
+        )
 
 
 def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
@@ -232,7 +267,8 @@ def best_summary(study: Any, spec: Spec, demo: bool) -> list[str]:
     figures = ", ".join(
         f"{m} {metrics[m]:.4f}" for m in (spec.objective, spec.tie_break) if m and m in metrics
     )
-    values = " ".join(f"-S {k}={v:.6g}" for k, v in best.params.items())
+    fixed = [f"-S {item}" for item in study.user_attrs.get("fixed", [])]
+    values = " ".join([*fixed, *(f"-S {k}={v:.6g}" for k, v in best.params.items())])
     again = "python -m pipeline.demo" if demo else "dvc exp run"
     return [
         f"best: trial {best.number} ({name}): {figures}; "
@@ -305,6 +341,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help="trials on the offline demo")
     parser.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE or "
                         "sqlite:///optuna.db beside the MLflow store)")  # fmt: skip
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params value for every trial, e.g. train.max_steps=200 to "
+                        "search on a shorter schedule (repeatable; kept by the study)")  # fmt: skip
+    parser.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",
+                        help="a running trial's heartbeat; one silent for 4 heartbeats (its "
+                        f"worker died) is marked FAIL (default {HEARTBEAT_SECONDS})")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -318,14 +360,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.n_trials < 1:
             raise TuneError(f"--n-trials: {args.n_trials} is not a positive whole number")
         spec = dataclasses.replace(spec, n_trials=args.n_trials)
-    if args.workers < 1:
-        raise TuneError(f"--workers: {args.workers} is not a positive whole number")
+    for flag, number in (("--workers", args.workers), ("--heartbeat", args.heartbeat)):
+        if number < 1:
+            raise TuneError(f"{flag}: {number} is not a positive whole number")
+    fixed = fixed_settings(args.set, params, spec)
     storage = args.storage or default_storage()
-    study = open_study(args.study, storage, spec)
+    study = open_study(args.study, storage, spec, (args.heartbeat, GRACE_BEATS * args.heartbeat))
+    keep_fixed(study, fixed)
     logs = Path("reports") / "tune" / args.study
 
     def runner(values: dict[str, float], name: str) -> dict[str, float]:
-        return run_experiment(values, name, args.demo, logs / f"{name}.log")
+        return run_experiment(values, name, args.demo, fixed, logs / f"{name}.log")
 
     run_study(study, spec, runner, args.workers)
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):

@@ -1,4 +1,5 @@
-"""A queued sweep on the offline demo, run with two workers the way the README says.
+"""A queued sweep on the offline demo, run with two workers the way the README says; then a tuned
+study of real demo trials in the same clone, whose first worker is killed mid-trial.
 
 After one demo run (the champion, its data stages cached) three experiments are queued: the
 README's two lr lines, and one on other held-out pairs (data.eval_size 200), whose register stage
@@ -11,6 +12,7 @@ and gives the base model the figures evaluate recorded for the reference).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -69,32 +72,36 @@ def run_queue(repo: Path, env: dict[str, str], start: list[str], limit: float = 
 
 def again(command: list[str]) -> list[str]:
     """A queued line of the first sweep as a second sweep has it: a new name, and beta 0.2 so
-    that each experiment trains again rather than coming from the run-cache."""
+    that each experiment trains again rather than coming from the run-cache. It stops after
+    AGAIN_STEPS: the second sweep checks that the queue serves a second round (both workers
+    start, every task succeeds, the workers stop by themselves), not the demo's figures."""
     name = command.index("--name") + 1
     renamed = [*command[:name], f"{command[name]}-again", *command[name + 1 :]]
-    return [*renamed, "-S", "loss.beta=0.2"]
+    return [*renamed, "-S", "loss.beta=0.2", "-S", f"train.max_steps={AGAIN_STEPS}"]
 
 
+AGAIN_STEPS = 20
 SWEPT = ("sweep-3e-4", "sweep-6e-4", "sweep-eval-200")
-SWEPT_AGAIN = tuple(f"{name}-again" for name in SWEPT)
+SWEPT_AGAIN = ("sweep-3e-4-again", "sweep-6e-4-again")
 
 
 @pytest.fixture(scope="module")
 def sweep(e2e_repo):
     """One demo run (the champion, its data stages cached), then the README's sweep twice in the
-    same clone: its two queued lines plus one on other held-out pairs each time."""
+    same clone: its two queued lines plus one on other held-out pairs, then the two lines again,
+    shorter."""
     repo, env = e2e_repo("sweep")
     demo = (sys.executable, "-m", "pipeline.demo")
     run(repo, env, *demo, "--name", "sweep-base")
     queued, start = readme_sweep()
     assert len(queued) == 2 and start[-2:] == ["-j", "2"], (queued, start)
     queued.append([*demo, "--queue", "-S", "data.eval_size=200", "--name", "sweep-eval-200"])
-    for round_ in (queued, [again(command) for command in queued]):
+    for round_ in (queued, [again(command) for command in queued[:2]]):
         for command in round_:
             run(repo, env, *command)
         started = time.monotonic()
         status = run_queue(repo, env, start)
-        print(f"3 queued experiments, -j 2: {time.monotonic() - started:.0f} s")
+        print(f"{len(round_)} queued experiments, -j 2: {time.monotonic() - started:.0f} s")
     logs = {name: run(repo, env, *DVC, "queue", "logs", name) for name in SWEPT}
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store, registry_uri=store)
@@ -108,7 +115,7 @@ def runs_by_name(client: MlflowClient) -> dict:
 
 def test_every_queued_experiment_succeeds_and_reruns_only_the_training_side(sweep) -> None:
     _, _, status, logs, _ = sweep
-    assert status.count("Success") == 6 and "Failed" not in status, status  # both sweeps
+    assert status.count("Success") == 5 and "Failed" not in status, status  # both sweeps
     assert "0 active, 0 idle" in status  # the workers stopped by themselves
     for name in ("sweep-3e-4", "sweep-6e-4"):
         for stage in ("train", "evaluate", "register"):
@@ -188,3 +195,95 @@ def test_rescoring_is_the_evaluate_stage_computation(sweep, monkeypatch) -> None
     assert abs(untrained["eval_loss"] - reference["eval_loss"]) < 1e-4, (untrained, reference)
     sft_weight = load_params().loss.sft_weight
     assert (reference["eval_loss"] > math.log(2) + 1e-3) == (sft_weight > 0), reference
+
+
+TUNE_STEPS = 20  # trials stop at this step: the study checks the workers, not the figures
+
+
+def kill_with_descendants(pid: int) -> None:
+    """SIGKILL a process and everything it started (the DVC experiment runs in a session of its
+    own): a worker's machine lost mid-trial, with no chance to clean up."""
+    import psutil
+
+    worker = psutil.Process(pid)
+    family = [worker, *worker.children(recursive=True)]
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tuned(sweep, tmp_path_factory):
+    """After the sweeps, in the same clone: the README's `python -m pipeline.tune --demo` as two
+    worker processes on one storage (PostgreSQL where the machine has it), trials of real demo
+    experiments stopped at TUNE_STEPS. The first worker is killed mid-trial with everything it
+    started; the second, running two trials at a time, completes the study."""
+    from tests.test_tune import optuna_storage
+
+    repo, env, *_, client = sweep
+    command = [*readme_tune_demo("tuned"), "--n-trials", "4", "--heartbeat", "2",
+               "-S", f"train.max_steps={TUNE_STEPS}"]  # fmt: skip
+    logs = repo / "reports" / "tune" / "tuned"
+    with optuna_storage(tmp_path_factory.mktemp("optuna")) as storage:
+        env = {**env, "OPTUNA_STORAGE": storage}
+        doomed = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        until_running(logs / "tuned-0.log", doomed)
+        survivor = subprocess.Popen([*command, "--workers", "2"], cwd=repo, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        until_running(logs / "tuned-1.log", survivor)
+        kill_with_descendants(doomed.pid)
+        output = survivor.communicate(timeout=1200)[0]
+        assert survivor.returncode == 0, output[-6000:]
+        yield repo, env, optuna.load_study(study_name="tuned", storage=storage), output, client
+
+
+def readme_tune_demo(study: str) -> list[str]:
+    """The README's tune command on the demo, for study `study`."""
+    (line,) = (line for line in readme_block("tune").splitlines() if "--demo" in line)
+    words = shlex.split(line, comments=True)
+    assert words[:3] == ["python", "-m", "pipeline.tune"] and "--study" in words, words
+    words[words.index("--study") + 1] = study
+    return [sys.executable, *words[1:]]
+
+
+def until_running(log: Path, worker: subprocess.Popen, limit: float = 600) -> None:
+    """Wait until the trial logging to `log` is training (mid-trial, past its start)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, f"the worker exited ({worker.returncode}) before {log.name}"
+        if log.exists() and "Running stage 'train'" in log.read_text(errors="replace"):
+            return
+        time.sleep(1)
+    raise AssertionError(f"{log.name} did not reach the train stage in {limit:.0f} s")
+
+
+def test_a_tuned_study_of_real_trials_outlives_a_killed_worker(tuned) -> None:
+    repo, env, study, output, client = tuned
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[0] == "FAIL", states  # the killed worker's, once its heartbeats stopped
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    # Two trials at a time: one may start before the fourth completes, so 4 or 5 complete.
+    assert 4 <= len(complete) <= 5 and set(states.values()) == {"FAIL", "COMPLETE"}, states
+    assert len({tuple(t.params.values()) for t in study.trials}) == len(study.trials)
+    names = [t.user_attrs["experiment"] for t in complete]
+    experiments = run(repo, env, *DVC, "exp", "list", "--name-only").split()
+    assert set(names) <= set(experiments) and "tuned-0" not in experiments
+    parent = client.search_runs(
+        [client.get_experiment_by_name("qwen3-dpo").experiment_id], "tags.tune_parent = 'true'"
+    )[0]  # fmt: skip
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tune-tuned"
+    versions = {v.tags["dvc_exp_name"] for v in client.search_model_versions("name='qwen3-dpo'")}
+    for trial in complete:  # one run and one registry version each, with the trial's values
+        (r,) = client.search_runs(
+            [parent.info.experiment_id], f"tags.dvc_exp_name = '{trial.user_attrs['experiment']}'"
+        )  # fmt: skip
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert int(r.data.metrics["train_summary/steps"]) == TUNE_STEPS
+        lr = float(r.data.params["train.lr"])
+        assert math.isclose(lr, trial.params["train.lr"], rel_tol=1e-5)
+        assert r.data.metrics["eval/win_rate"] == trial.user_attrs["metrics"]["win_rate"]
+        assert trial.user_attrs["experiment"] in versions
+    best = study.best_trial.user_attrs["experiment"]
+    assert f"dvc exp apply {best}" in output and f"-S train.max_steps={TUNE_STEPS}" in output

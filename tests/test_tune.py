@@ -2,12 +2,14 @@
 a killed worker, with each trial's experiment replaced by a function of its params (a real
 trial is `dvc exp run`, which tests/test_full_dag.py covers)."""
 
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -85,6 +87,28 @@ def test_a_trial_is_the_command_a_user_types() -> None:
     ]
 
 
+def test_fixed_settings_come_first_and_are_checked() -> None:
+    params = tune.flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
+    fixed = tune.fixed_settings(["train.max_steps=20"], params, SPEC)
+    command = tune.trial_command({"train.lr": 0.002}, "s-0", demo=False, fixed=fixed)
+    assert command[6:10] == ["-S", "train.max_steps=20", "-S", "train.lr=0.002"]
+    for bad, said in (
+        ("train.max_step=20", "train.max_step is not a key of params.yaml"),
+        ("train.lr=1e-5", "train.lr is searched"),
+        ("train.max_steps", "give key=value"),
+    ):
+        with pytest.raises(tune.TuneError, match=said):
+            tune.fixed_settings([bad], params, SPEC)
+
+
+def test_a_study_keeps_its_fixed_settings(tmp_path) -> None:
+    study = tune.open_study("f", f"sqlite:///{tmp_path}/o.db", SPEC)
+    tune.keep_fixed(study, ("train.max_steps=20",))
+    tune.keep_fixed(study, ("train.max_steps=20",))  # the same again: resumed
+    with pytest.raises(tune.TuneError, match="runs its trials with -S train.max_steps=20"):
+        tune.keep_fixed(study, ())
+
+
 def test_the_tie_break_orders_only_equal_objectives() -> None:
     lower_loss = tune.value_of(SPEC, {"win_rate": 0.75, "eval_loss": 0.4})
     higher_loss = tune.value_of(SPEC, {"win_rate": 0.75, "eval_loss": 0.9})
@@ -113,16 +137,22 @@ def test_a_second_run_of_a_study_resumes_it(tmp_path) -> None:
     assert [t.number for t in study.trials] == list(range(9))  # 3 more, numbered on
 
 
-@pytest.fixture
-def storage(tmp_path):
+@contextlib.contextmanager
+def optuna_storage(folder: Path) -> Iterator[str]:
     """A throwaway PostgreSQL database where the machine has PostgreSQL (CI installs it), as a
-    team shares one; else SQLite."""
+    team shares one; else SQLite in `folder`."""
     from tests.test_team import HAS_POSTGRESQL, postgresql_database
 
     if not HAS_POSTGRESQL:
-        yield f"sqlite:///{tmp_path}/optuna.db"
+        yield f"sqlite:///{folder}/optuna.db"
         return
     with postgresql_database() as url:
+        yield url
+
+
+@pytest.fixture
+def storage(tmp_path):
+    with optuna_storage(tmp_path) as url:
         yield url
 
 
