@@ -103,3 +103,11 @@ def test_what_tiktoken_would_not_reproduce_is_left_to_the_tokenizer(tokenizer) -
     assert bpe.encoder(tokenizer) is None
     texts = ["The AND then <x> <x><y>", *HARD_TEXTS]
     assert encode_many(tokenizer, texts) == _encode_list(tokenizer, texts)
+
+
+def test_a_token_outside_the_byte_alphabet_is_refused() -> None:
+    chars = bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    assert bpe._ranks(vocab, []) is not None
+    for stray in ("\u00ad", "\n", "\u0100\u4e00"):  # not ByteLevel characters
+        assert bpe._ranks({**vocab, stray: 256}, []) is None, repr(stray)

@@ -19,6 +19,7 @@ normalise around added tokens differently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 import weakref
@@ -30,16 +31,25 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 Encoder = Callable[[str], "list[int] | None"]  # None: this text needs the tokenizer itself
-_BUILT: weakref.WeakKeyDictionary[Any, Encoder | None] = weakref.WeakKeyDictionary()
+# Built encoders by tokenizer object, and by the tokenizer's content: a copy of the tokenizer
+# (unpickled in a map worker) finds the encoder its parent built, when the worker was forked.
+_BY_OBJECT: weakref.WeakKeyDictionary[Any, Encoder | None] = weakref.WeakKeyDictionary()
+_BY_CONTENT: dict[str, Encoder | None] = {}
 PLAIN_BPE = {"dropout": None, "byte_fallback": False, "ignore_merges": False}
 
 
 def encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
-    """tiktoken's encoder for `tokenizer` (built and checked once per tokenizer object), or None
-    where it would not give the same ids."""
-    if tokenizer not in _BUILT:
-        _BUILT[tokenizer] = _build(tokenizer)
-    return _BUILT[tokenizer]
+    """tiktoken's encoder for `tokenizer`, or None where it would not give the same ids. Built
+    and checked once per tokenizer content (the check takes a second or two for Qwen's 151k
+    merges): call it before starting worker processes, and forked workers inherit it."""
+    if tokenizer not in _BY_OBJECT:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else ""
+        key = hashlib.sha256(spec.encode()).hexdigest()
+        if key not in _BY_CONTENT:
+            _BY_CONTENT[key] = _build(tokenizer, spec)
+        _BY_OBJECT[tokenizer] = _BY_CONTENT[key]
+    return _BY_OBJECT[tokenizer]
 
 
 def qwen_pretokenizer(backend: Any) -> bool:
@@ -62,14 +72,14 @@ def normalizer_of(backend: Any) -> dict[str, Any] | None:
     return json.loads(backend.normalizer.__getstate__()) if backend.normalizer else None
 
 
-def _build(tokenizer: PreTrainedTokenizerBase) -> Encoder | None:
+def _build(tokenizer: PreTrainedTokenizerBase, spec_json: str) -> Encoder | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation or backend.padding:
         return None
     normalizer = normalizer_of(backend)
     if normalizer not in (None, {"type": "NFC"}) or not qwen_pretokenizer(backend):
         return None
-    spec = json.loads(backend.to_str())
+    spec = json.loads(spec_json)
     model = spec["model"]
     if model["type"] != "BPE" or any(model.get(k) != v for k, v in PLAIN_BPE.items()):
         return None
@@ -108,18 +118,28 @@ def _added_tokens(tokens: list[dict[str, Any]]) -> dict[str, int] | None:
 def _ranks(vocab: dict[str, int], merges: list[Any]) -> dict[bytes, int] | None:
     """The vocabulary as tiktoken's ranks (token bytes -> id), if its merges are the ones the
     ranks imply (the module's third condition)."""
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    # ByteLevel's characters back to their bytes: each to the code point of its byte, then
+    # latin-1 (code point = byte). Any other character (one above 255, or one below that is not
+    # in ByteLevel's alphabet, sent to U+FFFF) fails to encode.
+    alphabet = {char: chr(byte) for byte, char in bytes_to_unicode().items()}
+    table = str.maketrans({**{chr(i): "\uffff" for i in range(256)}, **alphabet})
+
+    def raw(token: str) -> bytes:
+        return token.translate(table).encode("latin-1")
+
     try:
-        ranks = {bytes(byte_of[char] for char in token): rank for token, rank in vocab.items()}
-    except KeyError:  # a token that is not bytes in ByteLevel's characters
+        as_bytes = {token: raw(token) for token in vocab}
+    except UnicodeEncodeError:  # a token that is not bytes in ByteLevel's characters
         return None
+    ranks = {as_bytes[token]: rank for token, rank in vocab.items()}
     if len(set(ranks.values())) != len(ranks) or any(bytes([b]) not in ranks for b in range(256)):
         return None
     previous = -1
     for merge in merges:
         left, right = merge.split(" ") if isinstance(merge, str) else merge
-        first = bytes(byte_of[char] for char in left)
-        second = bytes(byte_of[char] for char in right)
+        first, second = as_bytes.get(left), as_bytes.get(right)
+        if first is None or second is None:
+            return None
         rank = ranks.get(first + second, -1)
         if rank <= previous:
             return None
@@ -132,15 +152,16 @@ def _ranks(vocab: dict[str, int], merges: list[Any]) -> dict[bytes, int] | None:
 
 def _merge_by_rank(piece: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
     """tiktoken's merging of `piece`'s bytes, using only ranks below `below`: repeatedly join
-    the adjacent pair whose join has the lowest rank."""
+    the adjacent pair whose join has the lowest rank (the leftmost of equals)."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best, at = below, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], below)
-            if rank < best:
-                best, at = rank, i
-        if at < 0:
-            break
-        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    rank = ranks.get
+    joins = [rank(a + b, below) for a, b in zip(parts[:-1], parts[1:], strict=True)]  # i, i+1
+    while joins and (best := min(joins)) < below:
+        i = joins.index(best)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        del joins[i]
+        if i > 0:
+            joins[i - 1] = rank(parts[i - 1] + parts[i], below)
+        if i < len(joins):
+            joins[i] = rank(parts[i] + parts[i + 1], below)
     return parts

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.data import bpe
 from pipeline.data.prompts import completion_heads, encode_prompts
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, check_schema, tokenized_features
 from pipeline.params import TokenizeParams
@@ -170,6 +171,7 @@ def tokenize_dataset(
             "truncated": datasets.List(datasets.Value("bool")),
         }
     )
+    bpe.encoder(tokenizer)  # built and checked here once: forked map workers inherit it
     tokenized = dataset.map(
         tokenize_batch,
         batched=True,
