@@ -173,11 +173,25 @@ class TrainParams:
     # Recompute each decoder layer's activations during backward instead of keeping them: far
     # less activation memory for about a third more compute; gradients unchanged.
     gradient_checkpointing: bool
+    # Round each forward's padded length up to a multiple of this, so a run sees a few distinct
+    # shapes, not one per batch: what train.compile needs to compile each shape once (and GPU
+    # kernels that pick a plan per shape). 0 pads to the longest row only.
+    pad_to_multiple_of: int = dataclasses.field(metadata=non_negative())
+    # "layers": torch.compile every decoder layer (fused elementwise work, fewer kernel launches;
+    # the first steps of each new shape pay the compilation). "none": eager. Unmeasured on a GPU
+    # so far, hence off; use it with pad_to_multiple_of (e.g. 64).
+    compile: Literal["none", "layers"]
 
     # Low-rank adapters (docs/lora.md); off trains every weight.
     lora: LoraParams = dataclasses.field(default_factory=LoraParams)
 
     def __post_init__(self) -> None:
+        if self.compile != "none" and self.nproc > 1 and self.parallel == "fsdp":
+            # FSDP's per-layer hooks around a compiled layer are not built or tested here.
+            raise ParamsError(
+                f"train.compile: {self.compile} with train.parallel: fsdp is not supported: use "
+                "train.parallel: ddp or train.compile: none"
+            )
         if self.lora.quantize != "none" and self.nproc > 1 and self.parallel == "fsdp":
             # FSDP would have to shard bitsandbytes' packed 4-bit weights: not built, not tested.
             raise ParamsError(

@@ -157,6 +157,26 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer in place (same module, same state_dict keys: a
+    checkpoint resumes either way); returns how many. Each layer compiles once per shape it
+    sees (dynamic=False: no slower shape-generic kernels), so the padded lengths should be few
+    (train.pad_to_multiple_of); the recompile limit is raised to cover them."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"train.compile: no decoder layers found in {type(model).__name__}")
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, COMPILED_SHAPES)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
+# Shapes a compiled layer may compile for before torch falls back to eager: padded lengths
+# times the few batch sizes a run has (the last batch, token-budget splits).
+COMPILED_SHAPES = 64
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer's activations in backward instead of keeping them.
 

@@ -184,8 +184,11 @@ class PairBatch:
         return int(self.attention_mask.sum())
 
 
-def collate_pairs(columns: Mapping[str, Sequence[Sequence[int]]], pad_token_id: int) -> PairBatch:
-    """Build a PairBatch from tokenized columns (`dataset[indices]` of the tokenized shards).
+def collate_pairs(
+    columns: Mapping[str, Sequence[Sequence[int]]], pad_token_id: int, multiple: int = 0
+) -> PairBatch:
+    """Build a PairBatch from tokenized columns (`dataset[indices]` of the tokenized shards),
+    padded to the longest row, rounded up to a multiple of `multiple` when it is above 0.
 
     Prompt and completion ids were tokenized separately and are concatenated here, so no token
     merges across the boundary; the completion mask starts where the prompt ends.
@@ -197,6 +200,8 @@ def collate_pairs(columns: Mapping[str, Sequence[Sequence[int]]], pad_token_id: 
             sequences.append(list(prompt) + list(completion))
             prompt_lengths.append(len(prompt))
     width = max(len(s) for s in sequences)
+    if multiple > 0:
+        width = -(-width // multiple) * multiple
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     completion = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -32,6 +32,8 @@ NOT_IN_FINGERPRINT = (
     "parallel",
     "max_tokens_per_micro_batch",
     "gradient_checkpointing",
+    "pad_to_multiple_of",
+    "compile",
 )
 
 

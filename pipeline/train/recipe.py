@@ -150,7 +150,8 @@ class DPORecipe:
         sums, tokens = dict.fromkeys(STEP_METRIC_KEYS, 0.0), 0
         for i, part in enumerate(parts):
             rows = distributed.rank_slice(part, self.world)
-            batch = collate_pairs(self.dataset[rows.tolist()], self.pad_token_id)
+            columns = self.dataset[rows.tolist()]
+            batch = collate_pairs(columns, self.pad_token_id, self.params.pad_to_multiple_of)
             batch = batch.to(self.runtime.device)
             policy_logps = batch_logps(self.policy, batch, self.runtime)
             reference_logps = None if self.reference is None else self.reference(batch, rows)

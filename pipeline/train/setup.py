@@ -25,6 +25,7 @@ from pipeline.model import reference
 from pipeline.model.loading import (
     Runtime,
     check_quantize,
+    compile_layers,
     enable_activation_checkpointing,
     freeze,
     pad_token_id,
@@ -68,7 +69,8 @@ def start_ranks(params: Params) -> int:
 
 def load_policy(params: Params, runtime: Runtime) -> CompletionScorer:
     """models/base as the trainable policy: fp32 master weights, or a 4-bit base under fp32
-    adapters (train.lora.quantize: nf4); activation checkpointing when asked."""
+    adapters (train.lora.quantize: nf4); activation checkpointing and compiled layers when
+    asked."""
     lora = params.train.lora
     check_quantize(lora.quantize, runtime, "train.device")
     scorer = load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code, lora.quantize)
@@ -76,6 +78,8 @@ def load_policy(params: Params, runtime: Runtime) -> CompletionScorer:
         enable_activation_checkpointing(scorer.model)
     if lora.enabled:
         scorer.model = add_adapters(scorer.model, lora)
+    if params.train.compile == "layers":
+        compile_layers(scorer.model)
     return scorer
 
 
