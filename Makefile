@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
 EXTRAS ?= test,reference
 
-.PHONY: install demo compare report serve tune test check bench ci-pull ci-repro ci-comment ci-push
+.PHONY: install demo compare report serve tune test check bench gpu-check ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -89,3 +89,9 @@ check: install
 # (~9 min a repetition). DVC experiment and queue timings: `python bench/dvc_runs.py first|sweep`.
 bench: install
 	$(BIN)/python bench/dpo_vs_trl.py
+
+# On a machine with a CUDA GPU, in one call: the GPU tests, then the GPU bench rows (Qwen3-0.6B's
+# shape at 8 and 32 pairs a step, Qwen3-4B's with LoRA and QLoRA, against TRL), into
+# bench/results/gpu-check.json and gpu-check.md. Installs nothing; about 8 minutes on an H100.
+gpu-check:
+	$(BIN)/python bench/gpu_check.py
