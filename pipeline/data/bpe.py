@@ -13,8 +13,9 @@ check fails, and the caller uses the tokenizer itself):
 * merge i is exactly the pair that tiktoken's rank-ordered merging makes of its token from lower
   ranks, in rank order: under that condition merge-ordered and rank-ordered BPE agree.
 
-With NFC, a text that is not already NFC goes to the tokenizer itself (`encode_nfc`): the two
-normalise around added tokens differently.
+With NFC, a text that is not already NFC goes to the tokenizer itself: the two normalise around
+added tokens differently. The ids are those of a plain call (no truncation, no padding, no
+special tokens added), as `pipeline.data.prompts.encode_many` wants them.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def normalizer_of(backend: Any) -> dict[str, Any] | None:
 
 def _build(tokenizer: PreTrainedTokenizerBase, spec_json: str) -> Encoder | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.truncation or backend.padding:
+    if backend is None:
         return None
     normalizer = normalizer_of(backend)
     if normalizer not in (None, {"type": "NFC"}) or not qwen_pretokenizer(backend):
