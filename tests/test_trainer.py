@@ -184,6 +184,38 @@ def test_the_lr_schedule_is_transformers_linear_schedule_step_for_step(warmup, t
     assert ours[total] == 0.0 and max(ours) <= 3e-4
 
 
+def test_no_step_reads_the_device_between_log_rows(tmp_path: Path, monkeypatch) -> None:
+    """A step queues its work and goes on: the pipeline's own code reads a tensor back (item,
+    float, int, bool, tolist, cpu, numpy: each a wait for the GPU) only for a log row or a
+    checkpoint. Counted on the CPU by wrapping those methods, for calls made from pipeline/."""
+    import sys
+
+    reads: list[str] = []
+
+    def counted(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(str(REPO / "pipeline")):
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    params = dataclasses.replace(PARAMS, epochs=1, batch_size=2, log_every=3, save_every=100)
+    seen: list[int] = []  # reads so far, after each step
+    policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
+    result = fit(policy, ModelReference(reference, CPU), random_pairs(16), params, CPU, 0,
+                 tmp_path / "c", "key", on_step=lambda: seen.append(len(reads)))  # fmt: skip
+    assert [row["step"] for row in result.log] == [3, 6, 8]
+    # Reads between step n-1's hook and step n's: step n-1's log row (if any), then step n.
+    between = {n: seen[n - 1] - seen[n - 2] for n in range(2, 9)}
+    assert all(between[n] == 0 for n in (2, 3, 5, 6)), (between, reads)
+    assert between[4] > 0 and between[7] > 0 and between[8] > 0  # rows 3 and 6; the epoch end
+
+
 def test_log_rows_hold_what_dvc_yaml_plots(tmp_path: Path) -> None:
     """Every row has every curve dvc.yaml draws from plots/train.csv, as finite numbers."""
     import yaml

@@ -165,23 +165,16 @@ class PairBatch:
     attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
     completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens (the ones DPO scores)
     n_pairs: int  # B
+    real_tokens: int  # tokens that are not padding, counted on the host (reading it never syncs)
 
     def to(self, device: torch.device) -> PairBatch:
         """On CUDA through pinned memory, without waiting: the copy overlaps queued GPU work."""
-        if device.type != "cuda":
-            return PairBatch(
-                self.input_ids.to(device),
-                self.attention_mask.to(device),
-                self.completion_mask.to(device),
-                self.n_pairs,
-            )
         tensors = (self.input_ids, self.attention_mask, self.completion_mask)
-        moved = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
-        return PairBatch(*moved, self.n_pairs)
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        if device.type != "cuda":
+            moved = [t.to(device) for t in tensors]
+        else:
+            moved = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+        return PairBatch(*moved, self.n_pairs, self.real_tokens)
 
 
 def collate_pairs(
@@ -209,7 +202,8 @@ def collate_pairs(
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention[i, : len(seq)] = 1
         completion[i, start : len(seq)] = 1
-    return PairBatch(input_ids, attention, completion, n_pairs=len(prompts))
+    real = sum(len(seq) for seq in sequences)
+    return PairBatch(input_ids, attention, completion, n_pairs=len(prompts), real_tokens=real)
 
 
 def batch_logps(scorer: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> torch.Tensor:

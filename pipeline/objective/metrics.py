@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: The names of the per-step training metrics, in logging order. `step_metrics` is the only
-#: function that produces them; loggers and plots read the names from here.
+#: The names of the per-step training metrics, in logging order. `step_metric_means` is the
+#: only function that produces them; loggers and plots read the names from here.
 STEP_METRIC_KEYS: tuple[str, ...] = (
     "loss",
     "rewards/chosen",
@@ -52,15 +52,17 @@ def dataset_token_counts(dataset: Any) -> tuple[Tensor, Tensor]:
     return chosen - empty, rejected - empty
 
 
-def step_metrics(
+def step_metric_means(
     losses: Tensor,
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     chosen_nll: Tensor,
-) -> dict[str, float]:
-    """Batch means of the training metrics, keyed by `STEP_METRIC_KEYS` in that order.
+) -> Tensor:
+    """Batch means of the training metrics as one (8,) float64 tensor on the batch's device,
+    in `STEP_METRIC_KEYS` order: the training loop sums them there and reads them back once per
+    log row, so a step never waits for the device.
 
     Args:
         losses, chosen_rewards, rejected_rewards: (B,) as in `losses.LossOutput`.
@@ -85,8 +87,10 @@ def step_metrics(
         policy_rejected_logps,
         chosen_nll,
     )
-    # float() on a detached mean: metrics are plain numbers, they never carry the graph.
-    return {
-        key: float(v.detach().double().mean())
-        for key, v in zip(STEP_METRIC_KEYS, values, strict=True)
-    }
+    # Detached: metrics never carry the graph.
+    return torch.stack([v.detach().double().mean() for v in values])
+
+
+def step_metrics(*args: Tensor) -> dict[str, float]:
+    """`step_metric_means` as plain numbers keyed by `STEP_METRIC_KEYS`."""
+    return dict(zip(STEP_METRIC_KEYS, step_metric_means(*args).tolist(), strict=True))

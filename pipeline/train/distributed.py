@@ -149,12 +149,13 @@ def load_full_states(
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def global_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip gradients to `max_norm` (global L2 norm over all ranks' shards); return the norm."""
+def global_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip gradients to `max_norm` (global L2 norm over all ranks' shards); return the norm, a
+    0-dim tensor on the device (not read back here: the caller decides when to wait for it)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, reduced over the shards
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def rank_slice(global_micro: np.ndarray, world: World) -> np.ndarray:
@@ -168,13 +169,12 @@ def usable_order(order: np.ndarray, world: World) -> np.ndarray:
     return order[: len(order) - remainder] if world.size > 1 and remainder else order
 
 
-def all_reduce_sum(values: list[float], device: torch.device, world: World) -> list[float]:
-    """Element-wise sum of `values` over ranks (float64, so sums of many pairs stay exact)."""
-    if world.size == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Element-wise sum of `values` (float64, so sums of many pairs stay exact) over ranks, on
+    the device: nothing is read back."""
+    if world.size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from pipeline.model.loading import Runtime, assert_frozen
 from pipeline.model.reference import ModelReference, ReferenceScores
 from pipeline.model.scoring import batch_logps, collate_pairs
 from pipeline.objective.losses import PairLogps, compute_loss
-from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metrics
+from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metric_means
 from pipeline.params import LossParams, TrainParams
 from pipeline.stage_io import Interrupted, StageError, bar
 from pipeline.train import checkpoint, distributed, plan
@@ -89,8 +89,13 @@ class DPORecipe:
         warmup = int(params.warmup_ratio * self.total)
         self.scheduler = linear_schedule(self.optimizer, warmup, self.total)
         self.step = self.epoch = self.step_in_epoch = self.epoch_pairs = self.saved = 0
-        self.epoch_loss_sum, self.epoch_losses, self.log = 0.0, [], []
-        self.window: dict[str, float] = {}  # sums since the last log row
+        self.epoch_loss_sum: float | torch.Tensor = 0.0  # a device scalar between epoch ends
+        self.epoch_losses, self.log = [], []
+        # Since the last log row. The step's figures stay on the device (metric sums weighted by
+        # pairs, then tokens; the grad norm sum; each step's finite flags) and are read back once
+        # per row: a step never waits for the device. Counts known on the host stay there.
+        self.window: dict[str, Any] = {}
+        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm] finite)
         self.done = {"pairs": 0, "tokens": 0, "seconds": 0.0}  # this process's own train() calls
         self._resume()
 
@@ -110,20 +115,19 @@ class DPORecipe:
                 epoch = self.epoch + (self.step_in_epoch + 1) / len(steps)
                 micro_batches, step_started = steps[self.step_in_epoch], time.perf_counter()
                 try:
-                    metrics, grad_norm, pairs, tokens = self._optimizer_step(micro_batches)
+                    sums, grad_norm, pairs = self._optimizer_step(micro_batches)
                 except torch.cuda.OutOfMemoryError as error:
                     raise OutOfMemory(self._out_of_memory(micro_batches)) from error
-                seconds = time.perf_counter() - step_started
-                self._count(metrics, grad_norm, pairs, tokens, seconds)
-                self._advance(metrics["loss"], pairs, len(steps))
+                self._count(sums, grad_norm, pairs, time.perf_counter() - step_started)
+                self._advance(sums[0], pairs, len(steps))
                 show.update(1)
                 if self.on_step is not None:
                     self.on_step()  # the stage re-divides its CPU threads here
-                show.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                 margin=f"{metrics['rewards/margins']:.3f}")  # fmt: skip
                 last = self.step == self.total  # a row and a checkpoint at the end, a row per epoch
                 if self.step % self.params.log_every == 0 or last or self.step_in_epoch == 0:
-                    self._log_row(epoch)
+                    row = self._log_row(epoch)
+                    show.set_postfix(loss=f"{row['loss']:.4f}",
+                                     margin=f"{row['rewards/margins']:.3f}")  # fmt: skip
                 if self.step % self.params.save_every == 0 or last:
                     self._save()
         except KeyboardInterrupt:
@@ -134,25 +138,31 @@ class DPORecipe:
         if isinstance(self.reference, ModelReference):
             assert_frozen(self.reference.model)  # nothing in the loop may have unfrozen it
 
-    def _optimizer_step(self, micro_batches: list[np.ndarray]) -> tuple[dict, float, int, int]:
-        """One optimizer step -> (metric means, grad norm, pairs, real tokens).
+    def _optimizer_step(
+        self, micro_batches: list[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step -> (metric sums and real tokens, grad norm, pairs).
 
         `micro_batches` are global (all ranks); each runs as one forward, or as several when it
         holds more than max_tokens_per_micro_batch padded tokens, and this rank runs its slice of
         each. The loss is the sum of per-pair losses over the whole step divided by its pairs, so
         accumulation gives the gradient of one large batch; DDP averages gradients over ranks,
-        hence the factor world.size.
+        hence the factor world.size. The sums (STEP_METRIC_KEYS weighted by pairs, then the real
+        tokens; float64, over all ranks) and the grad norm stay on the device; whether the loss
+        and the grad norm were finite is checked before the next log row or checkpoint.
         """
         step_pairs = sum(len(m) for m in micro_batches)
         budget = self.params.max_tokens_per_micro_batch
         parts = [part for m in micro_batches
                  for part in plan.forward_parts(m, self.lengths, self.world, budget)]  # fmt: skip
-        sums, tokens = dict.fromkeys(STEP_METRIC_KEYS, 0.0), 0
+        device = self.runtime.device
+        sums = torch.zeros(len(STEP_METRIC_KEYS) + 1, dtype=torch.float64, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
         for i, part in enumerate(parts):
             rows = distributed.rank_slice(part, self.world)
             columns = self.dataset[rows.tolist()]
             batch = collate_pairs(columns, self.pad_token_id, self.params.pad_to_multiple_of)
-            batch = batch.to(self.runtime.device)
+            batch = batch.to(device)
             policy_logps = batch_logps(self.policy, batch, self.runtime)
             reference_logps = None if self.reference is None else self.reference(batch, rows)
             counts = completion_token_counts(batch.completion_mask)
@@ -161,62 +171,74 @@ class DPORecipe:
             )
             out = compute_loss(logps, self.loss)
             loss = out.losses.sum() * self.world.size / step_pairs
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite DPO loss at step {self.step + 1}: {loss}")
+            finite &= torch.isfinite(loss)
             with distributed.no_sync_unless(i == len(parts) - 1, self.policy):  # once per step
                 loss.backward()
-            metrics = step_metrics(out.losses.detach(), out.chosen_rewards, out.rejected_rewards,
-                                   logps.policy_chosen.detach(), logps.policy_rejected.detach(),
-                                   out.nll)  # fmt: skip
-            for key, value in metrics.items():
-                sums[key] += value * batch.n_pairs
-            tokens += batch.real_tokens
-        *totals, tokens = distributed.all_reduce_sum([*sums.values(), tokens],
-                                                     self.runtime.device, self.world)  # fmt: skip
+            means = step_metric_means(out.losses, out.chosen_rewards, out.rejected_rewards,
+                                      logps.policy_chosen, logps.policy_rejected,
+                                      out.nll)  # fmt: skip
+            sums[:-1] += means * batch.n_pairs
+            sums[-1] += batch.real_tokens
+        sums = distributed.all_reduce_sum(sums, self.world)
         grad_norm = distributed.global_grad_norm(self.policy, self.params.max_grad_norm)
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLoss(f"non-finite gradient norm at step {self.step + 1}")
+        self.unchecked.append((self.step + 1, torch.stack([finite, torch.isfinite(grad_norm)])))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        means = {k: v / step_pairs for k, v in zip(sums, totals, strict=True)}
-        return means, grad_norm, step_pairs, int(tokens)
+        return sums, grad_norm.double(), step_pairs
 
     def _count(
-        self, metrics: dict, grad_norm: float, pairs: int, tokens: int, seconds: float
+        self, sums: torch.Tensor, grad_norm: torch.Tensor, pairs: int, seconds: float
     ) -> None:
-        """Add a step to the log window (metrics weighted by pairs) and to this process's totals."""
-        for key, value in metrics.items():
-            self.window[key] = self.window.get(key, 0.0) + value * pairs
-        counts = {"grad_norm": grad_norm, "steps": 1, "pairs": pairs, "tokens": tokens,
-                  "seconds": seconds}  # fmt: skip
-        for key, value in counts.items():
-            self.window[key] = self.window.get(key, 0) + value
+        """Add a step to the log window (its figures on the device) and to this process's pairs."""
+        added = {"sums": sums, "grad_norm": grad_norm, "steps": 1, "pairs": pairs,
+                 "seconds": seconds}  # fmt: skip
+        for key, value in added.items():
+            self.window[key] = self.window[key] + value if key in self.window else value
         self.done["pairs"] += pairs
-        self.done["tokens"] += tokens
 
-    def _log_row(self, epoch: float) -> None:
-        """Close the window into a log row (pair-weighted metric means) and hand it on."""
+    def _check_finite(self) -> None:
+        """One read of the finite flags of the steps since the last check; NonFiniteLoss names the
+        first step whose loss or grad norm was NaN/inf. Runs before every log row and checkpoint,
+        so no checkpoint holds the weights such a step updated."""
+        if not self.unchecked:
+            return
+        steps, flags = zip(*self.unchecked, strict=True)
+        self.unchecked = []
+        for step, (loss_ok, grad_ok) in zip(steps, torch.stack(flags).tolist(), strict=True):
+            if not loss_ok:
+                raise NonFiniteLoss(f"non-finite DPO loss at step {step}")
+            if not grad_ok:
+                raise NonFiniteLoss(f"non-finite gradient norm at step {step}")
+
+    def _log_row(self, epoch: float) -> dict[str, float]:
+        """Close the window into a log row (pair-weighted metric means), hand it on, return it."""
+        self._check_finite()
         window, self.window = self.window, {}
+        *metric_sums, tokens = window["sums"].tolist()  # the one read of the window's figures
         row: dict[str, float] = {"step": self.step, "epoch": epoch}
-        row.update({k: window[k] / window["pairs"] for k in STEP_METRIC_KEYS})
-        row["grad_norm"] = window["grad_norm"] / window["steps"]
+        sums = zip(STEP_METRIC_KEYS, metric_sums, strict=True)
+        row.update({key: value / window["pairs"] for key, value in sums})
+        row["grad_norm"] = float(window["grad_norm"]) / window["steps"]
         row["lr"] = self.scheduler.get_last_lr()[0]
-        row["tokens/s"] = window["tokens"] / window["seconds"]
+        row["tokens/s"] = tokens / window["seconds"]
         row["pairs/s"] = window["pairs"] / window["seconds"]
+        self.done["tokens"] += int(tokens)
         self.log.append(row)
         if self.on_log is not None and self.world.is_main:
             self.on_log(row)
+        return row
 
-    def _advance(self, loss: float, pairs: int, steps_in_epoch: int) -> None:
-        """One step done; at an epoch's end, its pair-weighted mean loss is recorded."""
+    def _advance(self, loss_sum: torch.Tensor, pairs: int, steps_in_epoch: int) -> None:
+        """One step done (`loss_sum`: its losses summed over pairs, on the device); at an epoch's
+        end, its pair-weighted mean loss is recorded."""
         self.step += 1
         self.step_in_epoch += 1
-        self.epoch_loss_sum += loss * pairs
+        self.epoch_loss_sum = self.epoch_loss_sum + loss_sum
         self.epoch_pairs += pairs
         if self.step_in_epoch == steps_in_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.epoch_losses.append(self.epoch_loss_sum / self.epoch_pairs)
+            self.epoch_losses.append(float(self.epoch_loss_sum) / self.epoch_pairs)
             self.epoch_loss_sum, self.epoch_pairs = 0.0, 0
             if self.world.is_main:
                 tqdm.write(f"Epoch {self.epoch} DPO Loss (Avg): {self.epoch_losses[-1]:.4f}")
@@ -235,9 +257,11 @@ class DPORecipe:
 
     def _save(self) -> None:
         """Every rank gathers (a collective under FSDP), rank 0 writes, the others wait for it."""
+        self._check_finite()
         model_state, optimizer_state = distributed.full_states(self.policy, self.optimizer)
         if self.world.is_main:
             position = {name: getattr(self, name) for name in POSITION}
+            position["epoch_loss_sum"] = float(self.epoch_loss_sum)  # JSON: a number
             checkpoint.save(self.checkpoints, model_state, optimizer_state, self.scheduler,
                             position, self.log, self.key, self.run_id)  # fmt: skip
         distributed.barrier(self.world)
