@@ -118,7 +118,7 @@ class DPORecipe:
                     sums, grad_norm, pairs = self._optimizer_step(micro_batches)
                 except torch.cuda.OutOfMemoryError as error:
                     raise OutOfMemory(self._out_of_memory(micro_batches)) from error
-                self._count(sums, grad_norm, pairs, time.perf_counter() - step_started)
+                self._count(sums, grad_norm, pairs, step_started)
                 self._advance(sums[0], pairs, len(steps))
                 show.update(1)
                 if self.on_step is not None:
@@ -188,11 +188,12 @@ class DPORecipe:
         return sums, grad_norm.double(), step_pairs
 
     def _count(
-        self, sums: torch.Tensor, grad_norm: torch.Tensor, pairs: int, seconds: float
+        self, sums: torch.Tensor, grad_norm: torch.Tensor, pairs: int, started: float
     ) -> None:
-        """Add a step to the log window (its figures on the device) and to this process's pairs."""
-        added = {"sums": sums, "grad_norm": grad_norm, "steps": 1, "pairs": pairs,
-                 "seconds": seconds}  # fmt: skip
+        """Add a step (begun at `started`) to the log window, its figures on the device, and to
+        this process's pairs."""
+        self.window.setdefault("started", started)
+        added = {"sums": sums, "grad_norm": grad_norm, "steps": 1, "pairs": pairs}
         for key, value in added.items():
             self.window[key] = self.window[key] + value if key in self.window else value
         self.done["pairs"] += pairs
@@ -216,13 +217,16 @@ class DPORecipe:
         self._check_finite()
         window, self.window = self.window, {}
         *metric_sums, tokens = window["sums"].tolist()  # the one read of the window's figures
+        # Wall time from the window's first step to this read, which waited for the device: the
+        # steps only queue their work, so their own durations would leave the GPU's time out.
+        seconds = time.perf_counter() - window["started"]
         row: dict[str, float] = {"step": self.step, "epoch": epoch}
         sums = zip(STEP_METRIC_KEYS, metric_sums, strict=True)
         row.update({key: value / window["pairs"] for key, value in sums})
         row["grad_norm"] = float(window["grad_norm"]) / window["steps"]
         row["lr"] = self.scheduler.get_last_lr()[0]
-        row["tokens/s"] = tokens / window["seconds"]
-        row["pairs/s"] = window["pairs"] / window["seconds"]
+        row["tokens/s"] = tokens / seconds
+        row["pairs/s"] = window["pairs"] / seconds
         self.done["tokens"] += int(tokens)
         self.log.append(row)
         if self.on_log is not None and self.world.is_main:
