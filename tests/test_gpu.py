@@ -1,6 +1,7 @@
 """The CUDA paths: bf16 autocast, the chunked scorer, activation checkpointing, the token budget,
-QLoRA's 4-bit base, and the real reference, train and evaluate stages on a tiny model. Skipped
-without a GPU; run them on one with `pytest -m gpu`."""
+no host waits between log rows, compiled layers, QLoRA's 4-bit base, and the real reference,
+train and evaluate stages on a tiny model. Skipped without a GPU; run them on one with `pytest -m
+gpu` (`make gpu-check` runs them first)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,54 @@ def test_step_one_is_ln2_and_budget_and_checkpointing_keep_the_gradient(cuda, tm
         for a, b in zip(results["plain"], results[name], strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=2e-3), name  # bf16 reductions
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2), name
+
+
+def test_no_step_waits_for_the_gpu_between_log_rows(cuda, tmp_path) -> None:
+    """CUDA's own sync detection (`torch.cuda.set_sync_debug_mode`): between log rows a step
+    makes the host wait for nothing (no value read back, no data-dependent shape, no blocking
+    copy); at log rows and the epoch's end it does."""
+    import warnings
+
+    policy, reference = tiny_qwen3().to(cuda.device), tiny_qwen3().to(cuda.device)
+    for model in (policy, reference):
+        model.set_attn_implementation("sdpa")
+    params = train_params(epochs=1, batch_size=2, log_every=3, save_every=100, device="cuda")
+    seen: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fit(CompletionScorer(policy), ModelReference(freeze(CompletionScorer(
+                         reference)), cuda), random_pairs(16), params, cuda, 0, tmp_path / "c",
+                         "key", on_step=lambda: seen.append(len(caught)))  # fmt: skip
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert [row["step"] for row in result.log] == [3, 6, 8]
+    between = {n: seen[n - 1] - seen[n - 2] for n in range(2, 9)}
+    waits = [str(w.message)[:120] for w in caught]
+    assert all(between[n] == 0 for n in (2, 3, 5, 6)), (between, waits)
+    assert between[4] > 0 and between[7] > 0, (between, waits)  # the rows of steps 3 and 6
+
+
+def test_compiled_layers_train_as_eager_ones_on_cuda(cuda, tmp_path) -> None:
+    """train.compile: layers with padding to a multiple, on CUDA (Triton kernels, bf16
+    autocast): the losses and gradient norms of eager layers, within bf16's rounding."""
+    from pipeline.model.loading import compile_layers
+
+    params = train_params(batch_size=4, epochs=2, seed=3, pad_to_multiple_of=16, device="cuda")
+    logs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        policy = CompletionScorer(tiny_qwen3().to(cuda.device))
+        policy.model.set_attn_implementation("sdpa")
+        if compiled:
+            compile_layers(policy.model)
+        reference = ModelReference(freeze(CompletionScorer(tiny_qwen3().to(cuda.device))), cuda)
+        logs.append(fit(policy, reference, random_pairs(16), params, cuda, 0,
+                        tmp_path / str(compiled), "key").log)  # fmt: skip
+    for a, b in zip(*logs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=3e-2)
 
 
 @pytest.mark.slow

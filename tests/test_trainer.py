@@ -1,11 +1,13 @@
 import copy
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.model.loading import assert_frozen, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
@@ -184,12 +186,49 @@ def test_the_lr_schedule_is_transformers_linear_schedule_step_for_step(warmup, t
     assert ours[total] == 0.0 and max(ours) <= 3e-4
 
 
-def test_no_step_reads_the_device_between_log_rows(tmp_path: Path, monkeypatch) -> None:
-    """A step queues its work and goes on: the pipeline's own code reads a tensor back (item,
-    float, int, bool, tolist, cpu, numpy: each a wait for the GPU) only for a log row or a
-    checkpoint. Counted on the CPU by wrapping those methods, for calls made from pipeline/."""
-    import sys
+# Ops after which a GPU's host waits for the device: reading a value back, and ops whose output
+# size depends on values (nonzero, boolean indexing, unique, repeat_interleave without a size).
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+            "_unique2", "unique_consecutive", "repeat_interleave"}  # fmt: skip
 
+
+class SyncOps(TorchDispatchMode):
+    """Records, as 'op at file:line', each op run that would make a GPU's host wait, wherever it
+    is called from (the pipeline, transformers, torch), except where the host is meant to work:
+    `collate_pairs` builds the batch on the host, and the optimizer step, which on the CPU reads
+    AdamW's step counts (on CUDA it is fused and reads nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
+        if name in SYNC_OPS or boolean_index:
+            self._record(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def _record(self, op: str) -> None:
+        frame, where = sys._getframe(2), None
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "collate_pairs" or "/torch/optim/" in code.co_filename:
+                return
+            if where is None and "/torch/" not in code.co_filename:
+                where = f"{Path(code.co_filename).name}:{frame.f_lineno}"
+            frame = frame.f_back
+        self.seen.append(f"{op} at {where}")
+
+
+def test_no_step_waits_for_the_device_between_log_rows(tmp_path: Path, monkeypatch) -> None:
+    """A step queues its work and goes on: nothing in it makes the host wait for a GPU except a
+    log row or a checkpoint. Checked on the CPU two ways, with SDPA as the stages load it:
+    `SyncOps` sees every op that waits (in the pipeline, transformers' masks, torch), and the
+    pipeline's own reads of a tensor (cpu, numpy, tolist: no ops on the CPU) are counted by
+    wrapping them, for calls made from pipeline/."""
     reads: list[str] = []
 
     def counted(name: str):
@@ -202,18 +241,33 @@ def test_no_step_reads_the_device_between_log_rows(tmp_path: Path, monkeypatch) 
 
         return wrapper
 
-    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+    for name in ("cpu", "numpy", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
     params = dataclasses.replace(PARAMS, epochs=1, batch_size=2, log_every=3, save_every=100)
-    seen: list[int] = []  # reads so far, after each step
-    policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
-    result = fit(policy, ModelReference(reference, CPU), random_pairs(16), params, CPU, 0,
-                 tmp_path / "c", "key", on_step=lambda: seen.append(len(reads)))  # fmt: skip
+    policy, reference = tiny_qwen3(), tiny_qwen3()
+    for model in (policy, reference):
+        model.set_attn_implementation("sdpa")
+    seen: list[int] = []  # waits so far, after each step
+    with SyncOps() as syncs:
+        result = fit(CompletionScorer(policy), ModelReference(freeze(CompletionScorer(reference)),
+                     CPU), random_pairs(16), params, CPU, 0, tmp_path / "c", "key",
+                     on_step=lambda: seen.append(len(reads) + len(syncs.seen)))  # fmt: skip
     assert [row["step"] for row in result.log] == [3, 6, 8]
-    # Reads between step n-1's hook and step n's: step n-1's log row (if any), then step n.
+    # Waits between step n-1's hook and step n's: step n-1's log row (if any), then step n.
     between = {n: seen[n - 1] - seen[n - 2] for n in range(2, 9)}
-    assert all(between[n] == 0 for n in (2, 3, 5, 6)), (between, reads)
+    assert all(between[n] == 0 for n in (2, 3, 5, 6)), (between, reads, syncs.seen)
     assert between[4] > 0 and between[7] > 0 and between[8] > 0  # rows 3 and 6; the epoch end
+
+
+def test_the_sync_detector_sees_boolean_indexing_and_reads() -> None:
+    x = torch.arange(6.0)
+    with SyncOps() as syncs:
+        x[x > 2].sum()
+        float(x.sum())
+        torch.repeat_interleave(torch.tensor([1, 2]))
+    assert [s.split(" at ")[0] for s in syncs.seen] == [
+        "index.Tensor", "_local_scalar_dense.default", "repeat_interleave.Tensor"
+    ]  # fmt: skip
 
 
 def test_log_rows_hold_what_dvc_yaml_plots(tmp_path: Path) -> None:

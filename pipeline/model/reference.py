@@ -18,7 +18,7 @@ import torch
 
 from pipeline.fingerprint import fingerprint
 from pipeline.model.loading import Quantize, Runtime, assert_frozen, attention_implementation
-from pipeline.model.scoring import PairBatch, batch_logps
+from pipeline.model.scoring import PairBatch, batch_logps, to_device
 from pipeline.stage_io import StageError, write_json_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -54,7 +54,8 @@ class CachedReference:
         self.logps = torch.from_numpy(np.ascontiguousarray(logps, dtype=np.float32)).to(device)
 
     def __call__(self, batch: PairBatch, rows: np.ndarray) -> torch.Tensor:
-        picked = self.logps[torch.as_tensor(rows, device=self.logps.device)]
+        index = to_device(torch.from_numpy(np.ascontiguousarray(rows)), self.logps.device)
+        picked = self.logps[index]
         return torch.cat([picked[:, 0], picked[:, 1]])  # [chosen; rejected], like the batch
 
 

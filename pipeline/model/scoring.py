@@ -97,19 +97,33 @@ class CompletionScorer(torch.nn.Module):
         self.packed = packed
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        scored: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, attention_mask, completion_mask: (N, T) -> (N,) fp32 summed log-probs."""
+        """input_ids, attention_mask, completion_mask: (N, T), rows right-padded -> (N,) fp32
+        summed log-probs. `scored` is `PairBatch.scored` (the predicting positions, found on the
+        host); without it they are found here, which on a GPU waits for the device.
+
+        Unpacked, the padding mask is not passed to the model: in a right-padded row a real token
+        attends only to earlier tokens, all real, so the causal mask alone gives the same hidden
+        states. Padded positions get other values, which nothing reads. With SDPA or flash
+        attention the model is told that no mask is needed (`causal_kernel_masks`): they run
+        their causal kernels, and transformers reads nothing back from the device to decide.
+        """
         if self.packed:
             return self._packed_forward(input_ids, attention_mask, completion_mask)
+        if scored is None:
+            scored = scored_positions(completion_mask)
         hidden = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, attention_mask=causal_kernel_masks(self.model), use_cache=False
         ).last_hidden_state  # (N, T, H)
-        scored = completion_mask[:, 1:].bool()  # the logit at t predicts token t+1
-        rows = scored.nonzero(as_tuple=True)[0]
-        return self._sum_logps(
-            hidden[:, :-1][scored], input_ids[:, 1:][scored], rows, len(input_ids)
-        )
+        width = input_ids.shape[1]
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)  # (K, H)
+        targets = input_ids.reshape(-1).index_select(0, scored + 1)  # the token each predicts
+        return self._sum_logps(picked, targets, scored // width, len(input_ids))
 
     def _packed_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
@@ -150,6 +164,29 @@ def pack_rows(
     return input_ids[keep], positions, rows, completion_mask[keep].bool()
 
 
+def causal_kernel_masks(model: PreTrainedModel) -> dict[str, None] | None:
+    """The prepared attention masks for a batch that needs only causality: None for each layer
+    type, so SDPA and flash attention take their causal kernels. transformers accepts such a
+    mapping in place of a 2D mask. None (build the causal mask from nothing) for other
+    attention implementations, which need the mask itself, and for sliding-window layers."""
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if config._attn_implementation not in ("sdpa", "flash_attention_2"):
+        return None
+    if layer_types != {"full_attention"}:
+        return None
+    return {"full_attention": None}
+
+
+def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) completion mask -> (K,) flat indices into the (N, T) positions whose logit DPO
+    reads, row-major: position t of a row predicts its token t + 1, so t is scored when token
+    t + 1 is a completion token."""
+    predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
+    predicts[:, :-1] = completion_mask[:, 1:].bool()
+    return predicts.flatten().nonzero().squeeze(1)
+
+
 def load_scorer(
     path: Path, runtime: Runtime, trust_remote_code: bool, quantize: Quantize = "none"
 ) -> CompletionScorer:
@@ -164,17 +201,21 @@ class PairBatch:
     input_ids: torch.Tensor  # (2B, T) prompt + completion, right-padded; chosen rows first
     attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
     completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens (the ones DPO scores)
+    scored: torch.Tensor  # (K,) `scored_positions(completion_mask)`, found on the host
     n_pairs: int  # B
     real_tokens: int  # tokens that are not padding, counted on the host (reading it never syncs)
 
     def to(self, device: torch.device) -> PairBatch:
-        """On CUDA through pinned memory, without waiting: the copy overlaps queued GPU work."""
-        tensors = (self.input_ids, self.attention_mask, self.completion_mask)
-        if device.type != "cuda":
-            moved = [t.to(device) for t in tensors]
-        else:
-            moved = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
-        return PairBatch(*moved, self.n_pairs, self.real_tokens)
+        tensors = (self.input_ids, self.attention_mask, self.completion_mask, self.scored)
+        return PairBatch(*(to_device(t, device) for t in tensors), self.n_pairs, self.real_tokens)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. On CUDA through pinned memory, without waiting: a plain copy
+    from pageable memory would wait for every queued kernel; this one overlaps them."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def collate_pairs(
@@ -203,7 +244,8 @@ def collate_pairs(
         attention[i, : len(seq)] = 1
         completion[i, start : len(seq)] = 1
     real = sum(len(seq) for seq in sequences)
-    return PairBatch(input_ids, attention, completion, n_pairs=len(prompts), real_tokens=real)
+    scored = scored_positions(completion)
+    return PairBatch(input_ids, attention, completion, scored, len(prompts), real)
 
 
 def batch_logps(scorer: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> torch.Tensor:
@@ -211,7 +253,9 @@ def batch_logps(scorer: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> 
     rejected]`. `scorer` is a CompletionScorer, possibly DDP/FSDP-wrapped (their hooks need the
     call to go through the wrapper)."""
     with runtime.autocast():
-        return scorer(batch.input_ids, batch.attention_mask, batch.completion_mask).float()
+        return scorer(
+            batch.input_ids, batch.attention_mask, batch.completion_mask, batch.scored
+        ).float()
 
 
 @torch.no_grad()
@@ -223,13 +267,19 @@ def score_pairs(
     pad_token_id: int,
     desc: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) summed completion log-probs of every pair, float64 arrays (N,)."""
+    """(chosen, rejected) summed completion log-probs of every pair, float64 arrays (N,).
+
+    The batches' log-probs stay on the device until the end: one read back for the split, so the
+    next batch is queued while the device works on this one."""
     scorer.eval()
     chosen, rejected = [], []
     for start in bar(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
         rows = dataset[start : start + batch_size]
         batch = collate_pairs(rows, pad_token_id).to(runtime.device)
-        logps = batch_logps(scorer, batch, runtime).double().cpu().numpy()
+        logps = batch_logps(scorer, batch, runtime)
         chosen.append(logps[: batch.n_pairs])
         rejected.append(logps[batch.n_pairs :])
-    return np.concatenate(chosen), np.concatenate(rejected)
+    if not chosen:
+        return np.zeros(0), np.zeros(0)
+    both = torch.stack([torch.cat(chosen), torch.cat(rejected)]).double().cpu().numpy()
+    return both[0], both[1]
