@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: train a tiny model with
-DDP or FSDP, with or without LoRA adapters, over gloo, let rank 0 write the per-step log, then
-resume from the final checkpoint (a collective state gather and scatter under FSDP), gather the
-full weights and, with adapters, save the policy as the train stage does (adapter + merged)."""
+DDP or FSDP, with or without LoRA adapters (DDP also with compiled layers), over gloo, let rank 0
+write the per-step log, then resume from the final checkpoint (a collective state gather and
+scatter under FSDP), gather the full weights and, with adapters, save the policy as the train
+stage does (adapter + merged)."""
 
 import json
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.loading import Runtime
+from pipeline.model.loading import Runtime, compile_layers
 from pipeline.train import distributed, export
 from tests.helpers import NoTokenizer, fit, random_pairs
 from tests.test_distributed import PARAMS, PER_RANK_BATCH, policy_and_reference
@@ -17,14 +18,16 @@ from tests.test_distributed import PARAMS, PER_RANK_BATCH, policy_and_reference
 if __name__ == "__main__":
     out, strategy = Path(sys.argv[1]), sys.argv[2]
     world, runtime = distributed.init_from_env(Runtime(torch.device("cpu"), None))
-    lora = strategy.endswith("-lora")
-    strategy = strategy.removesuffix("-lora")
+    lora, compiled = strategy.endswith("-lora"), "-compile" in strategy
+    strategy = strategy.split("-")[0]
     params = PARAMS.__class__(
         **{**PARAMS.__dict__, "batch_size": PER_RANK_BATCH, "parallel": strategy}
     )
     runs = []
     for _ in range(2):  # the second run finds the final checkpoint and restores it
         scorer, reference = policy_and_reference(lora, runtime)
+        if compiled:
+            compile_layers(scorer.model)
         policy = distributed.wrap(scorer, world, runtime, strategy)
         result = fit(
             policy,

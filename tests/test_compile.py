@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model.loading import compile_layers, freeze
+from pipeline.model.loading import compile_layers, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer, collate_pairs
-from pipeline.params import ParamsError
+from pipeline.params import LoraParams, ParamsError
 from pipeline.train import recipe
+from pipeline.train.adapters import AdaptersOffReference, add_adapters
 from tests.helpers import CPU, fit, random_pairs, tiny_qwen3, train_params
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ for each shape: tens of seconds
@@ -71,6 +72,29 @@ def test_compiled_layers_train_as_eager_ones_and_compile_once_per_shape(tmp_path
     ):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
     assert eager_model.state_dict().keys() == compiled_model.state_dict().keys()
+
+
+def test_compiled_layers_with_adapters_and_checkpointing_train_as_eager_ones(tmp_path) -> None:
+    """LoRA adapters inside the compiled layers, each layer's activations recomputed in backward
+    by running its compiled graph again: the same losses, gradient norms and adapters."""
+    logs, adapters = [], []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = tiny_qwen3()
+        enable_activation_checkpointing(model)
+        policy = CompletionScorer(add_adapters(model, LoraParams(enabled=True, rank=4)))
+        if compiled:
+            assert compile_layers(policy.model) == 2
+        result = fit(policy, AdaptersOffReference(policy, CPU), random_pairs(16), PARAMS, CPU, 0,
+                     tmp_path / str(compiled), "key")  # fmt: skip
+        logs.append(result.log)
+        adapters.append({n: p for n, p in policy.named_parameters() if p.requires_grad})
+    for a, b in zip(*logs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-4)
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 2 * 7 * 2
+    for name, weight in adapters[0].items():
+        torch.testing.assert_close(weight, adapters[1][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_a_killed_compiled_run_resumes_to_the_uninterrupted_result(tmp_path) -> None:

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo), DDP or FSDP2, with or without LoRA adapters, takes the
-same steps as 1 process with the same global batch: per-step loss and gradient norm agree to 1e-5;
+same steps as 1 process with the same global batch: per-step loss and gradient norm agree to 1e-5
+(1e-4 for DDP with compiled layers against the eager process);
 the checkpoint it writes (full states gathered from the shards) resumes to the same weights, and
 with adapters the saved adapter and merged model equal the single process's."""
 
@@ -42,7 +43,7 @@ def policy_and_reference(lora: bool, runtime: Runtime):
 
 @pytest.mark.slow  # two worker processes each: ~15 s a case
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-lora", "fsdp-lora", "ddp-compile"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     tmp_path: Path, strategy: str
 ) -> None:
@@ -84,13 +85,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
         "key",
     )
     assert [r["step"] for r in ddp["log"]] == [r["step"] for r in single.log]
+    tol = 1e-4 if "-compile" in strategy else 1e-5  # compiled layers against eager ones
     for multi, one in zip(ddp["log"], single.log, strict=True):
-        assert multi["loss"] == pytest.approx(one["loss"], abs=1e-5)
-        assert multi["grad_norm"] == pytest.approx(one["grad_norm"], abs=1e-5)
-        assert multi["rewards/margins"] == pytest.approx(one["rewards/margins"], abs=1e-5)
+        assert multi["loss"] == pytest.approx(one["loss"], abs=tol)
+        assert multi["grad_norm"] == pytest.approx(one["grad_norm"], abs=tol)
+        assert multi["rewards/margins"] == pytest.approx(one["rewards/margins"], abs=tol)
     assert ddp["resumed_log"] == ddp["log"]
     weights = float(sum(t.double().abs().sum() for t in policy.state_dict().values()))
-    assert ddp["weights_abs_sum"] == pytest.approx(weights, rel=1e-6)
+    assert ddp["weights_abs_sum"] == pytest.approx(weights, rel=tol / 10)
     if strategy.endswith("-lora"):
         save_policy(tmp_path / "single-policy", policy, NoTokenizer(), None, torch.float32)
         for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
