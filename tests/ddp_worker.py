@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.loading import Runtime, compile_layers
+from pipeline.model.loading import Runtime
 from pipeline.train import distributed, export
-from tests.helpers import NoTokenizer, fit, random_pairs
+from tests.helpers import NoTokenizer, compile_layers_aot_eager, fit, random_pairs
 from tests.test_distributed import PARAMS, PER_RANK_BATCH, policy_and_reference
 
 if __name__ == "__main__":
@@ -27,7 +27,7 @@ if __name__ == "__main__":
     for _ in range(2):  # the second run finds the final checkpoint and restores it
         scorer, reference = policy_and_reference(lora, runtime)
         if compiled:
-            compile_layers(scorer.model)
+            compile_layers_aot_eager(scorer.model)
         policy = distributed.wrap(scorer, world, runtime, strategy)
         result = fit(
             policy,

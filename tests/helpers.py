@@ -73,6 +73,20 @@ def tiny_qwen3(vocab_size: int = 96, seed: int = 0):
     return Qwen3ForCausalLM(config).eval()
 
 
+def compile_layers_aot_eager(model: torch.nn.Module) -> int:
+    """`compile_layers` with torch.compile's aot_eager backend: dynamo's graphs and AOTAutograd
+    as in a compiled run, without inductor's C++ builds (a minute per new graph on 2 cores;
+    tests/test_compile.py runs inductor on the plain layers)."""
+    from pipeline.model.loading import compile_layers
+
+    original = torch.nn.Module.compile
+    torch.nn.Module.compile = lambda self, **kw: original(self, backend="aot_eager", **kw)
+    try:
+        return compile_layers(model)
+    finally:
+        torch.nn.Module.compile = original
+
+
 class NoTokenizer:
     """What save_policy needs of a tokenizer, for the tiny models that have none."""
 
