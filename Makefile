@@ -93,5 +93,6 @@ bench: install
 # On a machine with a CUDA GPU, in one call: the GPU tests, then the GPU bench rows (Qwen3-0.6B's
 # shape at 8 and 32 pairs a step, Qwen3-4B's with LoRA and QLoRA, against TRL), into
 # bench/results/gpu-check.json and gpu-check.md. Installs nothing; about 8 minutes on an H100.
+# `python bench/gpu_check.py --smoke` makes the same calls on the CPU with tiny rows.
 gpu-check:
 	$(BIN)/python bench/gpu_check.py

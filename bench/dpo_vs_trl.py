@@ -179,6 +179,10 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(RUNS[args.worker](args)))
 
 
+class RowFailed(Exception):
+    """A row's process ended without a result; the message holds the end of its output."""
+
+
 def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(workdir), "--steps",
            str(args.steps), "--batch", str(args.batch), "--device", args.device,
@@ -186,7 +190,7 @@ def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise SystemExit(f"{kind} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        raise RowFailed(f"{kind} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -208,6 +212,10 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODEL_SHAPES), default="tiny")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
     parser.add_argument("--rows", help=f"comma-separated rows to run, of {','.join(RUNS)}")
+    parser.add_argument("--out", type=Path, help="the JSON report (default: bench/results/)")
+    parser.add_argument(
+        "--keep-going", action="store_true", help="report a failed row's error; run the others"
+    )
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,21 +223,34 @@ def main() -> None:
         return worker(args)
     workdir = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     make_workspace(workdir, args.steps * args.batch, model=args.model)
-    runs: dict[str, list[dict]] = {kind: [] for kind in rows_for(args)}
-    for _ in range(args.reps):
-        for kind in runs:
-            runs[kind].append(spawn(kind, workdir, args))
-    table = {kind: medians(rs) for kind, rs in runs.items()}
-    report = {"config": config(args), "median": table, "runs": runs, "ratios": ratios(table)}
+    runs, failed = run_rows(args, workdir)
+    table = {kind: medians(rs) for kind, rs in runs.items() if kind not in failed}
+    report = {"config": config(args), "median": table, "runs": runs, "ratios": ratios(table),
+              "failed": failed}  # fmt: skip
     name = "latest.json" if args.device == "cpu" else f"{args.device}-{args.model}.json"
-    write_report(report, REPO / "bench" / "results" / name)
+    write_report(report, args.out or REPO / "bench" / "results" / name)
     print_table(report)
+
+
+def run_rows(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]], dict]:
+    """Every row's repetitions, alternating, each in a fresh process; with --keep-going a row
+    that fails is left out of the next repetitions and its error kept, else it ends the run."""
+    runs: dict[str, list[dict]] = {kind: [] for kind in rows_for(args)}
+    failed: dict[str, str] = {}
+    for _ in range(args.reps):
+        for kind in (k for k in runs if k not in failed):
+            try:
+                runs[kind].append(spawn(kind, workdir, args))
+            except RowFailed as error:
+                if not args.keep_going:
+                    raise SystemExit(str(error)) from None
+                failed[kind] = str(error)[-3000:]
+                print(f"{kind} failed; going on (--keep-going)", flush=True)
+    return runs, failed
 
 
 def config(args: argparse.Namespace) -> dict:
     """What was measured, on what, with which versions."""
-    from importlib.metadata import version
-
     import torch
 
     from pipeline.params import load_params
@@ -242,9 +263,21 @@ def config(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "peak_tflops_bf16": peak_tflops(args) if args.device == "cuda" else None,
         "mfu_formula": "6 x parameters x steady tokens/s / peak dense bf16 FLOP/s",
-        "versions": {p: version(p) for p in ("torch", "transformers", "trl")},
+        "versions": {p: installed_version(p) for p in ("torch", "transformers", "trl", "peft",
+                                                        "bitsandbytes")},
         "cuda": torch.version.cuda,
     }  # fmt: skip
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of `package`, None when it is not installed (TRL and bitsandbytes
+    are optional: the rows that need them are left out without them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def ratios(table: dict[str, dict]) -> dict[str, float]:
@@ -283,6 +316,8 @@ def print_table(report: dict) -> None:
             f"{row['steady_tokens_per_s']:11.0f}{mfu:>11}{row['peak_mb']:11.0f}"
             f"{row['loss_first']:11.4f}{row['loss_last']:11.4f}"
         )
+    for kind in report.get("failed", {}):
+        print(f"{ROW_NAMES[kind]:40}{'failed: see the JSON':>22}")
     for key, value in report["ratios"].items():
         print(f"{key}: {value:.3f}")
 

@@ -5,7 +5,8 @@ there is one, loads models/base as the policy (LoRA adapters when asked) and its
 tokenized train pairs, opens the MLflow run (rank 0) and returns the `DPORecipe`, resumed from
 `checkpoints/train/<run key>/` at the repository root when a run with the same inputs was
 stopped. `save_outputs` writes models/policy and the figures, then drops the checkpoints. The
-bench builds its runs with the same functions.
+bench builds its runs with the same functions (`load_policy`, `load_reference`), also on a GPU
+machine without MLflow: only the two stage functions import it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import mlflow
 from transformers import AutoTokenizer
 
 from pipeline.data.schema import load_tokenized
@@ -48,7 +48,6 @@ from pipeline.stage_io import (
     write_csv_atomic,
     write_json_atomic,
 )
-from pipeline.track import runs
 from pipeline.train import checkpoint, distributed, export
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, trainable_parameters
 from pipeline.train.recipe import LOG_KEYS, DPORecipe
@@ -105,6 +104,10 @@ def load_reference(
 @contextlib.contextmanager
 def stage_recipe(params: Params) -> Iterator[DPORecipe]:
     """The train stage's recipe, on this process's share of the machine while it lasts."""
+    import mlflow
+
+    from pipeline.track import runs
+
     with stage_share(params.train.device) as share:
         world, runtime = distributed.init_from_env(resolve_runtime(params.train.device))
         dataset = load_tokenized(TRAIN_SPLIT)
@@ -138,6 +141,10 @@ def save_outputs(recipe: DPORecipe, params: Params) -> None:
     the MLflow run id), plots/train.csv, reports/ and metrics/train.json and the MLflow summary;
     then the checkpoints go, nothing being left to resume. Every rank calls it: gathering FSDP
     shards is a collective."""
+    import mlflow
+
+    from pipeline.track import runs
+
     state = export.policy_state(recipe.policy)
     if recipe.world.is_main:
         trust = params.model.trust_remote_code
