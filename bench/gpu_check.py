@@ -39,6 +39,10 @@ PLAN = (
 # --smoke: on the CPU, 5 steps; the QLoRA row fails there (nf4 needs CUDA), the other runs on
 SMOKE_PLAN = (("tiny", 2, ("ours", "ours_qlora")),)
 NEEDS = {"trl": "trl", "trl_fast": "trl", "ours_qlora": "bitsandbytes"}
+# What every row imports (the workspace, the shards, the adapters, the GPU tests): checked first,
+# so that a missing one costs one line, not a GPU session's minutes of failed rows.
+REQUIRED = ("transformers", "datasets", "pyarrow", "peft", "safetensors", "pytest")
+VERSIONS = (*REQUIRED, "trl", "bitsandbytes")
 
 
 def runnable(rows: tuple[str, ...], skipped: set[str]) -> list[str]:
@@ -51,6 +55,26 @@ def runnable(rows: tuple[str, ...], skipped: set[str]) -> list[str]:
         else:
             kept.append(row)
     return kept
+
+
+def preflight() -> dict[str, str | None]:
+    """Import what every row needs, stopping with one line naming what fails; the versions of
+    the packages the figures depend on (None: not installed)."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in REQUIRED:
+        try:
+            importlib.import_module(package)
+        except Exception as error:  # an old pyarrow under datasets fails as ImportError or not
+            raise SystemExit(f"error: make gpu-check needs {package}: {error}") from None
+    versions: dict[str, str | None] = {}
+    for package in VERSIONS:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def gpu_tests() -> dict[str, Any]:
@@ -105,7 +129,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def header(steps: int, device: str, skipped: set[str], tests: dict[str, Any]) -> str:
+def header(
+    steps: int, device: str, skipped: set[str], tests: dict[str, Any], versions: dict
+) -> str:
     """The table's first line: commit, device, versions, what was skipped, the tests' verdict."""
     import torch
 
@@ -115,6 +141,7 @@ def header(steps: int, device: str, skipped: set[str], tests: dict[str, Any]) ->
     if device == "cuda":
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
         where += f" (CUDA {torch.version.cuda})"
+    where += "".join(f", {name} {v}" for name, v in versions.items() if v and name != "pytest")
     return (f"commit {commit or 'unknown'}, {where}, {steps} steps a row; skipped: "
             f"{', '.join(sorted(skipped)) or 'none'}; GPU tests: {tests['summary']}")  # fmt: skip
 
@@ -134,6 +161,7 @@ def main() -> None:
     device, plan, steps = ("cpu", SMOKE_PLAN, 5) if args.smoke else ("cuda", PLAN, args.steps)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: make gpu-check needs a CUDA device (torch sees none)")
+    versions = preflight()
     started, skipped, results = time.perf_counter(), set(), []
     tests = {"summary": "not run (--smoke)"} if args.smoke else gpu_tests()
     print(f"GPU tests: {tests['summary']} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -146,8 +174,10 @@ def main() -> None:
                         if "error" not in result else result)})  # fmt: skip
         print(f"{model}, {batch} pairs/step: {'failed' if 'error' in result else 'done'} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-        write(args.out, header(steps, device, skipped, tests), tests, results, skipped, started)
-    lines = write(args.out, header(steps, device, skipped, tests), tests, results, skipped, started)
+        first = header(steps, device, skipped, tests, versions)
+        write(args.out, first, tests, results, skipped, started)
+    first = header(steps, device, skipped, tests, versions)
+    lines = write(args.out, first, tests, results, skipped, started)
     print("\n".join(lines))
     print(f"written: {args.out / 'gpu-check.json'}, {args.out / 'gpu-check.md'}")
 

@@ -27,6 +27,18 @@ def test_the_bench_path_imports_neither_mlflow_nor_dvc() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_gpu_check_stops_in_one_line_when_a_package_every_row_needs_is_missing() -> None:
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['datasets'] = None\n"
+        "sys.argv = ['gpu_check.py', '--smoke']\n"
+        "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: make gpu-check needs datasets")
+
+
 @pytest.mark.slow  # a tiny Qwen3 with the 151k vocabulary, four processes: about 80 s
 def test_gpu_check_smoke_runs_the_rows_and_writes_the_table(tmp_path) -> None:
     done = subprocess.run(
@@ -45,7 +57,7 @@ def test_gpu_check_smoke_runs_the_rows_and_writes_the_table(tmp_path) -> None:
     assert "ours_qlora" in failed or "ours_qlora (no bitsandbytes)" in report["skipped"]
     assert not failed or "nf4 needs a CUDA GPU" in failed["ours_qlora"]
     table = (tmp_path / "gpu-check.md").read_text()
-    assert table.startswith("commit ") and ", cpu, torch " in table
+    assert table.startswith("commit ") and ", cpu, torch " in table and ", transformers " in table
     assert "| tiny | 2 | ours | " in table
     if failed:
         assert "| tiny | 2 | ours_qlora | failed: see the JSON" in table
