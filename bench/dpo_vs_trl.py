@@ -38,7 +38,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from measure import STEADY_FROM, TRL_COLUMNS, now, peak_tflops, summary  # noqa: E402
+from measure import (  # noqa: E402
+    STEADY_FROM,
+    TRL_COLUMNS,
+    installed_version,
+    now,
+    peak_tflops,
+    summary,
+)
 from workload import MAX_LENGTH, MODEL_SHAPES, VOCAB, make_workspace, tokenized_rows  # noqa: E402
 
 
@@ -267,17 +274,6 @@ def config(args: argparse.Namespace) -> dict:
                                                         "bitsandbytes")},
         "cuda": torch.version.cuda,
     }  # fmt: skip
-
-
-def installed_version(package: str) -> str | None:
-    """The installed version of `package`, None when it is not installed (TRL and bitsandbytes
-    are optional: the rows that need them are left out without them)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def ratios(table: dict[str, dict]) -> dict[str, float]:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from measure import installed_version  # bench/, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # (model shape, pairs a step, rows), most wanted first: past --budget-s the rest is not started.
@@ -61,20 +63,13 @@ def preflight() -> dict[str, str | None]:
     """Import what every row needs, stopping with one line naming what fails; the versions of
     the packages the figures depend on (None: not installed)."""
     import importlib
-    from importlib.metadata import PackageNotFoundError, version
 
     for package in REQUIRED:
         try:
             importlib.import_module(package)
         except Exception as error:  # an old pyarrow under datasets fails as ImportError or not
             raise SystemExit(f"error: make gpu-check needs {package}: {error}") from None
-    versions: dict[str, str | None] = {}
-    for package in VERSIONS:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return {package: installed_version(package) for package in VERSIONS}
 
 
 def gpu_tests() -> dict[str, Any]:

@@ -23,6 +23,17 @@ def forward_tokens(data, n: int, columns: tuple[str, str, str] = PIPELINE_COLUMN
     )
 
 
+def installed_version(package: str) -> str | None:
+    """The installed version of `package`, None when it is not installed (TRL and bitsandbytes
+    are optional: the rows that need them are left out without them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def now() -> float:
     """Wall clock after the device has finished what was queued (CUDA runs asynchronously)."""
     import torch

@@ -31,6 +31,7 @@ def test_gpu_check_stops_in_one_line_when_a_package_every_row_needs_is_missing()
     code = (
         "import runpy, sys\n"
         "sys.modules['datasets'] = None\n"
+        "sys.path.insert(0, 'bench')  # as when the script itself is run\n"
         "sys.argv = ['gpu_check.py', '--smoke']\n"
         "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n"
     )
