@@ -42,9 +42,10 @@ tune: install
 	$(BIN)/python -m pipeline.tune $(ARGS)
 
 # The registry's champion over HTTP on 127.0.0.1:PORT: MLflow's scoring server in this
-# environment (no new virtualenv). POST /invocations with {"inputs": [prompt, ...],
-# "params": {"max_new_tokens": N}}; README "Serving" has a curl line. MLFLOW_TRACKING_URI picks
-# a team server's registry instead of the local store.
+# environment (no new virtualenv). POST /invocations with {"inputs": [question, ...],
+# "params": {"max_new_tokens": N}}: plain questions, asked in the policy's training prompt format
+# ("raw": true sends formatted prompts as they are); README "Serving" has a curl line.
+# MLFLOW_TRACKING_URI picks a team server's registry instead of the local store.
 MODEL ?= qwen3-dpo
 PORT ?= 5001
 serve:  # PATH: MLflow starts the server as `uvicorn`, from this environment

@@ -82,7 +82,7 @@ def main() -> None:
     run_id = read_run_id(MODEL_POLICY)
     report = json.loads((REPORTS / "eval.json").read_text())
     judged = json.loads((REPORTS / "judge.json").read_text())
-    model_uri = log_policy(run_id, MODEL_POLICY)
+    model_uri = log_policy(run_id, MODEL_POLICY, params.tokenize)
     gate = params.register.gate
     measure = champion_judge if gate == "gen_win_rate" else champion_scorer
     reg = register_policy(

@@ -410,12 +410,15 @@ def post(url: str, body: bytes) -> tuple[int, Any]:
 def test_make_serve_answers_over_http_and_survives_a_bad_request(
     demo_runs, demo_model_dir, tmp_path
 ) -> None:
-    """`make serve` as the README gives it: the champion answers a prompt in under 5 s with at
-    most max_new_tokens tokens; malformed JSON gets a 4xx with a message and the server goes on
-    (20 requests in a row)."""
+    """`make serve` as the README gives it: the champion answers a plain question in under 5 s
+    with at most max_new_tokens tokens, as it answers the same question already in the demo's
+    training format with "raw": true; malformed JSON gets a 4xx with a message and the server
+    goes on (20 requests in a row)."""
     import socket
 
     from transformers import AutoTokenizer
+
+    from pipeline.params import load_params
 
     repo, env, _, _ = demo_runs
     with socket.socket() as s:
@@ -427,21 +430,27 @@ def test_make_serve_answers_over_http_and_survives_a_bad_request(
                               env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    prompt = "Question: How do I reverse a list in Python?\n\nAnswer: "
+    question = "How do I reverse a list in Python?"
     try:
         wait_for(f"{url}/ping", server, (tmp_path / "serve.log"))
         answers = {}
         for tokens in (4, 32):
-            body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": tokens}})
+            body = json.dumps({"inputs": [question], "params": {"max_new_tokens": tokens}})
             started = time.perf_counter()
             status, reply = post(f"{url}/invocations", body.encode())
             assert status == 200 and time.perf_counter() - started < 5, (status, reply)
             answers[tokens] = reply["predictions"][0]
         assert len(tokenizer(answers[4], add_special_tokens=False)["input_ids"]) <= 4
         assert answers[32].startswith(answers[4]) and len(answers[32]) > len(answers[4])
+        # The demo trains with params.yaml's template: the server wrapped the question in it.
+        trained = load_params(repo / "params.yaml").tokenize
+        assert not trained.use_chat_template
+        formatted = trained.template.replace("{question}", question)
+        body = json.dumps({"inputs": [formatted], "params": {"max_new_tokens": 32, "raw": True}})
+        assert post(f"{url}/invocations", body.encode()) == (200, {"predictions": [answers[32]]})
         status, reply = post(f"{url}/invocations", b'{"inputs": ["unclosed')
         assert 400 <= status < 500 and reply.get("message"), (status, reply)
-        body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": 8}}).encode()
+        body = json.dumps({"inputs": [question], "params": {"max_new_tokens": 8}}).encode()
         replies = [post(f"{url}/invocations", body) for _ in range(20)]
         assert {status for status, _ in replies} == {200}
     finally:

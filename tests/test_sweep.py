@@ -185,7 +185,8 @@ def test_rescoring_is_the_evaluate_stage_computation(sweep, monkeypatch) -> None
     assert figures["win_rate"] == float(version.tags["win_rate"])
     assert figures["eval_loss"] == float(version.tags["eval_loss"])
     mlflow.set_tracking_uri(client.tracking_uri)
-    probe = mlflow.register_model(log_policy(base_run, MODEL_BASE), "probe")
+    logged = log_policy(base_run, MODEL_BASE, load_params().tokenize)
+    probe = mlflow.register_model(logged, "probe")
     untrained = rescore(client.get_model_version("probe", probe.version))
     # Policy == reference: every log-ratio ~0 (the two ran with other thread counts, so not
     # bit for bit, and the win rate is a coin toss of rounding signs: not checked). The loss

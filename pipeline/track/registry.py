@@ -7,6 +7,8 @@ pairs (pipeline/track/champion.py); otherwise the new version is the challenger.
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
+from pipeline.params import TokenizeParams
 from pipeline.track.champion import (
     DIVERGED,
     FIRST,
@@ -31,6 +34,7 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 JUDGE_TAGS = ("gen_win_rate", "gen_win_rate_low", "gen_win_rate_high", "gen_win_rate_lc",
               "reward_accuracy")  # fmt: skip
 MAX_NEW_TOKENS = 64  # default answer length of the served model
+PROMPT_FORMAT_FILE = "prompt_format.json"  # serving.py reads it as the artifact "prompt_format"
 # Explicit requirements: MLflow's inference would import every flavour (torchvision among them).
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "pandas", "mlflow")
 
@@ -95,20 +99,35 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def log_policy(run_id: str, policy_dir: Path) -> str:
-    """Log the HF folder as a pyfunc text generator to `run_id`; return the model URI."""
-    # Declared params let callers pass max_new_tokens to predict(); strings in, strings out.
+def prompt_format(tokenize: TokenizeParams) -> dict[str, Any]:
+    """What serving.py needs to ask the policy a question the way the tokenize stage did."""
+    return {"template": tokenize.template, "use_chat_template": tokenize.use_chat_template}
+
+
+def log_policy(run_id: str, policy_dir: Path, tokenize: TokenizeParams) -> str:
+    """Log the HF folder as a pyfunc text generator to `run_id`, with the prompt format of
+    `tokenize` (the params the policy was trained with); return the model URI."""
+    # Declared params let callers pass max_new_tokens and raw to predict(); strings in and out.
     signature = mlflow.models.infer_signature(
-        ["Question: ...\n\nAnswer: "], ["..."], params={"max_new_tokens": MAX_NEW_TOKENS}
+        ["How do I reverse a list in Python?"],
+        ["..."],
+        params={"max_new_tokens": MAX_NEW_TOKENS, "raw": False},
     )
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(run_id=run_id),
+        warnings.catch_warnings(),
+    ):
+        # The format travels with the model: a version loaded later must not read params.yaml.
+        format_file = Path(tmp) / PROMPT_FORMAT_FILE
+        format_file.write_text(json.dumps(prompt_format(tokenize), indent=2) + "\n")
         # The explicit signature says what an input example would; running one would load and
         # generate with the model at registration time for nothing.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
         info = mlflow.pyfunc.log_model(
             name="policy",
             python_model=str(SERVING_CODE),
-            artifacts={"policy": str(policy_dir)},
+            artifacts={"policy": str(policy_dir), "prompt_format": str(format_file)},
             pip_requirements=pip_requirements(),
             signature=signature,
         )
