@@ -1,15 +1,18 @@
 """judge: models/policy + models/reward + data/judge_base -> reports/judge.json (every figure:
 generation win rate against the base model with its interval, length-controlled win rate,
-rewards, lengths, answers cut at the limit, loops), metrics/judge.json (headline figures),
-reports/judge_samples.json (each question's answers side by side), and all of it in the
-policy's MLflow run."""
+rewards, lengths, answers cut at the limit, loops, and the reward model's held-out accuracy with
+its interval), metrics/judge.json (headline figures, and `judge_reliable`: false when the reward
+model cannot be told from a coin), reports/judge_samples.json (each question's answers side by
+side), and all of it in the policy's MLflow run."""
 
 import json
+from typing import Any
 
 import pyarrow.parquet as pq
 
 from pipeline.fingerprint import fingerprint
 from pipeline.judge.generate import ANSWERS_FILE, model_answers, scored
+from pipeline.judge.trust import judge_trust, reward_model_phrase, unreliable_reason
 from pipeline.judge.verdict import (
     HEADLINE,
     figures_of,
@@ -38,11 +41,13 @@ def main() -> None:
     runtime = resolve_runtime(params.judge.device)
     base = pq.read_table(DATA_JUDGE_BASE / ANSWERS_FILE)
     questions = questions_of(base)
+    # Read first: a reward report without the accuracy's interval stops the stage before it
+    # spends minutes generating.
+    trust = judge_trust(json.loads((REPORTS / "reward.json").read_text()))
     with stage_share(params.judge.device):
         answers = model_answers(MODEL_POLICY, "policy", questions, params, runtime)
         policy = same_answer_same_reward(scored(answers, params, runtime), base)
-    accuracy = json.loads((REPORTS / "reward.json").read_text())["reward_accuracy"]
-    figures = {**figures_of(policy, base, params.judge.seed), "reward_accuracy": accuracy}
+    figures = {**figures_of(policy, base, params.judge.seed), **trust}
     # What the figures were measured on (questions, base answers, decoding, reward model): the
     # champion gate compares gen_win_rate only between versions with the same key.
     key = fingerprint({}, DATA_JUDGE_BASE)
@@ -52,12 +57,20 @@ def main() -> None:
     write_text_atomic(REPORTS / "judge_samples.json", samples.to_json(orient="records", indent=1))
     runs.configure()
     log_to_run(runs.read_run_id(MODEL_POLICY), figures, samples)
-    print(
+    print(verdict_line(figures))
+
+
+def verdict_line(figures: dict[str, Any]) -> str:
+    """The stage's one line: the win rate with its interval, and the reward model it rests on;
+    a judge that cannot be told from a coin says so, with why."""
+    line = (
         f"gen_win_rate {figures['gen_win_rate']:.3f} [{figures['gen_win_rate_low']:.3f}, "
         f"{figures['gen_win_rate_high']:.3f}] against the base model over "
         f"{figures['prompts']} questions x {figures['samples']} (length-controlled "
-        f"{figures['gen_win_rate_lc']:.3f}; reward model accuracy {accuracy:.3f})"
+        f"{figures['gen_win_rate_lc']:.3f}"
     )
+    reason = unreliable_reason(figures)  # it names the reward model's figures itself
+    return f"{line}; {reward_model_phrase(figures)})" if reason is None else f"{line}); {reason}"
 
 
 if __name__ == "__main__":

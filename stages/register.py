@@ -5,7 +5,11 @@ compared with, and the stage's one-line summary).
 register.gate picks the figure that decides the champion. When the champion was measured on
 other held-out pairs (gate win_rate) or other judged answers (gate gen_win_rate), it is first
 measured like this version with the evaluate stage's code (models/base, data/tokenized/eval,
-data/reference/eval) or the judge stage's (models/reward, data/judge_base)."""
+data/reference/eval) or the judge stage's (models/reward, data/judge_base).
+
+A judge whose reward model cannot be told from a coin (reports/judge.json's judge_reliable is
+false) is named on the summary line whatever the gate; gen_win_rate then refuses to decide: the
+version is registered as the challenger, the champion keeps its alias, and the line says why."""
 
 import dataclasses
 import json

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.judge.trust import accuracy_interval, judge_trust
 from pipeline.track import champion as gate
 from pipeline.track import runs as tracking
 from tests.helpers import REPO
@@ -146,11 +147,19 @@ def test_a_version_carries_its_runs_divergence_tag_and_both_gates_figures(client
     untagged = client.create_run(experiment).info.run_id  # trained before the flag existed
     judged = {
         **{"gen_win_rate": 0.7, "gen_win_rate_low": 0.6, "gen_win_rate_high": 0.8},
-        **{"gen_win_rate_lc": 0.65, "reward_accuracy": 0.9, "judge_key": "answers-a"},
+        **{"gen_win_rate_lc": 0.65, "judge_key": "answers-a"},
+        **judge_trust({**accuracy_interval(0.9, 300), "heldout_pairs": 300}),
     }
     assert version_tags(report, judged, tagged)["diverged"] == "true"
     tags = version_tags(report, judged, untagged)
     assert tags["diverged"] == "false"
+    # The reward model's accuracy with its interval, and the flag as the gate reads it.
+    assert (tags["reward_accuracy"], tags["reward_heldout_pairs"], tags["judge_reliable"]) == (
+        0.9, 300, "true"
+    )  # fmt: skip
+    assert tags["reward_accuracy_low"] == pytest.approx(0.8608, abs=5e-5)
+    blind = {**judged, **judge_trust({**accuracy_interval(0.52, 80), "heldout_pairs": 80})}
+    assert version_tags(report, blind, untagged)["judge_reliable"] == "false"
     # Both gates' figures, whichever decides, and what the judge's were measured on.
     assert (tags["win_rate"], tags["gen_win_rate"], tags["judge_answers"]) == (
         0.9,
@@ -242,3 +251,71 @@ def test_with_the_generation_gate_other_judged_answers_mean_the_champion_is_judg
     new = add_version(client, store, 0.5, gen_win_rate="0.65", **other)
     alias, seen = gate.assign_alias(client, "m", new, ALIASES, rejudge, judged)
     assert (alias, seen.basis, rejudge.calls) == ("champion", gate.RESCORED, [first])
+
+
+def test_the_generation_gate_refuses_to_decide_on_an_unreliable_judge(client, store) -> None:
+    """Registered, as the challenger, and the champion keeps its alias: not compared at all, so
+    not even a champion judged otherwise is judged again."""
+    judged = gate.GATES["gen_win_rate"]
+    first = add_version(client, store, 0.9, gen_win_rate="0.6", gen_win_rate_lc="0.6",
+                        judge_answers="answers-a", judge_reliable="true")  # fmt: skip
+    never = Rescorer(0.0)
+    assert gate.assign_alias(client, "m", first, ALIASES, never, judged)[0] == "champion"
+    for answers in ("answers-a", "answers-b"):  # the same judged answers, and others
+        blind = add_version(client, store, 0.95, gen_win_rate="0.99", gen_win_rate_lc="0.99",
+                            judge_answers=answers, judge_reliable="false")  # fmt: skip
+        alias, seen = gate.assign_alias(client, "m", blind, ALIASES, never, judged)
+        assert (alias, seen) == ("challenger", gate.Comparison(gate.UNRELIABLE_JUDGE, first))
+    assert str(client.get_model_version_by_alias("m", "champion").version) == first
+    assert never.calls == []
+
+
+def test_the_held_out_gate_decides_whatever_the_judge(client, store) -> None:
+    first = add_version(client, store, 0.9, judge_reliable="true")
+    never = Rescorer(0.0)
+    gate.assign_alias(client, "m", first, ALIASES, never)
+    blind = add_version(client, store, 0.95, judge_reliable="false")
+    assert gate.assign_alias(client, "m", blind, ALIASES, never)[:1] == ("champion",)
+
+
+def test_a_first_version_takes_the_champion_alias_even_with_an_unreliable_judge(
+    client, store
+) -> None:
+    """No figures are compared for a first version, under any gate: nothing to refuse."""
+    judged = gate.GATES["gen_win_rate"]
+    blind = add_version(client, store, 0.9, gen_win_rate="0.7", judge_reliable="false")
+    assert gate.assign_alias(client, "m", blind, ALIASES, Rescorer(0.0), judged) == (
+        "champion", gate.Comparison(gate.FIRST),
+    )  # fmt: skip
+
+
+def registration(alias: str, comparison: gate.Comparison, accuracy: float, pairs: int):
+    """What the register stage describes: a version with these figures, given `comparison`."""
+    from pipeline.track.registry import Registration
+
+    reward = {**accuracy_interval(accuracy, pairs), "heldout_pairs": pairs}
+    figures = {"win_rate": 0.9, "eval_loss": 0.4, "gen_win_rate": 0.7, **judge_trust(reward)}
+    return Registration("m", "2", alias, "run", "uri", comparison, figures)
+
+
+def test_the_register_line_says_why_the_gate_refused() -> None:
+    refused = registration("challenger", gate.Comparison(gate.UNRELIABLE_JUDGE, "1"), 0.52, 80)
+    assert refused.describe("champion") == (
+        "registered m v2 as @challenger (win rate 0.9000, eval loss 0.4000, gen win rate 0.700, "
+        "champion v1: kept, not compared: the gen_win_rate gate does not decide on an "
+        "unreliable judge; judge unreliable: reward model accuracy 0.520 [0.412, 0.626] on 80 "
+        "pairs includes 0.5)"
+    )
+
+
+def test_the_register_line_names_an_unreliable_judge_whatever_the_gate() -> None:
+    won = gate.Comparison(gate.SAME_PAIRS, "1", {"win_rate": 0.8, "eval_loss": 0.5})
+    assert registration("champion", won, 0.24, 50).describe("champion") == (
+        "registered m v2 as @champion (win rate 0.9000, eval loss 0.4000, gen win rate 0.700, "
+        "beats champion v1; judge unreliable: reward model accuracy 0.240 [0.143, 0.374] on 50 "
+        "pairs lies below 0.5)"
+    )
+    assert registration("champion", won, 0.9, 300).describe("champion") == (
+        "registered m v2 as @champion (win rate 0.9000, eval loss 0.4000, gen win rate 0.700, "
+        "beats champion v1)"
+    )

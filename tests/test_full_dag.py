@@ -312,9 +312,10 @@ def test_dvc_exp_show_lists_the_experiments_with_metrics(demo_runs) -> None:
     assert shown - {"Experiment", "rev", "typ", "Created", "parent"} == {
         "final_loss", "padded_share", "pairs_per_s", "steps",
         "win_rate", "kendall_tau", "eval_loss", "pairwise_tau", "pairs",
-        "reward_accuracy", "gen_win_rate", "gen_win_rate_low", "gen_win_rate_high",
+        "reward_accuracy", "reward_accuracy_low", "reward_accuracy_high",
+        "gen_win_rate", "gen_win_rate_low", "gen_win_rate_high",
         "gen_win_rate_lc", "reward_policy", "reward_base", "length_policy", "length_base",
-        "loop_share_policy",
+        "loop_share_policy", "judge_reliable",
     }  # fmt: skip
 
 
@@ -341,6 +342,9 @@ def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
     assert abs(history[0].value - weight * nll - 0.6931) < 0.05
     assert default.data.metrics["judge/gen_win_rate"] >= 0.75
     assert default.data.metrics["judge/reward_accuracy"] >= 0.9
+    # Hundreds of held-out pairs at 0.9: the interval stays well above a coin.
+    assert default.data.metrics["judge/reward_accuracy_low"] > 0.5
+    assert default.data.tags["judge_reliable"] == "true"
     inputs = client.get_run(default.info.run_id).inputs.dataset_inputs  # the Dataset column
     rows = {input_context(i): json.loads(i.dataset.profile)["num_rows"] for i in inputs}
     assert rows == {"training": 2166, "evaluation": 309}

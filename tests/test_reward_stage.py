@@ -21,6 +21,8 @@ import yaml
 
 from pipeline.data.schema import SOURCE_SCHEMA, SUBSAMPLED_SCHEMA
 from pipeline.data.subsample import with_ids
+from pipeline.judge.trust import COIN, wilson_interval
+from stages.reward import HEADLINE
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # seven runs of the stage, each in a fresh process: ~80 s in all
@@ -52,6 +54,16 @@ def write_shards(folder: Path, table: pa.Table, shards: int = 1) -> None:
     for i in range(shards):
         part = table.slice(i * size, size)
         pq.write_table(part, folder / f"train-{i:05d}-of-{shards:05d}.parquet")
+
+
+def assert_interval(report: dict, line: str) -> None:
+    """The report's interval is the Wilson interval of its accuracy over its held-out pairs,
+    and the stage's line warns exactly when the interval reaches a coin."""
+    interval = (report["reward_accuracy_low"], report["reward_accuracy_high"])
+    assert interval == wilson_interval(report["reward_accuracy"], report["heldout_pairs"])
+    warned = line.endswith("pairs; lower end at or below 0.5: the judge's figures will be "
+                           "marked unreliable")  # fmt: skip
+    assert warned == (interval[0] <= COIN), line
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +255,12 @@ def test_held_out_questions_are_removed_before_training(
     assert report["train_pairs"] == REWARD_PAIRS  # every kept demo pair has distinct answers
     assert report["heldout_pairs"] == len(held_out)
     assert [row["epoch"] for row in report["history"]] == [1]
-    assert last_line(done) == (
+    assert last_line(done).startswith(
         f"reward model ({REWARD_PAIRS} pairs of data/reward): held-out pair accuracy "
-        f"{report['reward_accuracy']:.4f} on {len(held_out)} pairs"
+        f"{report['reward_accuracy']:.4f} [{report['reward_accuracy_low']:.4f}, "
+        f"{report['reward_accuracy_high']:.4f}] on {len(held_out)} pairs"
     )
+    assert_interval(report, last_line(done))
 
     model = workdir / "models" / "reward"
     config = json.loads((model / "config.json").read_text())
@@ -259,7 +273,7 @@ def test_held_out_questions_are_removed_before_training(
     resolved = json.loads((model / "resolved_params.json").read_text())
     assert resolved["judge"]["fraction"] == 1.0 and resolved["judge"]["model"] == ""
     metrics = json.loads((workdir / "metrics" / "reward.json").read_text())
-    assert metrics == {"reward_accuracy": report["reward_accuracy"]}
+    assert metrics == {k: report[k] for k in HEADLINE}
     assert 0 <= metrics["reward_accuracy"] <= 1
 
 
@@ -330,10 +344,12 @@ def test_an_existing_reward_model_with_its_own_tokenizer_is_adopted(
     assert 0 < report["heldout_pairs"] <= len(held_out)
     assert "history" not in report and "train_pairs" not in report  # nothing trained
     assert 0 <= report["reward_accuracy"] <= 1
-    assert last_line(done) == (
+    assert last_line(done).startswith(
         f"reward model ({name}): held-out pair accuracy {report['reward_accuracy']:.4f} "
+        f"[{report['reward_accuracy_low']:.4f}, {report['reward_accuracy_high']:.4f}] "
         f"on {report['heldout_pairs']} pairs"
     )
+    assert_interval(report, last_line(done))
     model = workdir / "models" / "reward"
     form = json.loads((model / "reward_format.json").read_text())
     assert form["chat"] is True and form["max_length"] == 128
@@ -346,7 +362,7 @@ def test_an_existing_reward_model_with_its_own_tokenizer_is_adopted(
     assert vocab[0] == vocab[1] and len(vocab[0]) < 1000  # not the policy's 2,048 + 3
     assert json.loads((model / "resolved_params.json").read_text())["judge"]["model"] == name
     metrics = json.loads((workdir / "metrics" / "reward.json").read_text())
-    assert metrics == {"reward_accuracy": report["reward_accuracy"]}
+    assert metrics == {k: report[k] for k in HEADLINE}
 
 
 def test_an_adopted_chat_reward_model_reads_every_held_out_pairs_answers(

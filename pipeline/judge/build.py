@@ -1,5 +1,6 @@
 """The reward stage's work: train a reward model on the dataset's reward pairs, or adopt an
-existing one (`judge.model`); either way measure its pair accuracy on the held-out pairs.
+existing one (`judge.model`); either way measure its pair accuracy on the held-out pairs, with
+its 95 % Wilson interval (pipeline/judge/trust.py).
 
 No held-out question reaches the reward model's training pairs (the subsample stage's rule, by
 question URL), so its held-out accuracy is a fair figure and it never judges answers to questions
@@ -31,6 +32,7 @@ from pipeline.judge.reward import (
     pair_rows,
     train_reward_model,
 )
+from pipeline.judge.trust import accuracy_interval
 from pipeline.model.loading import Runtime, pad_token_id
 from pipeline.params import ModelParams, Params, TokenizeParams
 from pipeline.stage_io import MODEL_BASE, StageError
@@ -136,8 +138,9 @@ def _measure(
     runtime: Runtime,
     out: Path,
 ) -> dict[str, Any]:
-    """Held-out pair accuracy; the input format saved beside the model in `out`."""
+    """Held-out pair accuracy and its interval; the input format saved beside the model in
+    `out`."""
     pairs = pair_rows(held_out, tokenizer, form)
     accuracy = pair_accuracy(model, pairs, params.judge.batch_size, runtime)
     (out / FORMAT_FILE).write_text(json.dumps(dataclasses.asdict(form), indent=2) + "\n")
-    return {"reward_accuracy": accuracy, "heldout_pairs": len(pairs)}
+    return {**accuracy_interval(accuracy, len(pairs)), "heldout_pairs": len(pairs)}

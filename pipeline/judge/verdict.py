@@ -15,8 +15,9 @@ from pipeline.judge.figures import judge_figures
 from pipeline.judge.generate import Question
 
 SAMPLES_FILE = "judge_samples.json"  # the MLflow table, in the run's artifacts
-# The figures dvc exp show lists (the reward model's accuracy is in metrics/reward.json: one
-# column, not two that DVC would have to tell apart); reports/judge.json and MLflow hold all.
+# The figures dvc exp show lists (the reward model's accuracy and its interval are in
+# metrics/reward.json: one column each, not two that DVC would have to tell apart; whether they
+# make the judge reliable is here); reports/judge.json and MLflow hold all.
 HEADLINE = (
     "gen_win_rate",
     "gen_win_rate_low",
@@ -27,6 +28,7 @@ HEADLINE = (
     "length_policy",
     "length_base",
     "loop_share_policy",
+    "judge_reliable",
 )
 
 
@@ -107,7 +109,10 @@ def side_by_side(policy: pa.Table, base: pa.Table) -> pd.DataFrame:
 def log_to_run(run_id: str, figures: dict[str, Any], samples: pd.DataFrame) -> None:
     """The figures as `judge/*` metrics and the samples as an MLflow table of the policy's run
     (the run's Artifacts tab shows it; the runs list's "Artifact evaluation" view lines up
-    several runs' tables by question)."""
+    several runs' tables by question). `judge_reliable` is also a run tag ("true"/"false", as
+    train's `diverged`), so the runs list can filter out runs judged by a coin."""
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"judge/{k}": float(v) for k, v in figures.items()})
+        if "judge_reliable" in figures:
+            mlflow.set_tag("judge_reliable", str(bool(figures["judge_reliable"])).lower())
         mlflow.log_table(samples, artifact_file=SAMPLES_FILE)

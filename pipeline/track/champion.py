@@ -11,6 +11,11 @@ never takes its alias automatically: promote it by hand or register it under ano
 With `register.gate: gen_win_rate` the same holds for the judge's figures: comparable when the
 judged questions, the base model's scored answers, the decoding and the reward model are the same
 (one digest of data/judge_base); otherwise the champion is first judged on this run's questions.
+That gate does not decide on a judge whose reward model cannot be told from a coin (the version's
+`judge_reliable` tag is "false", pipeline/judge/trust.py): the version is registered as the
+challenger and the champion keeps its alias. Failing the stage instead would lose the run's
+registration, and its held-out figures, for a fault of the judge, not of the policy. A first
+version still takes the champion alias: no figures are compared then, under any gate.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Gate:
 
     order: tuple[tuple[str, int], ...]
     key_tags: tuple[str, ...]
+    # Its figures are the judge's: an unreliable judge (tag judge_reliable "false") decides nothing.
+    judged: bool = False
 
     @property
     def figures(self) -> tuple[str, ...]:
@@ -51,25 +58,26 @@ GATES = {
     # Generation win rate against the base model, then its length-controlled value: comparable
     # on the same judged questions, base answers, decoding and reward model (one digest).
     "gen_win_rate": Gate(
-        (("gen_win_rate", 1), ("gen_win_rate_lc", 1)), ("judge_answers", "base_model")
+        (("gen_win_rate", 1), ("gen_win_rate_lc", 1)), ("judge_answers", "base_model"), True
     ),
 }
 KEY_TAGS = GATES["win_rate"].key_tags
 # A champion's figures measured like this version's: its ModelVersion -> {figure: value}.
 Rescore = Callable[[ModelVersion], dict[str, float]]
 
-FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED = (
+FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE = (
     "first version",
     "same held-out pairs",
     "champion re-scored on these held-out pairs",
     "champion trained from another base model, not compared",
     "its training diverged (a train loss above 10 x ln 2): never the champion",
+    "kept, not compared: the gen_win_rate gate does not decide on an unreliable judge",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    basis: str  # one of FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED
+    basis: str  # one of FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE
     champion: str | None = None  # the version compared with
     champion_figures: dict[str, float] | None = None  # its figures the decision used
 
@@ -120,6 +128,20 @@ def champion_figures(
     return Comparison(RESCORED, str(champion.version), measured)
 
 
+def compare(
+    client: MlflowClient, new: dict[str, Any], champion: ModelVersion | None, rescore: Rescore,
+    gate: Gate,
+) -> Comparison:  # fmt: skip
+    """What the `new` version's tags are compared with: nothing for the first version; nothing
+    either when the gate reads the judge's figures and the judge is unreliable (the champion
+    keeps its alias); otherwise the champion's figures measured like the new version's."""
+    if champion is None:
+        return Comparison(FIRST)
+    if gate.judged and new.get("judge_reliable") == "false":
+        return Comparison(UNRELIABLE_JUDGE, str(champion.version))
+    return champion_figures(client, new, champion, rescore, gate)
+
+
 def assign_alias(
     client: MlflowClient,
     name: str,
@@ -143,11 +165,7 @@ def assign_alias(
         return challenger_alias, Comparison(DIVERGED)
     while True:
         champion = current_champion(client, name, champion_alias)
-        comparison = (
-            Comparison(FIRST)
-            if champion is None
-            else champion_figures(client, new, champion, rescore, gate)
-        )
+        comparison = compare(client, new, champion, rescore, gate)
         wins = comparison.basis == FIRST or (
             comparison.champion_figures is not None
             and beats(new, comparison.champion_figures, gate)

@@ -17,6 +17,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
+from pipeline.judge.trust import unreliable_reason
 from pipeline.params import TokenizeParams
 from pipeline.track.champion import (
     DIVERGED,
@@ -30,9 +31,11 @@ from pipeline.track.champion import (
 from pipeline.track.runs import provenance_tags
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-# The judge's figures every version records, whichever figure decides the champion.
+# The judge's figures every version records, whichever figure decides the champion, and the
+# reward model's accuracy they rest on (judge_reliable is tagged apart, as "true"/"false").
 JUDGE_TAGS = ("gen_win_rate", "gen_win_rate_low", "gen_win_rate_high", "gen_win_rate_lc",
-              "reward_accuracy")  # fmt: skip
+              "reward_accuracy", "reward_accuracy_low", "reward_accuracy_high",
+              "reward_heldout_pairs")  # fmt: skip
 MAX_NEW_TOKENS = 64  # default answer length of the served model
 PROMPT_FORMAT_FILE = "prompt_format.json"  # serving.py reads it as the artifact "prompt_format"
 # Explicit requirements: MLflow's inference would import every flavour (torchvision among them).
@@ -68,18 +71,21 @@ class Registration:
                 )
                 verdict += f", {how}: {measured}"
         figures = self.metrics
+        # Said whichever gate decided: the gen win rate on this line rests on the judge.
+        reason = unreliable_reason(figures)
         return (
             f"registered {self.name} v{self.version} as @{self.alias} (win rate "
             f"{float(figures['win_rate']):.4f}, eval loss {float(figures['eval_loss']):.4f}, "
-            f"gen win rate {float(figures['gen_win_rate']):.3f}, {verdict})"
+            f"gen win rate {float(figures['gen_win_rate']):.3f}, {verdict}"
+            f"{'' if reason is None else '; ' + reason})"
         )
 
 
 def version_tags(report: dict[str, Any], judged: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Tags of a new model version from evaluate's and judge's reports: its held-out and
     generation figures (the champion gate reads one pair of them, register.gate decides which),
-    the keys saying what they were measured on, whether its training diverged (the train
-    stage's tag on the run), and where it came from."""
+    the keys saying what they were measured on, whether the judge is reliable, whether its
+    training diverged (the train stage's tag on the run), and where it came from."""
     diverged = MlflowClient().get_run(run_id).data.tags.get("diverged", "false")
     return {
         "diverged": diverged,
@@ -89,6 +95,7 @@ def version_tags(report: dict[str, Any], judged: dict[str, Any], run_id: str) ->
         "eval_pairs": report["pairs"],
         **report["comparison_key"],
         **{k: judged[k] for k in JUDGE_TAGS},
+        "judge_reliable": str(bool(judged["judge_reliable"])).lower(),
         "judge_answers": judged["judge_key"],
         **provenance_tags(),
         "run_id": run_id,
