@@ -4,6 +4,7 @@ interval, the judge marked unreliable when that interval reaches 0.5, and where 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -157,3 +158,16 @@ def test_the_flag_is_a_headline_figure_a_metric_and_a_run_tag(store) -> None:
         assert data.metrics["judge/judge_reliable"] == (1.0 if flag == "true" else 0.0)
         assert data.metrics["judge/reward_heldout_pairs"] == pairs
     assert mlflow.active_run() is None
+
+
+def test_a_reward_model_with_no_held_out_pair_to_measure_on_is_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Every held-out pair dropped (identical answers): no accuracy, so no interval either."""
+    from pipeline.data.schema import SOURCE_SCHEMA
+    from pipeline.judge.build import _measure
+
+    empty = SOURCE_SCHEMA.empty_table()
+    with pytest.raises(StageError, match=r"no held-out pair to measure .*\(0 held-out pairs"):
+        _measure(None, None, None, empty, None, None, tmp_path)  # nothing is scored
+    assert not list(tmp_path.iterdir())  # no input format written beside a model

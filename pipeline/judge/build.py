@@ -141,6 +141,11 @@ def _measure(
     """Held-out pair accuracy and its interval; the input format saved beside the model in
     `out`."""
     pairs = pair_rows(held_out, tokenizer, form)
+    if not pairs:  # an accuracy of no pairs is NaN, and its interval says nothing
+        raise StageError(
+            f"reward: no held-out pair to measure the reward model on ({len(held_out)} held-out "
+            "pairs, all with identical answers after truncation at judge.max_length)"
+        )
     accuracy = pair_accuracy(model, pairs, params.judge.batch_size, runtime)
     (out / FORMAT_FILE).write_text(json.dumps(dataclasses.asdict(form), indent=2) + "\n")
     return {**accuracy_interval(accuracy, len(pairs)), "heldout_pairs": len(pairs)}
