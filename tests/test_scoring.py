@@ -47,18 +47,19 @@ def test_only_completion_positions_reach_the_lm_head(monkeypatch) -> None:
     rows_scored = []
     original = scoring.chunk_token_logps
 
-    def counting(hidden, weight, targets):
+    def counting(hidden, *args):
         rows_scored.append(hidden.shape[0])
-        return original(hidden, weight, targets)
+        return original(hidden, *args)
 
-    monkeypatch.setattr(scoring, "chunk_token_logps", counting)
     model = tiny_qwen3()
+    scorer = CompletionScorer(model)  # its load-time check computes full logits once
+    monkeypatch.setattr(scoring, "chunk_token_logps", counting)
     batch = collate_pairs(random_pairs(2)[:], 0)
     hook = model.get_output_embeddings().register_forward_hook(
         lambda *_: (_ for _ in ()).throw(AssertionError("full logits were computed"))
     )
     with torch.no_grad():
-        CompletionScorer(model)(batch.input_ids, batch.attention_mask, batch.completion_mask)
+        scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
     hook.remove()
     assert sum(rows_scored) == int(batch.completion_mask[:, 1:].sum())
     assert sum(rows_scored) < int(batch.attention_mask.sum())  # prompts and padding skipped

@@ -426,9 +426,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model = tiny_qwen3().train()
         if checkpointed:
             enable_activation_checkpointing(model)
+        scorer = CompletionScorer(model)  # before counting: its load-time check runs forwards
         calls, projection = [], model.model.layers[0].mlp.down_proj
         projection.forward = lambda x, run=projection.forward, n=calls: n.append(1) or run(x)
-        batch_logps(CompletionScorer(model), batch, CPU).sum().backward()
+        batch_logps(scorer, batch, CPU).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         assert len(calls) == (2 if checkpointed else 1)  # recomputed in backward, not stored
     for name, grad in grads[0].items():

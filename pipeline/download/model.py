@@ -15,6 +15,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.download.hub import local_folder, reaching_the_hub
+from pipeline.model.scoring import check_architecture
 from pipeline.params import ModelParams
 
 # What a causal LM folder needs; anything else in a hub repo (ONNX, GGUF, images) is skipped.
@@ -84,8 +85,10 @@ def _convert_pickle(source: Path, dest: Path, params: ModelParams) -> None:
 
 
 def _check_loads(folder: Path, params: ModelParams) -> None:
-    """Config and tokenizer load, and the tokenizer has the EOS token completions end with."""
-    AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
+    """Config and tokenizer load, the tokenizer has the EOS token completions end with, and the
+    scorer serves the architecture (checked on a miniature: no weights are read here)."""
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{params.name}: the tokenizer has no EOS token to end completions with")
+    check_architecture(config, params.trust_remote_code)

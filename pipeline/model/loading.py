@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Literal
@@ -83,17 +84,38 @@ def load_causal_lm(
     `check_quantize` first: this function itself also runs where bitsandbytes' CPU backend
     does, which the tests use."""
     quantized = quantize != "none"
-    model = AutoModelForCausalLM.from_pretrained(
+    load = functools.partial(
+        AutoModelForCausalLM.from_pretrained,
         path,
         dtype=torch.float32,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
-        attn_implementation=attention_implementation(runtime),
         quantization_config=nf4_config() if quantized else None,
         # bitsandbytes quantises while loading onto the device; a 4-bit model cannot be moved.
         device_map=runtime.device if quantized else None,
     )
+    try:
+        model = load(attn_implementation=attention_implementation(runtime))
+    except ValueError as error:  # a family without that kernel (Gemma-2 has no SDPA path)
+        if "attention" not in str(error):
+            raise
+        model = load()  # transformers' own choice for it
+    without_dropout(model)
     return model if quantized else model.to(runtime.device)
+
+
+def without_dropout(model: torch.nn.Module) -> None:
+    """Switch off the model's own dropout (nn.Dropout modules and the attention dropout rate
+    modules keep as a number), as DPO trainers do: with it the policy's log-probs are noisy
+    draws, so step 1 would not cost ln 2 and every implicit reward would carry the noise. Qwen3
+    has none; GPT-2 and Phi do. The config is left as it was, so the saved policy's is the
+    base's. LoRA's own dropout (train.lora.dropout) is added later and stays."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def nf4_config() -> BitsAndBytesConfig:
@@ -133,11 +155,12 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False))
 
 
-def use_packing(runtime: Runtime) -> bool:
+def use_packing(model: PreTrainedModel) -> bool:
     """Padding-free (packed) batches where a variable-length attention kernel makes them pay:
-    CUDA with flash-attention 2. Elsewhere a packed row would need a dense block-diagonal mask,
-    quadratic in the whole batch's tokens, so the length-grouped padded path is faster."""
-    return attention_implementation(runtime) == "flash_attention_2"
+    a model loaded with flash-attention 2 (CUDA, the package installed, a family that has it).
+    Elsewhere a packed row would need a dense block-diagonal mask, quadratic in the whole
+    batch's tokens, so the length-grouped padded path is faster."""
+    return model.config._attn_implementation == "flash_attention_2"
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,7 +185,7 @@ def compile_layers(model: torch.nn.Module) -> int:
     checkpoint resumes either way); returns how many. Each layer compiles once per shape it
     sees (dynamic=False: no slower shape-generic kernels), so the padded lengths should be few
     (train.pad_to_multiple_of); the recompile limit is raised to cover them."""
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"train.compile: no decoder layers found in {type(model).__name__}")
     limit = torch._dynamo.config.recompile_limit
@@ -170,6 +193,15 @@ def compile_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, by the class names transformers keeps whole when it splits a
+    model over devices (`_no_split_modules`: LlamaDecoderLayer, GPT2Block, GPTNeoXLayer...)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 # Shapes a compiled layer may compile for before torch falls back to eager: padded lengths

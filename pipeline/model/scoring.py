@@ -10,18 +10,20 @@ plain way, and the tests check that both give the same numbers.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from pipeline.model.loading import Quantize, Runtime, load_causal_lm, use_packing
-from pipeline.stage_io import bar
+from pipeline.stage_io import StageError, bar
 
 # Logit elements per LM-head chunk: 256 tokens x 151,936 fp32 = 156 MB per tensor in flight
 # (logits, log-softmax temporaries and their gradient in backward: a few at the peak). Measured
@@ -35,11 +37,45 @@ def chunk_tokens_for(vocab_size: int) -> int:
     return max(1, CHUNK_LOGIT_ELEMENTS // vocab_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class LogitRule:
+    """What a model's own forward does to `hidden @ lm_head.weight.T (+ bias)` before its
+    softmax, read from its config: the scorer applies the same, so its log-probs are the
+    model's. A family doing something else is caught by `check_scorer` at load."""
+
+    scale: float = 1.0  # Cohere's logit_scale; Granite divides by logits_scaling
+    softcap: float | None = None  # Gemma-2's final_logit_softcapping: cap * tanh(logits / cap)
+
+    @classmethod
+    def of(cls, config: Any) -> LogitRule:
+        scale = float(getattr(config, "logit_scale", None) or 1.0)
+        scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+        return cls(scale, getattr(config, "final_logit_softcapping", None) or None)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+PLAIN_LOGITS = LogitRule()
+
+
 def chunk_token_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    rule: LogitRule = PLAIN_LOGITS,
 ) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[targets] for one chunk: (K, H), (V, H), (K,) -> (K,) fp32."""
+    """log softmax(rule(hidden @ weight.T + bias))[targets] for one chunk: (K, H), (V, H),
+    (K,), (V,) -> (K,) fp32."""
     logits = hidden @ weight.T  # bf16 under autocast, like the model's own lm_head
+    if bias is not None:
+        logits = logits + bias
+    logits = rule(logits)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
@@ -49,6 +85,8 @@ def token_logps(
     weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_tokens: int | None = None,
+    bias: torch.Tensor | None = None,
+    rule: LogitRule = PLAIN_LOGITS,
 ) -> torch.Tensor:
     """`chunk_token_logps` over (K, H) hidden states in chunks of `chunk_tokens` rows -> (K,).
 
@@ -60,7 +98,8 @@ def token_logps(
     recompute = torch.is_grad_enabled() and hidden.shape[0] > chunk_tokens
     parts = []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (hidden[start : start + chunk_tokens], weight, targets[start : start + chunk_tokens])
+        chunk = slice(start, start + chunk_tokens)
+        args = (hidden[chunk], weight, targets[chunk], bias, rule)
         if recompute:
             parts.append(checkpoint(chunk_token_logps, *args, use_reentrant=False))
         else:
@@ -90,11 +129,12 @@ class CompletionScorer(torch.nn.Module):
         packed: bool = False,
     ) -> None:
         super().__init__()
-        if getattr(model.config, "final_logit_softcapping", None):
-            raise ValueError("logit soft-capping models need the plain logits path")
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.packed = packed
+        self.rule = LogitRule.of(model.config)
+        self.masks = causal_kernel_masks(model)
+        check_scorer(self)
 
     def forward(
         self,
@@ -109,16 +149,17 @@ class CompletionScorer(torch.nn.Module):
 
         Unpacked, the padding mask is not passed to the model: in a right-padded row a real token
         attends only to earlier tokens, all real, so the causal mask alone gives the same hidden
-        states. Padded positions get other values, which nothing reads. With SDPA or flash
-        attention the model is told that no mask is needed (`causal_kernel_masks`): they run
-        their causal kernels, and transformers reads nothing back from the device to decide.
+        states. Padded positions get other values, which nothing reads. Where the decoder takes
+        it (`causal_kernel_masks`, probed at load), the model is told that no mask is needed:
+        SDPA and flash attention run their causal kernels, and transformers reads nothing back
+        from the device to decide.
         """
         if self.packed:
             return self._packed_forward(input_ids, attention_mask, completion_mask)
         if scored is None:
             scored = scored_positions(completion_mask)
         hidden = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=causal_kernel_masks(self.model), use_cache=False
+            input_ids=input_ids, attention_mask=self.masks, use_cache=False
         ).last_hidden_state  # (N, T, H)
         width = input_ids.shape[1]
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)  # (K, H)
@@ -142,8 +183,9 @@ class CompletionScorer(torch.nn.Module):
         self, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int
     ) -> torch.Tensor:
         """(K, H) hidden states of scored positions, their (K,) targets and rows -> (N,) sums."""
-        weight = self.model.get_output_embeddings().weight
-        logps = token_logps(hidden, weight, targets, self.chunk_tokens)
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        logps = token_logps(hidden, head.weight, targets, self.chunk_tokens, bias, self.rule)
         totals = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
         return totals.index_add(0, rows, logps)
 
@@ -165,17 +207,113 @@ def pack_rows(
 
 
 def causal_kernel_masks(model: PreTrainedModel) -> dict[str, None] | None:
-    """The prepared attention masks for a batch that needs only causality: None for each layer
-    type, so SDPA and flash attention take their causal kernels. transformers accepts such a
-    mapping in place of a 2D mask. None (build the causal mask from nothing) for other
-    attention implementations, which need the mask itself, and for sliding-window layers."""
+    """The prepared attention masks for a batch that needs only causality, where the decoder
+    takes them: None for each layer type, so SDPA and flash attention run their causal kernels
+    without transformers reading the batch back to decide. Some decoders accept such a mapping
+    in place of a 2D mask, others (most families) do not, so it is probed once, on a short
+    batch, against the plain path (no mask: transformers builds the causal mask itself). None
+    (the plain path) for attention implementations that need the mask itself, for
+    sliding-window layers, and for a decoder that refuses the mapping or reads it otherwise."""
     config = model.config
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if config._attn_implementation not in ("sdpa", "flash_attention_2"):
         return None
     if layer_types != {"full_attention"}:
         return None
-    return {"full_attention": None}
+    masks = {"full_attention": None}
+    ids = probe_ids(model)
+    with torch.no_grad(), evaluating(model):
+        plain = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        try:
+            fast = model.get_decoder()(input_ids=ids, attention_mask=masks, use_cache=False)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+    return masks if close(fast.last_hidden_state, plain) else None
+
+
+class UnsupportedModel(StageError):
+    """A model whose log-probs the scorer cannot reproduce."""
+
+
+def check_scorer(scorer: CompletionScorer) -> None:
+    """Raise UnsupportedModel unless the scorer's log-probs are the model's own: the completion
+    tokens of a short probe batch scored by `scorer` against log-softmax of the logits the
+    model's forward returns. Made once at load; it catches a family whose forward treats its
+    hidden states or logits in a way `LogitRule` does not know."""
+    model = scorer.model
+    ids = probe_ids(model)
+    mask = torch.ones_like(ids)
+    completion = mask.clone()
+    completion[:, : ids.shape[1] // 2] = 0  # the first half is the prompt
+    with torch.no_grad(), evaluating(model):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        got = scorer(ids, mask, completion)
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    expected = (logps * completion[:, 1:]).sum(dim=1)
+    if not close(got, expected):
+        error = (got - expected).abs().max().item()
+        raise UnsupportedModel(
+            f"{type(model).__name__} (model_type {model.config.model_type}) is not supported: "
+            f"the scorer's log-probs differ from the model's own logits by {error:.3g}; its "
+            "forward transforms hidden states or logits in a way the pipeline does not apply"
+        )
+
+
+def check_architecture(config: PretrainedConfig, trust_remote_code: bool) -> None:
+    """`CompletionScorer`'s load-time checks before any weight is read, so that a family the
+    scorer cannot serve fails in download_model, in one line, whatever the model's size: they
+    run on a miniature of the architecture with random weights (`miniature`)."""
+    small = miniature(config)
+    with torch.random.fork_rng(devices=[]):  # random init: leave the caller's stream alone
+        model = AutoModelForCausalLM.from_config(small, trust_remote_code=trust_remote_code)
+    CompletionScorer(model.float())
+
+
+def miniature(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` with as few layers as cover each of its layer types (sliding and full attention
+    both, where it mixes them), a 512-token vocabulary, a narrow MLP, and no quantization: the
+    same code paths at a few million weights."""
+    small = copy.deepcopy(config)
+    types = list(getattr(config, "layer_types", None) or [])
+    layers = next((i + 1 for i in range(len(types)) if set(types[: i + 1]) == set(types)), 2)
+    small.num_hidden_layers = min(layers, config.num_hidden_layers)
+    if types:
+        small.layer_types = types[: small.num_hidden_layers]
+    small.vocab_size = min(config.vocab_size, 512)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(small, key, None)
+        if isinstance(value, int) and value >= small.vocab_size:
+            setattr(small, key, None)
+    if isinstance(getattr(small, "intermediate_size", None), int):
+        small.intermediate_size = min(small.intermediate_size, 256)
+    if hasattr(small, "quantization_config"):
+        del small.quantization_config
+    return small
+
+
+def probe_ids(model: PreTrainedModel) -> torch.Tensor:
+    """A fixed (2, 8) batch of token ids within the model's vocabulary, on its device."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
+    return (torch.arange(16, device=device) * 7919 + 11).remainder(vocab).reshape(2, 8)
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to float rounding at the tensors' scale (fp32 on the CPU, bf16 compute on a
+    GPU); a wrong mask or logit rule misses by orders of magnitude more."""
+    scale = expected.abs().max().item() + 1.0
+    return bool((got.float() - expected.float()).abs().max().item() <= 1e-3 * scale)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout: a probe draws no random numbers), then as it was."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -193,7 +331,7 @@ def load_scorer(
     """The causal LM at `path` as a CompletionScorer, packed where `use_packing` says so; with
     `quantize="nf4"` on a 4-bit base (`loading.load_causal_lm`)."""
     model = load_causal_lm(path, runtime, trust_remote_code, quantize)
-    return CompletionScorer(model, packed=use_packing(runtime))
+    return CompletionScorer(model, packed=use_packing(model))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.model.loading import Runtime, is_quantized
+from pipeline.model.loading import Runtime, decoder_layers, is_quantized
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -76,10 +76,8 @@ def wrap(
         # One shard group per decoder layer (the classes HF marks as never to be split), so only
         # one layer's full weights are gathered at a time; the root group takes the embeddings,
         # the final norm and the (possibly tied) LM head.
-        no_split = set(getattr(model.model, "_no_split_modules", None) or ())
-        for module in model.modules():
-            if type(module).__name__ in no_split:
-                fully_shard(module)
+        for layer in decoder_layers(model.model):
+            fully_shard(layer)
         fully_shard(model)
         return model
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
