@@ -101,7 +101,8 @@ class AdapterParams:
     dropout: float = dataclasses.field(
         default=0.0, metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)")
     )
-    # Comma-separated module names that get adapters: every linear layer of attention and MLP.
+    # Comma-separated module names that get adapters: every linear layer of attention and MLP
+    # (Qwen3's and Llama's names); all-linear: every linear layer but the output head, any family.
     target_modules: str = dataclasses.field(
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         metadata=check(lambda v: bool(v.strip(",")), "must name at least one module"),

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from pipeline.model.loading import Runtime, is_quantized
 from pipeline.model.scoring import CompletionScorer, PairBatch, batch_logps
 from pipeline.params import AdapterParams
+from pipeline.stage_io import StageError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -46,15 +47,24 @@ def add_adapters(
     if is_quantized(model):
         # Activation checkpointing is the trainer's own (train.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    names = [name.strip() for name in lora.target_modules.split(",") if name.strip()]
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=[name.strip() for name in lora.target_modules.split(",") if name.strip()],
+        # "all-linear": peft finds every linear layer but the output head, whatever the family
+        # calls them (Phi-3's fused qkv_proj, GPT-2's c_attn).
+        target_modules="all-linear" if names == ["all-linear"] else names,
         bias="none",
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft's NoMatchingPeftModuleError
+        raise StageError(
+            f"lora.target_modules: {lora.target_modules} names no module of "
+            f"{type(model).__name__}; name its own linear layers, or use all-linear ({error})"
+        ) from None
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
