@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # and for a given CUDA version the matching index, e.g. .../whl/cu128 (README).
 TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
-EXTRAS ?= test,reference
+# real: gguf, to convert SmolLM2's GGUF file for the real-tokenizer tests (built once, cached).
+EXTRAS ?= test,reference,real
 
 .PHONY: install demo compare report serve tune test check bench gpu-check ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
