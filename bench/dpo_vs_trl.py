@@ -216,7 +216,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", choices=list(MODEL_SHAPES), default="tiny")
+    parser.add_argument(
+        "--model", type=model_arg, default="tiny",
+        help=f"a shape with random weights ({', '.join(MODEL_SHAPES)}) or a local model folder",
+    )  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
     parser.add_argument("--rows", help=f"comma-separated rows to run, of {','.join(RUNS)}")
     parser.add_argument("--out", type=Path, help="the JSON report (default: bench/results/)")
@@ -234,7 +237,9 @@ def main() -> None:
     table = {kind: medians(rs) for kind, rs in runs.items() if kind not in failed}
     report = {"config": config(args), "median": table, "runs": runs, "ratios": ratios(table),
               "failed": failed}  # fmt: skip
-    name = "latest.json" if args.device == "cpu" else f"{args.device}-{args.model}.json"
+    model = args.model if args.model in MODEL_SHAPES else Path(args.model).name.lower()
+    default = args.device == "cpu" and args.model == "tiny"
+    name = "latest.json" if default else f"{args.device}-{model}.json"
     write_report(report, args.out or REPO / "bench" / "results" / name)
     print_table(report)
 
@@ -265,7 +270,7 @@ def config(args: argparse.Namespace) -> dict:
     train = load_params(REPO / "params.yaml").train
     return {
         "steps": args.steps, "steady_from_step": STEADY_FROM + 1, "reps": args.reps,
-        "batch": args.batch, "model": args.model, "vocab": VOCAB, "max_length": MAX_LENGTH,
+        "batch": args.batch, "model": args.model, "vocab": vocab_of(args), "max_length": MAX_LENGTH,
         "max_tokens_per_micro_batch": train.max_tokens_per_micro_batch,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "peak_tflops_bf16": peak_tflops(args) if args.device == "cuda" else None,
@@ -274,6 +279,21 @@ def config(args: argparse.Namespace) -> dict:
                                                         "bitsandbytes")},
         "cuda": torch.version.cuda,
     }  # fmt: skip
+
+
+def model_arg(value: str) -> str:
+    """--model: a name of MODEL_SHAPES, or an existing folder with a config.json."""
+    if value in MODEL_SHAPES or (Path(value) / "config.json").is_file():
+        return value if value in MODEL_SHAPES else str(Path(value).resolve())
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither a shape ({', '.join(MODEL_SHAPES)}) nor a model folder"
+    )
+
+
+def vocab_of(args: argparse.Namespace) -> int:
+    if args.model in MODEL_SHAPES:
+        return VOCAB
+    return json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
 
 
 def ratios(table: dict[str, dict]) -> dict[str, float]:

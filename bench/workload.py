@@ -26,28 +26,23 @@ MAX_LENGTH = 512
 
 
 def make_workspace(workdir: Path, n_pairs: int, seed: int = 0, model: str = "tiny") -> None:
-    """A Qwen3 of shape `model` with the full vocabulary and the demo tokenizer in models/base,
-    long text pairs in pairs.json and as the tokenize stage writes them in data/tokenized/train."""
+    """models/base, long text pairs in pairs.json, and the pairs as the tokenize stage writes
+    them in data/tokenized/train. `model` is a shape of MODEL_SHAPES (a Qwen3 with random
+    weights, the full vocabulary and the demo tokenizer) or a local model folder, copied as is
+    (its own weights and tokenizer: a real model)."""
+    import shutil
+
     import pyarrow.parquet as pq
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
     from pipeline.demo.dataset import ensure_demo_dataset
-    from pipeline.demo.model import ensure_demo_model
 
     cache = workdir / "cache"
-    tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(cache))
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        **MODEL_SHAPES[model],
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(workdir / "models/base")
-    tokenizer.save_pretrained(workdir / "models/base")
+    if model in MODEL_SHAPES:
+        _random_qwen3(workdir / "models/base", cache, model, seed)
+    else:
+        shutil.copytree(Path(model), workdir / "models/base")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "models/base")
     table = pq.read_table(ensure_demo_dataset(cache) / "data/rl").to_pylist()
     rng = random.Random(seed)
     pairs = []
@@ -65,6 +60,28 @@ def make_workspace(workdir: Path, n_pairs: int, seed: int = 0, model: str = "tin
         )
     (workdir / "pairs.json").write_text(json.dumps(pairs))
     write_tokenized(workdir)
+
+
+def _random_qwen3(folder: Path, cache: Path, shape: str, seed: int) -> None:
+    """A Qwen3 of MODEL_SHAPES[shape] with random weights, the full vocabulary and the demo's
+    tokenizer, saved in `folder`."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from pipeline.demo.model import ensure_demo_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(cache))
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        **MODEL_SHAPES[shape],
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def write_tokenized(workdir: Path) -> None:

@@ -39,22 +39,44 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def demo_overrides(path: Path = DEMO_PARAMS, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The demo's overrides as dotted keys: demo/params.yaml, and model.name and data.dataset
-    pointing at the demo's local folders (built into the asset cache on first use)."""
+# --model: the demo's tiny Qwen3, or a real pretrained model with the keys of its own file
+# on top of demo/params.yaml.
+MODELS = {"tiny": None, "smollm2": Path("demo/smollm2.yaml")}
+
+
+def demo_overrides(
+    path: Path = DEMO_PARAMS, cache_dir: Path | None = None, model: str = "tiny"
+) -> dict[str, Any]:
+    """The demo's overrides as dotted keys: demo/params.yaml (then the model's own file, for a
+    real model), and model.name and data.dataset pointing at the demo's local folders (built
+    into the asset cache on first use)."""
     overrides = flatten(yaml.safe_load(path.read_text(encoding="utf-8")))
-    return {**overrides, **demo_sources(Path(cache_dir or asset_cache_dir()).resolve())}
+    if MODELS[model] is not None:
+        own = path.parent / MODELS[model].name
+        overrides.update(flatten(yaml.safe_load(own.read_text(encoding="utf-8"))))
+    sources = demo_sources(Path(cache_dir or asset_cache_dir()).resolve(), model)
+    return {**overrides, **sources}
 
 
-def demo_sources(cache_dir: Path) -> dict[str, str]:
-    """The tiny Qwen3 and the generated pairs as ordinary local folders: the download stages
-    treat them as they treat any local model or dataset folder."""
-    model_dir = cache_dir / MODEL_FOLDER
-    if not (model_dir / "config.json").is_file():  # building it needs torch: imported only then
+def demo_sources(cache_dir: Path, model: str = "tiny") -> dict[str, str]:
+    """The model and the generated pairs as ordinary local folders: the download stages treat
+    them as they treat any local model or dataset folder."""
+    return {"model.name": str(model_folder(cache_dir, model)),
+            "data.dataset": str(ensure_demo_dataset(cache_dir))}  # fmt: skip
+
+
+def model_folder(cache_dir: Path, model: str) -> Path:
+    """The tiny Qwen3 or SmolLM2-135M-Instruct, built on first use (torch imported only then)."""
+    if model == "smollm2":
+        from pipeline.demo.real_assets import ensure_smollm2
+
+        return ensure_smollm2(cache_dir)
+    folder = cache_dir / MODEL_FOLDER
+    if not (folder / "config.json").is_file():
         from pipeline.demo.model import ensure_demo_model
 
         ensure_demo_model(cache_dir)
-    return {"model.name": str(model_dir), "data.dataset": str(ensure_demo_dataset(cache_dir))}
+    return folder
 
 
 def set_flags(overrides: Mapping[str, Any]) -> list[str]:
@@ -178,14 +200,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="queue the experiment (run the queue with `dvc queue start -j N`) instead of now",
     )
+    parser.add_argument(
+        "--model", choices=list(MODELS), default="tiny",
+        help="tiny: the seeded 221k-weight Qwen3 (minutes); smollm2: SmolLM2-135M-Instruct, a "
+        "real pretrained model, with LoRA and its chat template (demo/smollm2.yaml)",
+    )  # fmt: skip
     parser.add_argument("target", nargs="?", help="stage to run up to (default: all)")
     return parser.parse_args(argv)
 
 
-def overrides_for(explicit: set[str]) -> dict[str, Any]:
-    """demo/params.yaml, plus the committed value of any key a failed `dvc exp run` left
-    changed in params.yaml (the demo copies the workspace); `explicit` keys are the user's."""
-    overrides = demo_overrides()
+def overrides_for(explicit: set[str], model: str = "tiny") -> dict[str, Any]:
+    """demo/params.yaml (and the model's own file), plus the committed value of any key a
+    failed `dvc exp run` left changed in params.yaml (the demo copies the workspace);
+    `explicit` keys are the user's."""
+    overrides = demo_overrides(model=model)
     committed = committed_params()
     if committed is None:
         return overrides
@@ -205,10 +233,11 @@ def overrides_for(explicit: set[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     explicit = {extra.split("=", 1)[0] for extra in args.set}
-    overrides = {k: v for k, v in overrides_for(explicit).items() if k not in explicit}
+    overrides = {k: v for k, v in overrides_for(explicit, args.model).items() if k not in explicit}
     # A run now gets a dated name (its summary is looked up by name); a queued one without a
     # name gets DVC's own, so two lines queued within one second do not collide.
-    name = args.name or (None if args.queue else time.strftime("demo-%Y%m%d-%H%M%S"))
+    prefix = "demo" if args.model == "tiny" else args.model
+    name = args.name or (None if args.queue else time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
     mode = "--queue" if args.queue else "--temp"
     dvc_args = ["exp", "run", mode, *set_flags(overrides)]
     for extra in args.set:
