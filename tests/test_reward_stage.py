@@ -7,6 +7,7 @@ line on stderr and exit status 1, never a traceback."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -397,3 +398,16 @@ def test_a_judge_model_folder_that_does_not_exist_is_named(
     done = run_reward(workdir, reward_dataset, model=str(missing))
     assert_one_error(done, f"error: judge.model: no folder at '{missing}' (and not a hub id)")
     assert_nothing_written(workdir)
+
+
+def test_the_reward_model_trains_on_the_share_judge_fraction_asks_for(
+    workdir: Path, reward_dataset: Path, planted: pa.Table
+) -> None:
+    """A fraction fetches whole shards (here one of two), but trains on its share of the rows."""
+    rows = REWARD_PAIRS + len(planted)
+    done = run_reward(workdir, reward_dataset, fraction=0.25)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((workdir / "reports" / "reward.json").read_text())
+    assert report["rows_fetched"] == rows // 2  # the first shard
+    used = report["train_pairs"] + report["held_out_questions_removed"]
+    assert 0 < used <= math.ceil(0.25 * rows) < report["rows_fetched"]

@@ -70,7 +70,9 @@ def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path
             params.data.dataset, params.data.revision, params.judge.reward_dir,
             params.judge.fraction, Path(fetched),
         )  # fmt: skip
-        table, removed = without_questions(read_split(Path(fetched)), held_out)
+        # The shards hold more rows than the fraction asks for: train on the share asked.
+        wanted = read_split(Path(fetched)).slice(0, manifest["rows_needed"])
+        table, removed = without_questions(wanted, held_out)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     form = reward_format(params, tokenizer)
     pairs = pair_rows(table, tokenizer, form)
