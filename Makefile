@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 # real: gguf, to convert SmolLM2's GGUF file for the real-tokenizer tests (built once, cached).
 EXTRAS ?= test,reference,real
 
-.PHONY: install demo compare report serve tune test check bench gpu-check ci-pull ci-repro ci-comment ci-push
+.PHONY: install demo compare report serve tune test test-real test-families check bench gpu-check ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -81,6 +81,14 @@ ci-comment:
 ci-push:
 	if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc exp push origin $(EXP); \
 	else echo "no DVC remote: the experiment stays on this runner"; fi
+
+# The real-model tier: SmolLM2-135M-Instruct through every stage (`python -m pipeline.demo
+# --model smollm2`), twice. And `dvc repro` on a tiny model of each family tests/test_families.py
+# covers (the full suite runs the Llama one).
+test-real: install
+	$(BIN)/python -m pytest -m real
+test-families: install
+	DPO_FAMILIES_E2E=1 $(BIN)/python -m pytest tests/test_real_route.py -k another_family
 
 # The fast tier: everything but the end-to-end DVC runs (tests marked slow).
 check: install
