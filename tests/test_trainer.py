@@ -487,3 +487,10 @@ def test_policy_is_saved_in_the_base_models_dtype(tmp_path: Path, demo_tokenizer
     # Evaluation upcasts to fp32: the saved bf16 weights change log-probs by bf16 rounding only.
     np.testing.assert_allclose(scores[1], scores[0], rtol=2e-2)
     assert not np.array_equal(scores[1], scores[0])
+
+
+def test_a_run_cut_inside_an_epoch_reports_that_part_of_the_epoch(tmp_path: Path) -> None:
+    """max_steps inside the first epoch: its mean loss so far is the one epoch loss reported."""
+    _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=2), n_pairs=16)
+    (epoch,) = result.summary()["epoch_losses"]  # 2 of 4 steps of epoch 1
+    assert epoch == pytest.approx(np.mean([row["loss"] for row in result.log]), abs=1e-6)

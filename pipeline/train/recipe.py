@@ -294,12 +294,15 @@ class DPORecipe:
         """reports/train.json: the run's figures (per-step rows are `log`)."""
         seconds = max(self.done["seconds"], 1e-9)  # this process's time, not a resumed prefix
         max_loss = max(row["loss"] for row in self.log)
+        epochs = list(self.epoch_losses)
+        if self.epoch_pairs:  # train.max_steps ended the run inside an epoch: its part so far
+            epochs.append(float(self.epoch_loss_sum) / self.epoch_pairs)
         return {
             "steps": self.step,
             "final_loss": self.log[-1]["loss"],
             "max_loss": max_loss,
             "diverged": bool(max_loss > DIVERGED_LOSS),
-            "epoch_losses": self.epoch_losses,
+            "epoch_losses": epochs,
             "train_seconds": round(seconds, 2),
             "pairs_per_s": round(self.done["pairs"] / seconds, 3),
             "tokens_per_s": round(self.done["tokens"] / seconds, 1),
