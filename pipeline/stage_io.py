@@ -23,6 +23,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pipeline.stopping import stop_on_signals, stop_with_parent
+
 MODEL_BASE = Path("models/base")
 MODEL_POLICY = Path("models/policy")
 MODEL_REWARD = Path("models/reward")
@@ -59,8 +61,11 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main. An expected failure becomes one `error:` line and exit status 1; Ctrl-C
     or SIGTERM one `interrupted:` line and exit status 130. Either way an MLflow run the stage had
     open ends FAILED or KILLED (not FINISHED, as MLflow's exit hook would mark it), and a
-    `dvc exp run -S` in the workspace says how to restore params.yaml."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    `dvc exp run -S` in the workspace says how to restore params.yaml. Either signal stops it
+    whatever dispositions it inherited, and so does the death of the DVC process that ran it
+    (`pipeline.stopping`)."""
+    stop_on_signals()
+    stop_with_parent()
     stage = Path(sys.argv[0]).stem
     try:
         main()
@@ -68,14 +73,11 @@ def run_stage(main: Callable[[], None]) -> None:
         _close_tracking("FAILED")
         _exit(f"error: {error}{_params_hint()}", 1)
     except KeyboardInterrupt as interrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second stop must not cut the cleanup
+            signal.signal(stop, signal.SIG_IGN)
         _close_tracking("KILLED")
         kept = str(interrupt) if isinstance(interrupt, Interrupted) else "no output written"
         _exit(f"interrupted: {stage}: {kept}{_params_hint()}", INTERRUPTED_EXIT)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _exit(line: str, status: int) -> None:

@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset
 from pipeline.stage_io import INTERRUPTED_EXIT, asset_cache_dir
+from pipeline.stopping import default_stop_signals
 
 DEMO_PARAMS = Path("demo/params.yaml")
 
@@ -139,7 +140,11 @@ def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     a second Ctrl-C while it cleans up; DVC between stages takes it as its own interrupt.
     Returns (exit status, whether it was interrupted).
     """
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # The child's own SIGINT disposition, not this process's: started by a script's `&`, it
+    # would inherit "ignored", and the SIGINT passed on below would reach no one.
+    child = subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=default_stop_signals
+    )
     interrupted = False
 
     def pass_on(signum: int, frame: Any) -> None:

@@ -1,0 +1,90 @@
+"""Stopping a run however it was started: the signals a stop arrives by, and a parent that dies.
+
+A terminal's Ctrl-C sends SIGINT to the foreground process group; `timeout`, job schedulers, CI
+runners and container platforms send SIGTERM, often to the started process alone. A script's
+`cmd &` starts its command with SIGINT ignored, an ignored disposition is inherited through fork
+and exec, and Python then installs no KeyboardInterrupt handler at all: so every handler here is
+installed explicitly, and children are started with the default dispositions a stop relies on.
+
+A stage whose DVC parent is killed outright (SIGTERM makes `dvc repro` exit at once) would run on
+as an orphan, holding the device and its MLflow run: it watches its parent, and the process above
+a shell that DVC ran it through, and stops as on SIGTERM when either is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SHELLS = {"sh", "dash", "bash", "zsh"}  # what DVC runs a stage command through ($SHELL -c)
+WATCH_EVERY_S = 1.0
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt in the main thread, whatever dispositions
+    the process inherited."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def default_stop_signals() -> None:
+    """For a child's preexec_fn: SIGINT and SIGTERM at their defaults, not the caller's (a
+    script's `&` leaves SIGINT ignored), so a stop passed on to the child reaches it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop_with_parent() -> None:
+    """Send this process SIGTERM once its parent, or the process that started that parent when
+    the parent is a shell, is gone (a daemon thread looks every second)."""
+    watched = [os.getppid()]
+    if _name_of(watched[0]) in SHELLS:
+        above = _parent_of(watched[0])
+        if above is not None:
+            watched.append(above)
+    thread = threading.Thread(target=_watch, args=(watched,), name="stop-with-parent", daemon=True)
+    thread.start()
+
+
+def _watch(watched: list[int]) -> None:
+    parent = watched[0]
+    while os.getppid() == parent and all(_alive(pid) for pid in watched[1:]):
+        time.sleep(WATCH_EVERY_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, counts as gone where /proc says)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): the signal probe above is all there is
+
+
+def _name_of(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -1,0 +1,96 @@
+"""A stage stops cleanly however it is started and however the stop arrives, on real processes:
+SIGINT or SIGTERM with SIGINT inherited as ignored (a script's `cmd &`), and the death of the
+process that ran it, directly or through a shell (`dvc repro` killed by SIGTERM)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+# A stage that works until stopped, saying when it has started.
+STAGE = """
+import sys, time
+from pipeline.stage_io import run_stage
+def main():
+    print("working", flush=True)
+    while True:
+        time.sleep(0.05)
+sys.argv[0] = "looping.py"
+run_stage(main)
+"""
+
+
+def ignoring_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a non-interactive shell's `&` starts it
+
+
+def start(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                               **kwargs)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while "working" not in log.read_text():
+        assert started.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return started
+
+
+def wait_for_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stage_started_with_sigint_ignored_stops_on_either_signal(tmp_path, stop) -> None:
+    log = tmp_path / "log"
+    stage = start([sys.executable, "-c", STAGE], log, preexec_fn=ignoring_sigint)
+    stage.send_signal(stop)
+    assert stage.wait(timeout=30) == 130
+    assert log.read_text().splitlines()[-1] == "interrupted: looping: no output written"
+
+
+@pytest.mark.parametrize("through_shell", [False, True])
+def test_a_stage_stops_when_the_process_that_ran_it_dies(tmp_path, through_shell) -> None:
+    """The runner (DVC's stand-in) is killed outright; the stage, run directly or through
+    `sh -c` as DVC runs a stage command, stops within seconds with its interrupted line."""
+    log, pid_file = tmp_path / "log", tmp_path / "stage.pid"
+    record = f"import os; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+    stage = [sys.executable, "-c", record + STAGE]
+    if through_shell:
+        stage = ["/bin/sh", "-c", shlex.join(stage)]  # dash: the stage is the shell's child
+    runner = f"import subprocess, sys; subprocess.run({stage!r}); sys.exit(0)"
+    parent = start([sys.executable, "-c", runner], log, preexec_fn=ignoring_sigint)
+    stage_pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    assert wait_for_exit(stage_pid, 30), "the stage ran on as an orphan"
+    assert log.read_text().splitlines()[-1] == "interrupted: looping: no output written"
+
+
+def test_the_demo_starts_dvc_with_the_sigint_it_passes_on_at_its_default(tmp_path) -> None:
+    """`run_to_the_end` started from a script's `&` (SIGINT ignored): its child still acts on
+    SIGINT, the signal the demo passes on to DVC's process group."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    wrapper = (
+        "from pipeline.demo.experiment import run_to_the_end\n"
+        f"import os, sys; run_to_the_end([sys.executable, '-c', {probe!r}], dict(os.environ))"
+    )
+    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=ignoring_sigint,
+                          timeout=60, check=True)  # fmt: skip
+    assert done.stdout.strip() == "True"
