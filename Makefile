@@ -84,7 +84,7 @@ ci-push:
 
 # The real-model tier: SmolLM2-135M-Instruct through every stage (`python -m pipeline.demo
 # --model smollm2`), twice. And `dvc repro` on a tiny model of each family tests/test_families.py
-# covers (the full suite runs the Llama one).
+# covers (not in the full suite: a few minutes a family).
 test-real: install
 	$(BIN)/python -m pytest -m real
 test-families: install

@@ -2,9 +2,9 @@
 Instruct (a pretrained Llama-family model with a chat template), and `dvc repro` on tiny
 random-weight models of other families than Qwen3.
 
-The route is its own tier (`-m real`, about 8 minutes on 2 cores). `dvc repro` runs on a
-Llama-family model here; the other families of tests/test_families.py run the same way with
-DPO_FAMILIES_E2E=1 (`make test-families`).
+The route is its own tier (`-m real`, minutes on 2 cores) and part of the full suite; SmolLM2 is
+a Llama-family model. `dvc repro` on a tiny model of each other family of tests/test_families.py
+runs with DPO_FAMILIES_E2E=1 (`make test-families`: a few minutes a family).
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ SMALL = {"data.fraction": 0.05, "data.eval_size": 32, "train.max_steps": 4, "tra
 def test_dvc_repro_runs_every_stage_on_another_family(
     e2e_repo, demo_model_dir: Path, tmp_path: Path, family: str
 ) -> None:
-    if family != "llama" and not os.environ.get("DPO_FAMILIES_E2E"):
-        pytest.skip("DPO_FAMILIES_E2E=1 (make test-families) runs every family")
+    if not os.environ.get("DPO_FAMILIES_E2E"):  # the SmolLM2 route is the Llama family's run
+        pytest.skip("DPO_FAMILIES_E2E=1 (make test-families) runs dvc repro on every family")
     model = family_folder(family, tmp_path / family, demo_model_dir)
     repo, env = e2e_repo(f"repro-{family}", demo_params=True, **SMALL, **{"model.name": str(model)})
     said = run(repo, env, "dvc", "repro", timeout=1800)
