@@ -163,3 +163,15 @@ def test_a_failed_experiments_leftovers_are_set_back_for_the_demo() -> None:
     # train.lr is the user's own -S here: it is theirs to set; beta goes back to the commit.
     assert committed_values_back(workspace, committed, {"train.lr"}) == {"train.beta": 0.1}
     assert committed_values_back(committed, committed, set()) == {}
+
+
+def test_the_demo_checks_its_overrides_before_dvc_sees_them() -> None:
+    """A typo'd or out-of-range `-S` gets the project's own error, naming the key; the demo's
+    own overrides, the SmolLM2 route's included, pass."""
+    from pipeline.demo.experiment import checked, flatten
+
+    assert checked({"train.lrr": 1e-4}, REPO / "params.yaml").startswith("unknown key train.lrr")
+    assert checked({"train.lr": -1}, REPO / "params.yaml") == "train.lr must be > 0, got -1"
+    for name in ("params.yaml", "smollm2.yaml"):
+        demo = flatten(yaml.safe_load((REPO / "demo" / name).read_text()))
+        assert checked(demo, REPO / "params.yaml") is None, name

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -235,10 +236,40 @@ def overrides_for(explicit: set[str], model: str = "tiny") -> dict[str, Any]:
     return {**back, **overrides}
 
 
+def checked(overrides: Mapping[str, Any], path: Path = Path("params.yaml")) -> str | None:
+    """The project's own error for params.yaml with `overrides` (dotted keys) applied, as the
+    stages will read it, or None: a typo'd `-S` key gets it before DVC, whose first word would
+    be to append the typo (`+train.lrr`)."""
+    from pipeline.params import load_params
+    from pipeline.strict_yaml import ParamsError
+
+    tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node[leaf] = value
+    with tempfile.TemporaryDirectory() as scratch:
+        candidate = Path(scratch) / "params.yaml"
+        candidate.write_text(yaml.safe_dump(tree), encoding="utf-8")
+        try:
+            load_params(candidate)
+        except ParamsError as error:
+            return str(error).replace(str(candidate), "params.yaml")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     explicit = {extra.split("=", 1)[0] for extra in args.set}
     overrides = {k: v for k, v in overrides_for(explicit, args.model).items() if k not in explicit}
+    users = dict(extra.split("=", 1) for extra in args.set if "=" in extra)
+    error = checked({**overrides, **{k: yaml.safe_load(v) for k, v in users.items()}})
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     # A run now gets a dated name (its summary is looked up by name); a queued one without a
     # name gets DVC's own, so two lines queued within one second do not collide.
     prefix = "demo" if args.model == "tiny" else args.model
