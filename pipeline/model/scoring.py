@@ -22,7 +22,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from pipeline.model.loading import Quantize, Runtime, load_causal_lm, use_packing
+from pipeline.model.loading import (
+    Quantize,
+    Runtime,
+    is_quantized,
+    load_causal_lm,
+    use_packing,
+)
 from pipeline.stage_io import StageError, bar
 
 # Logit elements per LM-head chunk: 256 tokens x 151,936 fp32 = 156 MB per tensor in flight
@@ -218,11 +224,11 @@ def causal_kernel_masks(model: PreTrainedModel) -> dict[str, None] | None:
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if config._attn_implementation not in ("sdpa", "flash_attention_2"):
         return None
-    if layer_types != {"full_attention"}:
+    if layer_types != {"full_attention"} or not can_probe(model):
         return None
     masks = {"full_attention": None}
     ids = probe_ids(model)
-    with torch.no_grad(), evaluating(model):
+    with probing(model):
         plain = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         try:
             fast = model.get_decoder()(input_ids=ids, attention_mask=masks, use_cache=False)
@@ -241,11 +247,13 @@ def check_scorer(scorer: CompletionScorer) -> None:
     model's forward returns. Made once at load; it catches a family whose forward treats its
     hidden states or logits in a way `LogitRule` does not know."""
     model = scorer.model
+    if not can_probe(model):
+        return
     ids = probe_ids(model)
     mask = torch.ones_like(ids)
     completion = mask.clone()
     completion[:, : ids.shape[1] // 2] = 0  # the first half is the prompt
-    with torch.no_grad(), evaluating(model):
+    with probing(model):
         logits = model(input_ids=ids, use_cache=False).logits.float()
         got = scorer(ids, mask, completion)
     logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -306,14 +314,24 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout: a probe draws no random numbers), then as it was."""
+def probing(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout: a probe draws no random numbers) without gradients,
+    then as it was."""
     training = model.training
     model.eval()
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         model.train(training)
+
+
+def can_probe(model: PreTrainedModel) -> bool:
+    """False for a 4-bit model on the CPU: bitsandbytes' CPU backend repacks its weights for
+    inference at the first eval forward without gradients, after which they cannot train. (The
+    stages run 4-bit models on CUDA only; the tests run them on the CPU.)"""
+    device = next(model.parameters()).device
+    return not (is_quantized(model) and device.type == "cpu")
 
 
 def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
