@@ -255,12 +255,18 @@ def test_the_readme_comparison_ranks_best_first_within_80_columns(demo_runs) -> 
     ]  # fmt: skip
     ranked = [line.split() for line in lines[1:] if line[:1].isdigit()]
     names = [row[1] for row in ranked]
+    # The trained default (and its resumed twin) rank first on any CPU: 0.93-0.94 against
+    # 0.77-0.78 for the barely moved policies. Whether those two tie differs between CPUs.
     assert set(names[:2]) == {"demo-default", "demo-resumed"}, outputs["show"]
-    assert names[2:] == ["demo-lr-2e-6", "demo-lr-1e-6"], outputs["show"]  # eval loss decides
+    assert set(names[2:]) == {"demo-lr-2e-6", "demo-lr-1e-6"}, outputs["show"]
     assert [row[0] for row in ranked] == ["1", "2", "3", "4"]
-    assert all(row[4].endswith("=") for row in ranked)  # one win rate: a tie, shown as one
-    losses = [float(row[5]) for row in ranked]
-    assert losses == sorted(losses) and len(ranked[0][5].split(".")[1]) == 4  # --precision 4
+    rates = [row[4].rstrip("=") for row in ranked]
+    order = [(-float(rate), float(row[5])) for rate, row in zip(rates, ranked, strict=True)]
+    assert order == sorted(order), outputs["show"]  # the champion gate's: win rate, then loss
+    tied = [row[4].endswith("=") for row in ranked]
+    assert tied == [rates.count(rate) > 1 for rate in rates], outputs["show"]
+    assert tied[:2] == [True, True]  # the resumed run is the default's figures again
+    assert len(ranked[0][5].split(".")[1]) == 4  # --precision 4
     assert lines[-1].startswith("= same win rate")
 
 

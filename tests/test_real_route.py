@@ -57,11 +57,11 @@ def test_the_smollm2_route_trains_a_real_model_end_to_end(
     assert min(losses, key=lambda m: m.step).value == pytest.approx(math.log(2), abs=1e-3)
     held_out = json.loads(exp_file(repo, "smol", "metrics/eval.json"))
     assert held_out["win_rate"] > 0.5, held_out
+    reward = json.loads(exp_file(repo, "smol", "metrics/reward.json"))
+    interval = (reward["reward_accuracy_low"], reward["reward_accuracy_high"])
+    assert interval[0] <= reward["reward_accuracy"] <= interval[1]
     judged = json.loads(exp_file(repo, "smol", "metrics/judge.json"))
-    assert judged["reward_accuracy_low"] <= judged["reward_accuracy"] <= judged[
-        "reward_accuracy_high"
-    ]
-    assert isinstance(judged["judge_reliable"], bool)
+    assert judged["judge_reliable"] == (interval[0] > 0.5)
     again = run(repo, env, *[*command[:-1], "smol-again"], timeout=1800)
     assert "Running stage" not in again, again[-3000:]  # every stage restored from the cache
 
