@@ -37,16 +37,35 @@ class ModelParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class ColumnsParams:
+    # Column holding the prompt: text (one user turn) or a list of {role, content} messages.
+    # "" everywhere: the format is told from the columns (README: "Your own data").
+    prompt: str
+    # Column holding the preferred answer: text, or messages ending with an assistant turn.
+    chosen: str
+    # Column holding the other answer, in the same form as `chosen`.
+    rejected: str
+    # Column holding a system prompt (optional).
+    system: str
+    # Column holding the prompt's identity, which keeps a prompt's pairs on one side of the
+    # held-out split ("": the prompt text itself).
+    id: str
+
+
+@dataclasses.dataclass(frozen=True)
 class DataParams:
-    # Hub dataset id, or a local folder in the hub layout (<train_dir>/ and <eval_dir>/ holding
-    # parquet or jsonl files; the offline demo points it at its generated one).
+    # Hub dataset id, or a local folder in the hub layout (the offline demo points it at its
+    # generated one).
     dataset: str
     # Hub revision of the dataset repository.
     revision: str
-    # Folder of the repository holding the train pairs (every file there is named train-*).
+    # The train pairs: a folder of the repository (data/rl) or a split name (train, train_prefs)
+    # found as data/<split>-*.parquet, <split>.jsonl, <split>.json, <split>.csv or <split>.parquet.
     train_dir: str
-    # Folder of the repository holding the held-out pairs.
+    # The held-out pairs, named like train_dir; "": carved out of train_dir's pairs.
     eval_dir: str
+    # Column names for a format that is not told from its columns (all "": detect).
+    columns: ColumnsParams
     # Share of the train folder's pairs to use, in (0, 1].
     fraction: float = dataclasses.field(metadata=check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # Number of held-out pairs (whole questions are kept together, so it is a lower bound).

@@ -1,5 +1,5 @@
-"""Shared test constants and small builders: source-schema tables, hub-layout folders, a tiny
-Qwen3, random tokenized pairs, train params."""
+"""Shared test constants and small builders: stack-exchange-paired tables and their pair records,
+hub-layout folders, a tiny Qwen3, random tokenized pairs, train params."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.data.schema import SOURCE_SCHEMA
+from pipeline.data.formats import detect, normalize
+from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.model.loading import Runtime
+from pipeline.params import ColumnsParams
 
 REPO = Path(__file__).resolve().parents[1]  # the repository under test
 CPU = Runtime(torch.device("cpu"), None)  # fp32 on the CPU, no autocast
@@ -39,7 +41,21 @@ def source_rows(
 
 
 def table(rows: list[dict]) -> pa.Table:
+    """Rows in stack-exchange-paired's schema, as the hub (and the demo) hold them."""
     return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+
+
+def pairs(source: pa.Table) -> pa.Table:
+    """A stack-exchange-paired table as download_data leaves it (PAIRS_SCHEMA rows)."""
+    return normalize(source, detect(source.schema.names, NO_COLUMNS))[0]
+
+
+NO_COLUMNS = ColumnsParams(prompt="", chosen="", rejected="", system="", id="")
+
+
+def read_pairs(folder: Path) -> pa.Table:
+    """Every parquet file of a stack-exchange-paired folder, as download_data leaves them."""
+    return pairs(pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("*.parquet"))))
 
 
 def hub_layout(root: Path, train: list[list[dict]], evaluation: list[list[dict]]) -> Path:

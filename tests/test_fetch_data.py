@@ -5,12 +5,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.schema import SOURCE_SCHEMA, SchemaError, read_split
+from pipeline.data.schema import PAIRS_SCHEMA, SchemaError, read_split
+from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.download.data import fetch_data
 from pipeline.download.shards import Shard, list_shards, open_dataset, shards_for
 from pipeline.params import DataParams
 from pipeline.stage_io import StageError
-from tests.helpers import hub_layout, source_rows, table
+from tests.helpers import NO_COLUMNS, hub_layout, source_rows, table
 
 
 def data_params(dataset: Path | str, fraction: float = 1.0, eval_size: int = 10) -> DataParams:
@@ -19,6 +20,7 @@ def data_params(dataset: Path | str, fraction: float = 1.0, eval_size: int = 10)
         revision="main",
         train_dir="data/rl",
         eval_dir="data/evaluation",
+        columns=NO_COLUMNS,
         fraction=fraction,
         eval_size=eval_size,
         seed=0,
@@ -38,7 +40,7 @@ def test_only_the_shards_the_fraction_needs_are_fetched(tmp_path: Path) -> None:
     ]
     assert json.loads((tmp_path / "raw" / "train" / "manifest.json").read_text()) == train
     fetched = read_split(tmp_path / "raw" / "train")
-    assert fetched.schema.equals(SOURCE_SCHEMA) and len(fetched) == 40
+    assert fetched.schema.equals(PAIRS_SCHEMA) and len(fetched) == 40
 
 
 def test_shards_for_takes_the_shortest_prefix() -> None:
@@ -52,24 +54,23 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
     root = hub_layout(tmp_path / "repo", [source_rows(2, 1)], [source_rows(2, 1)])
     bad = table(source_rows(2, 1)).drop_columns(["response_k"])
     pq.write_table(bad, root / "data/rl/train-00000-of-00001.parquet")
-    with pytest.raises(SchemaError, match="missing column 'response_k'"):
+    with pytest.raises(SchemaError, match=r"cannot tell the preference format of columns \['qid'"):
         fetch_data(data_params(root), tmp_path / "raw")
 
 
-def test_mistyped_column_is_named(tmp_path: Path) -> None:
-    root = hub_layout(tmp_path / "repo", [source_rows(2, 1)], [source_rows(2, 1)])
+def test_a_qid_of_another_type_still_names_its_question(tmp_path: Path) -> None:
+    """qid only names a question without a URL: a string qid is read, not refused."""
     rows = source_rows(2, 1)
     for row in rows:
-        row["qid"] = str(row["qid"])
-    schema = pa.schema(
-        [f if f.name != "qid" else pa.field("qid", pa.string()) for f in SOURCE_SCHEMA]
-    )
+        row["qid"], row["metadata"] = str(row["qid"]), []
+    schema = pa.schema([f if f.name != "qid" else pa.field("qid", pa.string()) for f in SOURCE_SCHEMA])
+    root = hub_layout(tmp_path / "repo", [source_rows(2, 1)], [source_rows(2, 1)])
     pq.write_table(
         pa.Table.from_pylist(rows, schema=schema),
         root / "data/evaluation/train-00000-of-00001.parquet",
     )
-    with pytest.raises(SchemaError, match="column 'qid' has type string, expected int64"):
-        fetch_data(data_params(root), tmp_path / "raw")
+    fetch_data(data_params(root), tmp_path / "raw")
+    assert read_split(tmp_path / "raw" / "eval")["question_id"].to_pylist() == ["qid:0", "qid:1"]
 
 
 def test_jsonl_shards_load_through_the_same_path(tmp_path: Path) -> None:
@@ -80,7 +81,7 @@ def test_jsonl_shards_load_through_the_same_path(tmp_path: Path) -> None:
         (root / folder / "train-00000-of-00001.jsonl").write_text("\n".join(lines) + "\n")
     manifests = fetch_data(data_params(root), tmp_path / "raw")
     assert manifests["train"]["rows_fetched"] == 6
-    assert read_split(tmp_path / "raw" / "eval").schema.equals(SOURCE_SCHEMA)
+    assert read_split(tmp_path / "raw" / "eval").schema.equals(PAIRS_SCHEMA)
 
 
 def test_large_string_columns_are_normalised(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_large_string_columns_are_normalised(tmp_path: Path) -> None:
         path,
     )
     fetch_data(data_params(root), tmp_path / "raw")
-    assert pq.read_schema(tmp_path / "raw/train/part-00000.parquet").equals(SOURCE_SCHEMA)
+    assert pq.read_schema(tmp_path / "raw/train/part-00000.parquet").equals(PAIRS_SCHEMA)
 
 
 def test_dataset_sources_are_resolved(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_dataset_sources_are_resolved(tmp_path: Path) -> None:
 def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "repo/data/rl").mkdir(parents=True)
     fs, root = open_dataset(str(tmp_path / "repo"), "main")
-    with pytest.raises(FileNotFoundError, match="no .parquet or .jsonl files"):
+    with pytest.raises(FileNotFoundError, match=r"no split 'data/rl' in .*: looked for"):
         list_shards(fs, root, "data/rl")
 
 

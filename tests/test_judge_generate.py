@@ -13,12 +13,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.data.prompts import encode, encode_prompt
-from pipeline.data.schema import SOURCE_SCHEMA, read_split
+from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge.generate import Answer, Question, _left_padded, generate, judge_questions
 from pipeline.model.loading import freeze, load_causal_lm, pad_token_id
 from pipeline.params import Params, load_params
 from pipeline.strict_yaml import ParamsError
-from tests.helpers import CPU, REPO
+from tests.helpers import CPU, REPO, pairs, read_pairs
 
 # One intra-op thread per test module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,7 +66,7 @@ def held_out() -> pa.Table:
         row(q9, 9, "R", "Q"),  # R wins twice, P once
         *(row(url, 100 + i, f"good {i}", f"bad {i}") for i, url in enumerate(rest)),
     ]
-    return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+    return pairs(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA))
 
 
 def test_judge_questions_are_distinct_and_count_of_them(held_out: pa.Table) -> None:
@@ -141,7 +141,7 @@ def pad(demo_tokenizer: PreTrainedTokenizerBase) -> int:
 
 @pytest.fixture(scope="module")
 def questions(demo_dataset_dir: Path) -> list[Question]:
-    return judge_questions(read_split(demo_dataset_dir / "data" / "evaluation"), 8, seed=0)
+    return judge_questions(read_pairs(demo_dataset_dir / "data" / "evaluation"), 8, seed=0)
 
 
 @pytest.fixture(scope="module")

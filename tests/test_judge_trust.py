@@ -164,10 +164,10 @@ def test_a_reward_model_with_no_held_out_pair_to_measure_on_is_one_clear_error(
     tmp_path: Path,
 ) -> None:
     """Every held-out pair dropped (identical answers): no accuracy, so no interval either."""
-    from pipeline.data.schema import SOURCE_SCHEMA
+    from pipeline.data.schema import PAIRS_SCHEMA
     from pipeline.judge.build import _measure
 
-    empty = SOURCE_SCHEMA.empty_table()
+    empty = PAIRS_SCHEMA.empty_table()
     with pytest.raises(StageError, match=r"no held-out pair to measure .*\(0 held-out pairs"):
         _measure(None, None, None, empty, None, None, tmp_path)  # nothing is scored
     assert not list(tmp_path.iterdir())  # no input format written beside a model

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.data.prompts import encode_prompt
-from pipeline.data.schema import SOURCE_SCHEMA, read_split
+from pipeline.data.schema import PAIRS_SCHEMA
+from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge import reward as reward_module
 from pipeline.judge.build import reward_format, without_questions
 from pipeline.judge.reward import (
@@ -32,7 +33,7 @@ from pipeline.judge.reward import (
 )
 from pipeline.model.loading import pad_token_id
 from pipeline.params import JudgeParams, Params, load_params
-from tests.helpers import CPU, REPO
+from tests.helpers import CPU, REPO, pairs, read_pairs
 
 # One intra-op thread per test module (tests/conftest.py: one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,8 +198,8 @@ def demo_pairs(
     """(train, held-out) pairs of the demo set, as the reward stage builds them, 192 tokens."""
     params = dataclasses.replace(repo_params, judge=judge(repo_params, max_length=192, model=""))
     form = reward_format(params, tok)
-    held = read_split(demo_dataset_dir / "data" / "evaluation")
-    train, _ = without_questions(read_split(demo_dataset_dir / "data" / "rl"), held)
+    held = read_pairs(demo_dataset_dir / "data" / "evaluation")
+    train, _ = without_questions(read_pairs(demo_dataset_dir / "data" / "rl"), held)
     return pair_rows(train.slice(0, 256), tok, form), pair_rows(held.slice(0, 200), tok, form)
 
 
@@ -309,7 +310,7 @@ def test_pair_rows_drops_pairs_identical_after_the_cut(
 
 
 def source_table(rows: list[dict]) -> pa.Table:
-    """Source-schema rows; missing fields get placeholder values."""
+    """PAIRS_SCHEMA rows of stack-exchange-paired rows; missing fields get placeholder values."""
     filled = [
         {
             "qid": 1,
@@ -322,7 +323,7 @@ def source_table(rows: list[dict]) -> pa.Table:
         }
         for row in rows
     ]
-    return pa.Table.from_pylist(filled, schema=SOURCE_SCHEMA)
+    return pairs(pa.Table.from_pylist(filled, schema=SOURCE_SCHEMA))
 
 
 def pair(url: str, qid: int, tag: str) -> dict:
@@ -341,6 +342,6 @@ def test_without_questions_removes_exactly_the_held_out_questions() -> None:
     held = source_table([pair(a, 7, "held"), pair("https://so.com/questions/99", 99, "other")])
     kept, removed = without_questions(table, held)
     assert removed == 2
-    assert kept["response_j"].to_pylist() == ["b1", "c1", "c2"]  # same qid, other site: kept
-    assert kept.schema == SOURCE_SCHEMA
+    assert kept["chosen"].to_pylist() == ["b1", "c1", "c2"]  # same qid, other site: kept
+    assert kept.schema == PAIRS_SCHEMA
     assert without_questions(table, source_table([pair("https://x.com/q", 1, "x")]))[1] == 0

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.data.schema import SOURCE_SCHEMA, SUBSAMPLED_SCHEMA
+from pipeline.data.schema import SUBSAMPLED_SCHEMA
+from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.data.subsample import with_ids
 from pipeline.judge.trust import COIN, wilson_interval
 from stages.reward import HEADLINE
-from tests.helpers import REPO
+from tests.helpers import REPO, read_pairs
 
 pytestmark = pytest.mark.slow  # seven runs of the stage, each in a fresh process: ~80 s in all
 
@@ -48,7 +49,7 @@ def read_folder(folder: Path) -> pa.Table:
 
 
 def write_shards(folder: Path, table: pa.Table, shards: int = 1) -> None:
-    """`table` in the source schema as hub-named parquet shards under `folder`."""
+    """`table` (stack-exchange-paired's schema) as hub-named parquet shards under `folder`."""
     folder.mkdir(parents=True)
     table = table.select(SOURCE_SCHEMA.names).cast(SOURCE_SCHEMA)
     size = -(-len(table) // shards)
@@ -71,7 +72,7 @@ def assert_interval(report: dict, line: str) -> None:
 def held_out(demo_dataset_dir: Path) -> pa.Table:
     """The first HELD_OUT_QUESTIONS questions (by URL) of the demo's data/evaluation, whole, in
     SUBSAMPLED_SCHEMA, as the subsample stage writes data/subsampled/eval/data.parquet."""
-    evaluation = with_ids(read_folder(demo_dataset_dir / "data" / "evaluation"))
+    evaluation = with_ids(read_pairs(demo_dataset_dir / "data" / "evaluation"))
     questions = sorted(set(evaluation["question_id"].to_pylist()))[:HELD_OUT_QUESTIONS]
     mask = pc.is_in(evaluation["question_id"], value_set=pa.array(questions, pa.string()))
     table = evaluation.filter(mask)
@@ -80,11 +81,12 @@ def held_out(demo_dataset_dir: Path) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def planted(held_out: pa.Table) -> pa.Table:
-    """Every pair of PLANTED_QUESTIONS held-out questions (source schema)."""
+def planted(held_out: pa.Table, demo_dataset_dir: Path) -> pa.Table:
+    """Every pair of PLANTED_QUESTIONS held-out questions (stack-exchange-paired's schema)."""
+    source = read_folder(demo_dataset_dir / "data" / "evaluation")
     questions = sorted(set(held_out["question_id"].to_pylist()))[:PLANTED_QUESTIONS]
-    mask = pc.is_in(held_out["question_id"], value_set=pa.array(questions, pa.string()))
-    table = held_out.filter(mask).select(SOURCE_SCHEMA.names)
+    urls = pa.array([m[0] for m in source["metadata"].to_pylist()], pa.string())
+    table = source.filter(pc.is_in(urls, value_set=pa.array(questions, pa.string())))
     assert len(table) >= PLANTED_QUESTIONS
     return table
 
@@ -98,9 +100,10 @@ def reward_dataset(
 ) -> Path:
     """A dataset folder in the hub layout whose data/reward holds REWARD_PAIRS pairs of the
     demo's reward questions that are not held out, plus the planted held-out pairs (two shards)."""
-    reward = with_ids(read_folder(demo_dataset_dir / "data" / "reward"))
+    reward = read_folder(demo_dataset_dir / "data" / "reward")
+    urls = pa.array([m[0] for m in reward["metadata"].to_pylist()], pa.string())
     held = held_out["question_id"].unique()
-    others = reward.filter(pc.invert(pc.is_in(reward["question_id"], value_set=held)))
+    others = reward.filter(pc.invert(pc.is_in(urls, value_set=held)))
     rows = pa.concat_tables([others.slice(0, REWARD_PAIRS).select(SOURCE_SCHEMA.names), planted])
     root = tmp_path_factory.mktemp("reward-dataset")
     write_shards(root / "data" / "reward", rows.take(pa.array(_interleaved(len(rows)))), shards=2)
@@ -225,9 +228,10 @@ def test_a_dataset_without_reward_pairs_names_the_key_and_the_ways_out(
 def test_a_reward_folder_of_identical_answers_has_no_usable_pair(
     tmp_path: Path, workdir: Path, reward_dataset: Path, held_out: pa.Table
 ) -> None:
-    rows = with_ids(read_folder(reward_dataset / "data" / "reward"))
+    rows = read_folder(reward_dataset / "data" / "reward")
+    urls = pa.array([m[0] for m in rows["metadata"].to_pylist()], pa.string())
     held = held_out["question_id"].unique()
-    rows = rows.filter(pc.invert(pc.is_in(rows["question_id"], value_set=held))).slice(0, 12)
+    rows = rows.filter(pc.invert(pc.is_in(urls, value_set=held))).slice(0, 12)
     same = rows.set_column(
         rows.schema.get_field_index("response_k"), "response_k", rows["response_j"]
     )

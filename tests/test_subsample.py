@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.schema import SUBSAMPLED_SCHEMA, read_split
+from pipeline.data.schema import PAIRS_SCHEMA, SUBSAMPLED_SCHEMA
 from pipeline.data.subsample import subsample
-from tests.helpers import source_rows, table
+from tests.helpers import pairs, read_pairs, source_rows, table
 
 
 def split_rows() -> tuple[list[dict], list[dict]]:
@@ -31,7 +31,7 @@ def raw_folder(root: Path, train: list[dict] | pa.Table, evaluation: list[dict] 
                files: int = 1) -> Path:  # fmt: skip
     """data/raw as download_data leaves it: each split cut into `files` parquet files."""
     for split, rows in (("train", train), ("eval", evaluation)):
-        whole = rows if isinstance(rows, pa.Table) else table(rows)
+        whole = rows if isinstance(rows, pa.Table) else pairs(table(rows))
         (root / split).mkdir(parents=True)
         size = math.ceil(len(whole) / files)
         for i in range(files):
@@ -107,6 +107,8 @@ def reference(train: list[dict], evaluation: list[dict], fraction: float, source
     rng = np.random.default_rng(seed)
 
     def key(row: dict) -> str:
+        if "question_id" in row:
+            return row["question_id"]
         return row["metadata"][0] if row["metadata"] and row["metadata"][0] else f"qid:{row['qid']}"
 
     questions = np.array(sorted({key(r) for r in evaluation}), dtype=object)
@@ -135,16 +137,17 @@ def test_streaming_picks_the_reference_rows_in_any_batching(
         want_train, want_eval = reference(train, evaluation, fraction, 140, eval_size, seed)
         assert got_train["pair_id"].to_pylist() == want_train
         assert got_eval["pair_id"].to_pylist() == want_eval
-        source = got_train.select(table(train).column_names)
-        assert source.to_pylist() == [train[i] for i in want_train]  # every column, unchanged
+        rows = pairs(table(train)).to_pylist()
+        got = got_train.select(PAIRS_SCHEMA.names).to_pylist()
+        assert got == [rows[i] for i in want_train]  # every column, unchanged
         assert counts["train"] == len(want_train) and counts["eval"] == len(want_eval)
         assert counts["train_questions"] == len(set(got_train["question_id"].to_pylist()))
 
 
 def test_the_demo_set_gives_the_reference_pairs(tmp_path: Path, demo_dataset_dir: Path) -> None:
     """On the demo's fetched folders, with the demo's data params: the same pairs as the rule."""
-    rl = read_split(demo_dataset_dir / "data" / "rl")
-    evaluation = read_split(demo_dataset_dir / "data" / "evaluation")
+    rl = read_pairs(demo_dataset_dir / "data" / "rl")
+    evaluation = read_pairs(demo_dataset_dir / "data" / "evaluation")
     got_train, got_eval, _ = run(
         tmp_path, 1.0, len(rl), 300, 42, rows=(rl, evaluation), files=2, batch_rows=500
     )
@@ -156,6 +159,6 @@ def test_the_demo_set_gives_the_reference_pairs(tmp_path: Path, demo_dataset_dir
 def test_a_file_with_a_missing_column_is_named(tmp_path: Path) -> None:
     raw = raw_folder(tmp_path / "raw", *split_rows())
     broken = raw / "train" / "part-00000.parquet"
-    pq.write_table(pq.read_table(broken).drop_columns(["metadata"]), broken)
-    with pytest.raises(ValueError, match=r"part-00000.parquet: missing column 'metadata'"):
+    pq.write_table(pq.read_table(broken).drop_columns(["context"]), broken)
+    with pytest.raises(ValueError, match=r"part-00000.parquet: missing column 'context'"):
         subsample(raw, tmp_path / "out", 1.0, 140, 10, 0)

@@ -10,7 +10,7 @@ from pipeline.data.schema import SUBSAMPLED_SCHEMA, SchemaError, load_tokenized
 from pipeline.data.subsample import with_ids
 from pipeline.data.tokenization import TooManyDropped, tokenize_dataset, tokenize_pair
 from pipeline.params import TokenizeParams
-from tests.helpers import random_pairs, source_rows, table
+from tests.helpers import random_pairs, source_rows, table, pairs
 
 PARAMS = TokenizeParams(
     template="Question: {question}\n\nAnswer: ",
@@ -106,7 +106,7 @@ def crafted_dataset() -> datasets.Dataset:
     rows[0]["response_j"] = ""  # empty
     rows[1]["response_k"] = rows[1]["response_j"]  # identical
     rows[2]["response_j"] = "long " * 300  # truncated
-    return datasets.Dataset(with_ids(table(rows)).cast(SUBSAMPLED_SCHEMA))
+    return datasets.Dataset(with_ids(pairs(table(rows))).cast(SUBSAMPLED_SCHEMA))
 
 
 def test_dataset_report_counts_drops_and_truncations(demo_tokenizer) -> None:

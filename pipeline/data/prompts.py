@@ -8,21 +8,34 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import bpe
 from pipeline.params import TokenizeParams
+from pipeline.stage_io import StageError
+
+# The turns before a prompt's last user turn: an optional system turn, then earlier exchanges.
+Context = Sequence[dict[str, str]]
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams) -> str:
-    """The prompt text: the template, or the tokenizer's chat template with one user turn."""
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams, context: Context = ()
+) -> str:
+    """The prompt text: the template, or the tokenizer's chat template with the context's turns
+    and one user turn. A context needs the chat template: the template has one question."""
     if not params.use_chat_template:
+        if context:
+            raise StageError(
+                "tokenize.use_chat_template: the data holds conversations (a system turn or "
+                "earlier turns); set it to true to render them with the tokenizer's chat template"
+            )
         return params.template.replace("{question}", question)
     # enable_thinking=False: Qwen3's template then opens an empty think block, which is what a
     # non-reasoning answer follows; templates without the flag ignore it.
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}],
+        [*context, {"role": "user", "content": question}],
         tokenize=False,
         add_generation_prompt=True,
         enable_thinking=False,
@@ -58,27 +71,60 @@ def _encode_list(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[l
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, questions: list[str], params: TokenizeParams
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    params: TokenizeParams,
+    contexts: Sequence[Context] | None = None,
 ) -> list[tuple[list[int], bool]]:
-    """Per question: prompt ids within max_prompt_length, and whether the question was cut.
+    """Per prompt: ids within max_prompt_length, and whether it was cut.
 
-    Only the question is cut (its start kept): the template's tail ("Answer: " or the assistant
-    header) is what tells the model an answer follows, so it always survives.
+    A conversation too long keeps its latest turns: its earliest exchanges go first (a system
+    turn stays). Then only the question is cut (its start kept): the template's tail ("Answer: "
+    or the assistant header) is what tells the model an answer follows, so it always survives.
     """
-    rendered = encode_many(tokenizer, [render_prompt(tokenizer, q, params) for q in questions])
+    contexts = [list(c) for c in contexts] if contexts is not None else [[] for _ in questions]
+    rendered = encode_many(
+        tokenizer,
+        [render_prompt(tokenizer, q, params, c) for q, c in zip(questions, contexts, strict=True)],
+    )
     prompts = [(ids, False) for ids in rendered]
     over = [i for i, ids in enumerate(rendered) if len(ids) > params.max_prompt_length]
-    cut = _shortened(tokenizer, [questions[i] for i in over], [rendered[i] for i in over], params)
+    for i in over:
+        if contexts[i]:
+            contexts[i], ids = _latest_turns(tokenizer, questions[i], contexts[i], params)
+            prompts[i] = (ids, True)
+    over = [i for i in over if len(prompts[i][0]) > params.max_prompt_length]
+    cut = _shortened(
+        tokenizer, [questions[i] for i in over], [prompts[i][0] for i in over], params,
+        [contexts[i] for i in over],
+    )  # fmt: skip
     for i, ids in zip(over, cut, strict=True):
         prompts[i] = (ids, True)
     return prompts
 
 
+def _latest_turns(
+    tokenizer: PreTrainedTokenizerBase, question: str, context: list[dict[str, str]],
+    params: TokenizeParams,
+) -> tuple[list[dict[str, str]], list[int]]:  # fmt: skip
+    """The context less its earliest exchanges (a system turn stays) until the prompt fits or no
+    earlier turn is left -> (context, the prompt's ids)."""
+    system = context[:1] if context and context[0]["role"] == "system" else []
+    turns = context[len(system) :]
+    ids = encode(tokenizer, render_prompt(tokenizer, question, params, context))
+    while turns and len(ids) > params.max_prompt_length:
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":  # an exchange starts with a user turn
+            turns = turns[1:]
+        ids = encode(tokenizer, render_prompt(tokenizer, question, params, system + turns))
+    return system + turns, ids
+
+
 def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams
+    tokenizer: PreTrainedTokenizerBase, question: str, params: TokenizeParams, context: Context = ()
 ) -> tuple[list[int], bool]:
-    """`encode_prompts` of one question."""
-    return encode_prompts(tokenizer, [question], params)[0]
+    """`encode_prompts` of one prompt."""
+    return encode_prompts(tokenizer, [question], params, [context])[0]
 
 
 def _shortened(
@@ -86,9 +132,10 @@ def _shortened(
     questions: list[str],
     rendered: list[list[int]],
     params: TokenizeParams,
+    contexts: list[list[dict[str, str]]],
 ) -> list[list[int]]:
     """Prompts of questions too long for max_prompt_length (`rendered`: their full prompts'
-    ids): each question's first tokens, as many as fit.
+    ids, `contexts`: the turns before each): each question's first tokens, as many as fit.
 
     A question keeps its length less the prompt's excess, cut in the text where its last kept
     token ends (the tokenizer's offsets): one encoding of the questions, one of the cut prompts.
@@ -101,7 +148,8 @@ def _shortened(
     pending = list(range(len(questions)))
     while pending:
         shorts = [questions[i][: ends[i][keep[i] - 1]] if keep[i] else "" for i in pending]
-        encoded = encode_many(tokenizer, [render_prompt(tokenizer, q, params) for q in shorts])
+        texts = [render_prompt(tokenizer, shorts[n], params, contexts[i]) for n, i in enumerate(pending)]
+        encoded = encode_many(tokenizer, texts)
         still = []
         for i, ids in zip(pending, encoded, strict=True):
             if len(ids) <= budget or keep[i] == 0:

@@ -1,8 +1,9 @@
 """The one record type of the data stages, and its validation.
 
-Raw rows have exactly the columns of `lvwerra/stack-exchange-paired`. Subsample adds two ids and
-tokenize turns the texts into token ids; every stage checks what it reads against these schemas
-(`read_split` for fetched parquet, `load_tokenized` for the tokenized Arrow shards).
+download_data turns every preference format it reads (`pipeline.data.formats`) into PAIRS_SCHEMA
+rows; subsample adds a pair id and tokenize turns the texts into token ids. Every stage checks
+what it reads against these schemas (`read_split` for fetched parquet, `load_tokenized` for the
+tokenized Arrow shards).
 """
 
 from __future__ import annotations
@@ -15,22 +16,26 @@ import pyarrow.parquet as pq
 
 from pipeline.stage_io import StageError
 
-# The hub dataset's columns, in its order. response_j is the preferred answer.
-SOURCE_SCHEMA = pa.schema(
+TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+# One preference pair. The prompt is `context` (an optional system turn, then earlier user and
+# assistant turns; empty for a single question) followed by the user turn `question`; `chosen`
+# is the preferred answer to it, `rejected` the other. `question_id` is the prompt's identity
+# (the question's URL on stack-exchange-paired, a prompt id column, else a hash of the prompt),
+# so held-out selection keeps a prompt's pairs together and evaluation groups them.
+PAIRS_SCHEMA = pa.schema(
     [
-        ("qid", pa.int64()),
+        ("question_id", pa.string()),
+        ("context", pa.list_(TURN)),
         ("question", pa.string()),
-        ("date", pa.string()),
-        ("metadata", pa.list_(pa.string())),
-        ("response_j", pa.string()),
-        ("response_k", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
     ]
 )
 
-# Added by subsample: a question's identity (its URL; qid is unique only within one site) and a
-# pair id unique within the split, so evaluation can group answers by question.
+# Added by subsample: a pair id unique within the split (its row in the fetched split).
 ID_FIELDS = [pa.field("question_id", pa.string()), pa.field("pair_id", pa.int64())]
-SUBSAMPLED_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + ID_FIELDS)
+SUBSAMPLED_SCHEMA = pa.schema(list(PAIRS_SCHEMA) + [pa.field("pair_id", pa.int64())])
 
 # Written by tokenize. Completion ids exclude the prompt and end with EOS unless truncated.
 TOKENIZED_SCHEMA = pa.schema(
@@ -86,19 +91,12 @@ def conform(table: pa.Table, expected: pa.Schema, origin: str) -> pa.Table:
     return table.select(expected.names).cast(expected)
 
 
-def question_key(qid: int, metadata: list[str] | None) -> str:
-    """A question's identity: its URL (metadata[0]) or, without one, its qid."""
-    if metadata and metadata[0]:
-        return metadata[0]
-    return f"qid:{qid}"
-
-
 def read_split(folder: Path) -> pa.Table:
-    """All parquet files of one fetched split as one table in the source schema."""
+    """All parquet files of one fetched split as one table of PAIRS_SCHEMA rows."""
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files in {folder}: run the download stage first")
-    tables = [conform(pq.read_table(f), SOURCE_SCHEMA, str(f)) for f in files]
+    tables = [conform(pq.read_table(f), PAIRS_SCHEMA, str(f)) for f in files]
     return pa.concat_tables(tables)
 
 

@@ -3,8 +3,8 @@
 Evaluation keeps whole questions (Kendall's tau ranks all answers of a question), train draws
 pairs. Train pairs whose question is in evaluation are removed first, so held-out means held out.
 
-Both splits are read twice in record batches, never whole: a first pass over the two key columns
-(qid, metadata) finds each row's question; the seeded choice is made on row indices; a second
+Both splits are read twice in record batches, never whole: a first pass over the key column
+(question_id) finds each row's question; the seeded choice is made on row indices; a second
 pass writes the chosen rows batch by batch. Memory grows with 8 bytes per fetched train row (the
 index of every row outside the held-out questions) and with question ids (the eval split's, and
 the distinct ones written, for the counts), not with the texts. pyarrow's own Parquet reader
@@ -23,32 +23,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.schema import SOURCE_SCHEMA, SUBSAMPLED_SCHEMA, check_schema, question_key
+from pipeline.data.schema import PAIRS_SCHEMA, SUBSAMPLED_SCHEMA, check_schema
 
 BATCH_ROWS = 8192  # rows per record batch: a few tens of MB of stack-exchange texts
-KEY_COLUMNS = ["qid", "metadata"]
+KEY_COLUMNS = ["question_id"]
 
 
 def with_ids(table: pa.Table) -> pa.Table:
-    """Append `question_id` (URL, else qid) and `pair_id` (row index in the fetched split)."""
-    table = table.append_column("question_id", question_ids(table))
+    """Append `pair_id` (row index in the fetched split) to PAIRS_SCHEMA rows."""
     table = table.append_column("pair_id", pa.array(np.arange(len(table)), pa.int64()))
     return table.cast(SUBSAMPLED_SCHEMA)
 
 
 def question_ids(rows: pa.Table | pa.RecordBatch) -> pa.Array:
-    """Each row's question identity (see `question_key`)."""
-    keys = map(question_key, rows["qid"].to_pylist(), rows["metadata"].to_pylist())
-    return pa.array(list(keys), pa.string())
+    """Each row's prompt identity (download_data wrote it)."""
+    column = rows["question_id"]
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
 def source_files(folder: Path) -> list[Path]:
-    """A fetched split's parquet files in reading order, each checked against SOURCE_SCHEMA."""
+    """A fetched split's parquet files in reading order, each checked against PAIRS_SCHEMA."""
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files in {folder}: run the download stage first")
     for f in files:
-        check_schema(pq.read_schema(f), SOURCE_SCHEMA, str(f))
+        check_schema(pq.read_schema(f), PAIRS_SCHEMA, str(f))
     return files
 
 
@@ -56,7 +55,7 @@ def batches(
     files: list[Path], columns: list[str], batch_rows: int = BATCH_ROWS
 ) -> Iterator[pa.RecordBatch]:
     """The split's rows in order, `batch_rows` at a time, `columns` cast to the source types."""
-    schema = pa.schema([SOURCE_SCHEMA.field(c) for c in columns])
+    schema = pa.schema([PAIRS_SCHEMA.field(c) for c in columns])
     for f in files:
         for batch in pq.ParquetFile(f).iter_batches(batch_rows, columns=columns):
             yield batch.select(columns).cast(schema)
@@ -110,16 +109,14 @@ def write_rows(files: list[Path], rows: np.ndarray, out: Path, batch_rows: int =
     file `out`, batch by batch -> the number of distinct questions written."""
     questions, offset = [], 0
     with pq.ParquetWriter(out, SUBSAMPLED_SCHEMA) as writer:
-        for batch in batches(files, SOURCE_SCHEMA.names, batch_rows):
+        for batch in batches(files, PAIRS_SCHEMA.names, batch_rows):
             lo, hi = np.searchsorted(rows, [offset, offset + len(batch)])
             if hi > lo:
                 taken = batch.take(pa.array(rows[lo:hi] - offset))
                 ids = question_ids(taken)
                 pair_ids = pa.array(rows[lo:hi], pa.int64())
                 writer.write_batch(
-                    pa.RecordBatch.from_arrays(
-                        [*taken.columns, ids, pair_ids], schema=SUBSAMPLED_SCHEMA
-                    )
+                    pa.RecordBatch.from_arrays([*taken.columns, pair_ids], schema=SUBSAMPLED_SCHEMA)
                 )
                 questions.append(pc.unique(ids))
             offset += len(batch)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import bpe
-from pipeline.data.prompts import completion_heads, encode_prompts
+from pipeline.data.prompts import Context, completion_heads, encode_prompts
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, check_schema, tokenized_features
 from pipeline.params import TokenizeParams
 from pipeline.stage_io import StageError
@@ -47,9 +47,11 @@ def tokenize_pairs(
     chosen: list[str | None],
     rejected: list[str | None],
     params: TokenizeParams,
+    contexts: list[Context] | None = None,
 ) -> list[TokenizedPair]:
-    """Tokenize pairs (one tokenizer call per column) and decide which are kept."""
-    prompts = encode_prompts(tokenizer, [q or "" for q in questions], params)
+    """Tokenize pairs (one tokenizer call per column) and decide which are kept. `contexts`:
+    each prompt's turns before its question (PAIRS_SCHEMA's context; none: single questions)."""
+    prompts = encode_prompts(tokenizer, [q or "" for q in questions], params, contexts)
     # One token past the room each prompt leaves: enough to keep and to tell truncation.
     wanted = [max(params.max_length - len(ids), 0) + 1 for ids, _ in prompts]
     chosen_ids = completion_heads(tokenizer, [c or "" for c in chosen], wanted)
@@ -98,7 +100,7 @@ def tokenize_batch(
 ) -> dict[str, list[Any]]:
     """datasets.map(batched=True) function: texts -> ids plus drop reason and truncation flags."""
     pairs = tokenize_pairs(
-        tokenizer, batch["question"], batch["response_j"], batch["response_k"], params
+        tokenizer, batch["question"], batch["chosen"], batch["rejected"], params, batch["context"]
     )
     return {
         "question_id": batch["question_id"],
@@ -219,6 +221,8 @@ def tokenize_split(
     removed afterwards (also on failure or Ctrl-C)."""
     check_schema(pq.read_schema(source), SUBSAMPLED_SCHEMA, str(source))
     split = out_dir.name
+    if not params.use_chat_template:
+        _no_conversations(source, split)
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{split}-scratch-", dir=out_dir.parent) as scratch:
@@ -232,6 +236,17 @@ def tokenize_split(
         report["shards"] = max(1, math.ceil(len(kept) / params.pairs_per_shard))
         kept.save_to_disk(str(out_dir), num_shards=report["shards"])
     return report
+
+
+def _no_conversations(source: Path, split: str) -> None:
+    """Raise before any work when a split holds conversations and the template cannot show them."""
+    turns = pc.list_value_length(pq.read_table(source, columns=["context"])["context"])
+    first = pc.index(pc.greater(turns, 0), True).as_py()
+    if first >= 0:
+        raise StageError(
+            f"tokenize {split}: pair {first} has a system turn or earlier turns, which "
+            "tokenize.template cannot show; set tokenize.use_chat_template: true"
+        )
 
 
 def describe_report(report: dict[str, dict[str, Any]]) -> str:

@@ -21,7 +21,6 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.data.schema import read_split
-from pipeline.data.subsample import with_ids
 from pipeline.download.model import fetch_model
 from pipeline.download.shards import fetch_reward_pairs
 from pipeline.judge.reward import (
@@ -55,8 +54,8 @@ def reward_format(params: Params, tokenizer: PreTrainedTokenizerBase) -> RewardF
 
 def without_questions(table: pa.Table, held_out: pa.Table) -> tuple[pa.Table, int]:
     """`table` without the pairs of held-out questions -> (kept, removed count)."""
-    held = with_ids(held_out)["question_id"].unique()
-    overlap = pc.is_in(with_ids(table)["question_id"], value_set=held)
+    held = held_out["question_id"].unique()
+    overlap = pc.is_in(table["question_id"], value_set=held)
     kept = table.filter(pc.invert(overlap))
     return kept, len(table) - len(kept)
 
@@ -68,7 +67,7 @@ def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path
     with tempfile.TemporaryDirectory() as fetched:
         manifest = fetch_reward_pairs(
             params.data.dataset, params.data.revision, params.judge.reward_dir,
-            params.judge.fraction, Path(fetched),
+            params.judge.fraction, Path(fetched), params.data.columns,
         )  # fmt: skip
         # The shards hold more rows than the fraction asks for: train on the share asked.
         wanted = read_split(Path(fetched)).slice(0, manifest["rows_needed"])

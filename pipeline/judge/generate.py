@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from pipeline.data.prompts import encode, encode_prompt
-from pipeline.data.subsample import with_ids
+from pipeline.data.schema import TURN
 from pipeline.judge.figures import repetition_loop
 from pipeline.judge.reward import open_reward_model, score_rows
 from pipeline.model.loading import Runtime, freeze, load_causal_lm, pad_token_id
@@ -36,6 +36,7 @@ ANSWERS_SCHEMA = pa.schema(
         ("sample", pa.int32()),
         ("url", pa.string()),
         ("question", pa.string()),
+        ("context", pa.list_(TURN)),  # the turns before the question (conversations)
         ("answer", pa.string()),
         ("tokens", pa.int32()),
         ("hit_max", pa.bool_()),
@@ -50,23 +51,27 @@ class Question:
     url: str
     text: str
     best: str  # the dataset's best answer: the one that wins most of the question's pairs
+    context: tuple[dict[str, str], ...] = ()  # the turns before the question
 
 
 def judge_questions(held_out: pa.Table, count: int, seed: int) -> list[Question]:
     """`count` distinct held-out questions (all when there are fewer), a seeded choice kept in
     the order the split lists them, each with the dataset's best answer."""
-    keyed = with_ids(held_out).select(["question_id", "question", "response_j", "response_k"])
-    texts: dict[str, str] = {}
+    keyed = held_out.select(["question_id", "question", "context", "chosen", "rejected"])
+    texts: dict[str, tuple[str, tuple[dict[str, str], ...]]] = {}
     won: dict[str, Counter[str]] = {}
-    for url, question, chosen, rejected in zip(*keyed.to_pydict().values(), strict=True):
-        texts.setdefault(url, question or "")
+    for url, question, context, chosen, rejected in zip(*keyed.to_pydict().values(), strict=True):
+        texts.setdefault(url, (question or "", tuple(context or ())))
         score = won.setdefault(url, Counter())
         score[chosen or ""] += 1
         score[rejected or ""] += 0  # counted, so a question's answers are all candidates
     urls = list(texts)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(urls), size=min(count, len(urls)), replace=False))
-    return [Question(urls[i], texts[urls[i]], won[urls[i]].most_common(1)[0][0]) for i in picked]
+    return [
+        Question(urls[i], texts[urls[i]][0], won[urls[i]].most_common(1)[0][0], texts[urls[i]][1])
+        for i in picked
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +142,7 @@ def model_answers(
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     model = freeze(load_causal_lm(model_dir, runtime, trust))
-    prompts = [encode_prompt(tokenizer, q.text, params.tokenize)[0] for q in questions]
+    prompts = [encode_prompt(tokenizer, q.text, params.tokenize, q.context)[0] for q in questions]
     written = generate(model, prompts, params, pad_token_id(tokenizer), runtime, source)
     rows = [
         {
@@ -146,6 +151,7 @@ def model_answers(
             "sample": s,
             "url": q.url,
             "question": q.text,
+            "context": list(q.context),
             "answer": tokenizer.decode(a.tokens, skip_special_tokens=True),
             "tokens": len(a.tokens),
             "hit_max": a.hit_max,
@@ -171,6 +177,7 @@ def human_answers(model_dir: Path, questions: list[Question], params: Params) ->
             "sample": 0,
             "url": q.url,
             "question": q.text,
+            "context": list(q.context),
             "answer": q.best,
             "tokens": len(encode(tokenizer, q.best)),
             "hit_max": False,
@@ -188,10 +195,8 @@ def scored(table: pa.Table, params: Params, runtime: Runtime) -> pa.Table:
     model, tokenizer, form = open_reward_model(
         MODEL_REWARD, runtime, params.model.trust_remote_code
     )
-    rows = [
-        form.row(tokenizer, q, a)
-        for q, a in zip(table["question"].to_pylist(), table["answer"].to_pylist(), strict=True)
-    ]
+    texts = zip(*(table[c].to_pylist() for c in ("question", "answer", "context")), strict=True)
+    rows = [form.row(tokenizer, q, a, c) for q, a, c in texts]
     rewards = score_rows(model, rows, params.judge.batch_size, runtime, desc="reward")
     index = table.schema.get_field_index("reward")
     return table.set_column(index, "reward", pa.array(rewards, pa.float64()))

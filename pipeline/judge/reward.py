@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from pipeline.data.prompts import encode, encode_completion, encode_prompt
+from pipeline.data.prompts import Context, encode, encode_completion, encode_prompt
 from pipeline.model.loading import Runtime, freeze, pad_token_id
 from pipeline.params import JudgeParams, TokenizeParams
 from pipeline.stage_io import bar
@@ -76,7 +76,13 @@ class RewardFormat:
     max_length: int
     chat: bool  # the reward model's chat template
 
-    def row(self, tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> list[int]:
+    def row(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        question: str,
+        answer: str,
+        context: Context = (),
+    ) -> list[int]:
         """Token ids of one scored text: prompt, then the answer with one EOS, cut at
         max_length (the answer's end goes first; the prompt keeps its own budget)."""
         if self.chat:  # the question keeps at most its budget, so the answer is never cut away
@@ -84,30 +90,27 @@ class RewardFormat:
             if len(question_ids) > self.tokenize.max_prompt_length:
                 question = tokenizer.decode(question_ids[: self.tokenize.max_prompt_length])
             turns = [
+                *context,
                 {"role": "user", "content": question},
                 {"role": "assistant", "content": answer},
             ]
             text = tokenizer.apply_chat_template(turns, tokenize=False)
             return encode(tokenizer, text)[: self.max_length]
-        prompt, _ = encode_prompt(tokenizer, question, self.tokenize)
+        prompt, _ = encode_prompt(tokenizer, question, self.tokenize, context)
         return (prompt + encode_completion(tokenizer, answer))[: self.max_length]
 
 
 def pair_rows(
     table: pa.Table, tokenizer: PreTrainedTokenizerBase, form: RewardFormat
 ) -> list[tuple[list[int], list[int]]]:
-    """(chosen row, rejected row) per pair of a source-schema table (response_j preferred);
-    pairs whose two rows are identical after truncation carry no preference and are dropped."""
+    """(chosen row, rejected row) per pair of a PAIRS_SCHEMA table; pairs whose two rows are
+    identical after truncation carry no preference and are dropped."""
     pairs = []
-    for question, chosen, rejected in zip(
-        table["question"].to_pylist(),
-        table["response_j"].to_pylist(),
-        table["response_k"].to_pylist(),
-        strict=True,
-    ):
+    columns = (table[c].to_pylist() for c in ("question", "chosen", "rejected", "context"))
+    for question, chosen, rejected, context in zip(*columns, strict=True):
         rows = (
-            form.row(tokenizer, question or "", chosen or ""),
-            form.row(tokenizer, question or "", rejected or ""),
+            form.row(tokenizer, question or "", chosen or "", context or ()),
+            form.row(tokenizer, question or "", rejected or "", context or ()),
         )
         if rows[0] != rows[1]:
             pairs.append(rows)

@@ -41,10 +41,8 @@ def source(table: pa.Table, name: str) -> pa.Table:
 def questions_of(base: pa.Table) -> list[Question]:
     """The judge's questions, in prompt order, from the base stage's human rows."""
     humans = source(base, "human").to_pydict()
-    return [
-        Question(u, q, a)
-        for u, q, a in zip(humans["url"], humans["question"], humans["answer"], strict=True)
-    ]
+    columns = (humans[c] for c in ("url", "question", "answer", "context"))
+    return [Question(u, q, a, tuple(c or ())) for u, q, a, c in zip(*columns, strict=True)]
 
 
 def same_answer_same_reward(policy: pa.Table, base: pa.Table) -> pa.Table:
