@@ -9,6 +9,7 @@ back to params.yaml, which PyYAML's safe_load returns as the *string* "1e-06".
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -263,11 +264,40 @@ class LossParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSetParams:
+    # The set's name in metrics/eval.json, MLflow and the comparison (letters, digits, _ and -).
+    name: str = dataclasses.field(
+        metadata=check(lambda v: re.fullmatch(r"[A-Za-z0-9_-]+", v) is not None,
+                       "must be letters, digits, _ or -")
+    )  # fmt: skip
+    # Hub dataset id or local folder, in any format data.dataset reads.
+    dataset: str
+    # The split to hold out pairs from, named as data.eval_dir is.
+    split: str
+    # Held-out pairs taken (whole prompts kept together, so it is a lower bound).
+    size: int = dataclasses.field(metadata=positive())
+    # Hub revision of the dataset.
+    revision: str = "main"
+    # Column names, as data.columns (omitted: told from the columns).
+    columns: ColumnsParams = dataclasses.field(
+        default_factory=lambda: ColumnsParams("", "", "", "", "")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalParams:
     # Pairs per forward pass (no gradients, so larger than train.batch_size is fine).
     batch_size: int = dataclasses.field(metadata=positive())
     # Same meaning as train.device.
     device: Device
+    # Extra held-out sets, scored beside the main one: how the policy does on other preference
+    # data (README: "Your own data").
+    datasets: tuple[EvalSetParams, ...]
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.datasets]
+        if len(set(names)) < len(names):
+            raise ParamsError(f"eval.datasets: names must differ, got {names}")
 
 
 @dataclasses.dataclass(frozen=True)

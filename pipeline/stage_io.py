@@ -32,6 +32,12 @@ DATA_RAW = Path("data/raw")
 DATA_SUBSAMPLED = Path("data/subsampled")
 DATA_TOKENIZED = Path("data/tokenized")
 DATA_REFERENCE = Path("data/reference")
+DATA_EVAL_SETS = Path("data/eval_sets")  # eval.datasets: <name>/{pairs.parquet,tokenized,reference}
+
+
+def eval_set(name: str) -> tuple[Path, Path]:
+    """An extra held-out set's (tokenized split, reference log-probs) folders."""
+    return DATA_EVAL_SETS / name / "tokenized", DATA_EVAL_SETS / name / "reference"
 DATA_JUDGE_BASE = Path("data/judge_base")  # the base model's answers to the judge's questions
 REPORTS = Path("reports")
 METRICS = Path("metrics")

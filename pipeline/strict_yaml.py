@@ -43,6 +43,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if dataclasses.is_dataclass(hint):  # a nested section, e.g. train.lora
         return parse_section(key, value, hint)
     origin = typing.get_origin(hint)
+    if origin is tuple:  # tuple[Section, ...]: a YAML list of mappings (eval.datasets)
+        item = typing.get_args(hint)[0]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ParamsError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ParamsError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}")
@@ -87,18 +94,29 @@ def parse_section(name: str, raw: Any, cls: type) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(f"unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
-    missing = [k for k in fields if k not in raw]
+    missing = [k for k, f in fields.items() if k not in raw and not _has_default(f)]
     if missing:
         raise ParamsError(f"missing key {name}.{missing[0]}")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, field in fields.items():
+        if key not in raw:  # only a field with a default (an item of a list section) is optional
+            values[key] = _default(field)
+            continue
         value = _coerce(f"{name}.{key}", raw[key], hints[key])
         check = field.metadata.get("check")
         if check is not None and value is not None and not check(value):
             raise ParamsError(f"{name}.{key} {field.metadata['check_text']}, got {raw[key]!r}")
         values[key] = value
     return cls(**values)
+
+
+def _has_default(field: dataclasses.Field) -> bool:
+    return field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+
+
+def _default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -32,8 +32,10 @@ PLUMBING_READS = {"train": {"register.experiment", *DATA_SOURCE}, "evaluate": DA
 # another source: the reward stage fetches judge.model through pipeline/download/model.py, whose
 # ModelParams it fills from judge.model, judge.revision and model.trust_remote_code; the train
 # stage puts adapters on through pipeline/train/adapters.py, typed with judge.lora's
-# AdapterParams, which train.lora's LoraParams extends.
+# AdapterParams, which train.lora's LoraParams extends; the eval_sets stage fetches each extra
+# set through pipeline/download/shards.py with that set's columns, typed as data.columns is.
 BORROWED = {
+    "eval_sets": {f"data.columns.{key}" for key in ("prompt", "chosen", "rejected", "system", "id")},
     "reward": {"model.name", "model.revision", "model.allow_pickle_weights"},
     "train": {f"judge.lora.{key}" for key in ("rank", "alpha", "dropout", "target_modules")},
 }

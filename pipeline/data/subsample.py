@@ -123,6 +123,16 @@ def write_rows(files: list[Path], rows: np.ndarray, out: Path, batch_rows: int =
     return len(pc.unique(pa.chunked_array(questions, pa.string()))) if questions else 0
 
 
+def held_out_split(files: list[Path], size: int, seed: int, out: Path) -> dict[str, int]:
+    """Whole prompts of the split `files`, in a seeded order, until `size` pairs -> the parquet
+    file `out` (SUBSAMPLED_SCHEMA) and its counts: an extra held-out set (eval.datasets)."""
+    keys = key_column(files)
+    chosen = sample_eval(keys, size, np.random.default_rng(seed))
+    rows = np.flatnonzero(pc.is_in(keys, value_set=chosen).to_numpy(zero_copy_only=False))
+    questions = write_rows(files, rows, out)
+    return {"fetched": len(keys), "pairs": len(rows), "questions": questions}
+
+
 def subsample(
     raw: Path,
     out: Path,

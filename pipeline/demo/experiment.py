@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset
+from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset, ensure_other_dataset
 from pipeline.stage_io import INTERRUPTED_EXIT, asset_cache_dir
 from pipeline.stopping import default_stop_signals
 
@@ -44,6 +44,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --model: the demo's tiny Qwen3, or a real pretrained model with the keys of its own file
 # on top of demo/params.yaml.
 MODELS = {"tiny": None, "smollm2": Path("demo/smollm2.yaml")}
+OTHER_EVAL_SIZE = 150  # pairs of the extra held-out set (whole questions: a few more)
 
 
 def demo_overrides(
@@ -60,11 +61,18 @@ def demo_overrides(
     return {**overrides, **sources}
 
 
-def demo_sources(cache_dir: Path, model: str = "tiny") -> dict[str, str]:
+def demo_sources(cache_dir: Path, model: str = "tiny") -> dict[str, Any]:
     """The model and the generated pairs as ordinary local folders: the download stages treat
-    them as they treat any local model or dataset folder."""
-    return {"model.name": str(model_folder(cache_dir, model)),
-            "data.dataset": str(ensure_demo_dataset(cache_dir))}  # fmt: skip
+    them as they treat any local model or dataset folder. The tiny model's runs also score an
+    extra held-out set of new questions in TRL's conversational format (eval.datasets)."""
+    sources: dict[str, Any] = {
+        "model.name": str(model_folder(cache_dir, model)),
+        "data.dataset": str(ensure_demo_dataset(cache_dir)),
+    }
+    if model == "tiny":
+        other = {"name": "other", "dataset": str(ensure_other_dataset(cache_dir)), "split": "test"}
+        sources["eval.datasets"] = [{**other, "size": OTHER_EVAL_SIZE}]
+    return sources
 
 
 def model_folder(cache_dir: Path, model: str) -> Path:
@@ -85,7 +93,7 @@ def set_flags(overrides: Mapping[str, Any]) -> list[str]:
     """`dvc exp run` flags: -S key=value, values in YAML spelling (so true stays a bool)."""
     flags = []
     for key, value in overrides.items():
-        flags += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
+        flags += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()}"]
         flags[-1] = flags[-1].removesuffix("\n...")
     return flags
 

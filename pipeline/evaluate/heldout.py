@@ -47,17 +47,22 @@ def comparison_key(params: Params, runtime: Runtime) -> dict[str, str]:
 
 
 def score_heldout(
-    policy_dir: Path, params: Params, runtime: Runtime, desc: str = "policy"
+    policy_dir: Path,
+    params: Params,
+    runtime: Runtime,
+    desc: str = "policy",
+    split: Path = EVAL_SPLIT,
+    cache: Path = DATA_REFERENCE / "eval",
 ) -> tuple[dict[str, Any], LossOutput]:
-    """Every held-out metric of the policy saved in `policy_dir` (an HF folder), against the
-    reference stage's cached log-probs, and its per-pair results."""
+    """Every held-out metric of the policy saved in `policy_dir` (an HF folder) on the tokenized
+    `split`, against the reference log-probs cached in `cache`, and its per-pair results."""
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust)
-    dataset = load_tokenized(EVAL_SPLIT)
+    dataset = load_tokenized(split)
     # The reference side comes from the reference stage, computed once per base model and data.
     quantize = params.train.lora.quantize  # the reference a 4-bit policy trained against
-    identity = reference.describe(MODEL_BASE, EVAL_SPLIT, runtime, quantize)
-    cached = reference.load(DATA_REFERENCE / "eval", identity, len(dataset)).astype(np.float64)
+    identity = reference.describe(MODEL_BASE, split, runtime, quantize)
+    cached = reference.load(cache, identity, len(dataset)).astype(np.float64)
     policy = freeze(load_scorer(policy_dir, runtime, trust))
     policy_scores = score_pairs(
         policy, dataset, params.eval.batch_size, runtime, pad_token_id(tokenizer), desc

@@ -128,25 +128,31 @@ def start_training_run(params: Params, device: str, run_id: str | None) -> str:
     return run.info.run_id
 
 
-def log_split(split: Path, params: Params, context: str) -> None:
+def log_split(
+    split: Path, params: Params, context: str, origin: tuple[str, str, str] | None = None
+) -> None:
     """Name a tokenized split as an input of the active run, with MLflow's dataset API: where
     its pairs come from (the hub dataset, folder and revision, or the local folder), DVC's hash
     of the split's folder as digest, its row count and schema. The runs list shows it in its
-    Dataset column, and searches and compares runs by it. `context`: training or evaluation."""
+    Dataset column, and searches and compares runs by it. `context`: training or evaluation.
+    `origin`: (dataset, revision, split) of an extra held-out set; else data.*'s own split."""
     data = params.data
     folder = data.train_dir if context == "training" else data.eval_dir
-    local = Path(data.dataset).expanduser()
+    dataset_name, revision = data.dataset, data.revision
+    if origin is not None:
+        dataset_name, revision, folder = origin
+    local = Path(dataset_name).expanduser()
     # MLflow warns that it registers its local source class twice, and that the integer columns
     # of the schema it infers cannot hold missing values: neither is the user's to act on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        if HUB_ID.match(data.dataset) and not local.is_dir():
-            source: dict[str, Any] = {"path": data.dataset, "data_dir": folder}
-            source["revision"] = data.revision
+        if HUB_ID.match(dataset_name) and not local.is_dir():
+            source: dict[str, Any] = {"path": dataset_name, "data_dir": folder}
+            source["revision"] = revision
         else:
             source = {"source": resolve_dataset_source(str(local.resolve() / folder))}
         dataset = mlflow.data.from_huggingface(
-            load_tokenized(split), name=f"{Path(data.dataset).name}/{folder}",
+            load_tokenized(split), name=f"{Path(dataset_name).name}/{folder}",
             digest=dvc_dir_hash(split), **source,
         )  # fmt: skip
         mlflow.log_input(dataset, context=context)  # infers the schema

@@ -1,0 +1,66 @@
+"""Extra held-out sets (eval.datasets): how the policy does on preference data it was not
+trained on. Each set is fetched in any format data.dataset reads, held out by whole prompts,
+tokenized with the main split's settings and scored by the reference once, into
+data/eval_sets/<name>/; evaluate then scores the policy on it as on the main held-out split."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from huggingface_hub import HfFileSystem
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.data.schema import load_tokenized
+from pipeline.data.subsample import held_out_split, source_files
+from pipeline.data.tokenization import tokenize_split
+from pipeline.download.hub import reaching_the_hub
+from pipeline.download.shards import fetch_split, list_shards, open_dataset
+from pipeline.model import reference
+from pipeline.model.loading import Runtime
+from pipeline.model.scoring import score_pairs
+from pipeline.params import EvalSetParams, Params
+from pipeline.stage_io import MODEL_BASE, eval_set
+
+PAIRS = "pairs.parquet"
+
+
+def fetch_set(spec: EvalSetParams, seed: int, out: Path) -> dict[str, Any]:
+    """The set's held-out pairs -> out/pairs.parquet (SUBSAMPLED_SCHEMA) and their counts."""
+    fs, root = open_dataset(spec.dataset, spec.revision)
+    key = f"eval.datasets[{spec.name}].dataset"
+    with reaching_the_hub(key, spec.dataset) if isinstance(fs, HfFileSystem) else contextlib.nullcontext():
+        try:
+            shards = list_shards(fs, root, spec.split)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"eval.datasets[{spec.name}].split: {error}") from None
+        manifest = fetch_split(fs, shards, spec.size, out / "raw", spec.columns)
+    counts = held_out_split(source_files(out / "raw"), spec.size, seed, out / PAIRS)
+    shutil.rmtree(out / "raw")
+    return {"format": manifest["format"], "dropped": manifest["dropped"], **counts}
+
+
+def prepare_set(
+    spec: EvalSetParams,
+    params: Params,
+    tokenizer: PreTrainedTokenizerBase,
+    model: Any,
+    runtime: Runtime,
+    pad: int,
+    out: Path,
+) -> dict[str, Any]:
+    """Fetch, hold out, tokenize and reference-score one set into `out` -> its report."""
+    out.mkdir(parents=True)
+    tokenized, cache = (out / p.name for p in eval_set(spec.name))
+    report = fetch_set(spec, params.data.seed, out)
+    report["tokenize"] = tokenize_split(out / PAIRS, tokenized, tokenizer, params.tokenize)
+    dataset = load_tokenized(tokenized)
+    chosen, rejected = score_pairs(
+        model, dataset, params.reference.batch_size, runtime, pad, f"reference {spec.name}"
+    )
+    identity = reference.describe(MODEL_BASE, tokenized, runtime, params.train.lora.quantize)
+    reference.save(cache, np.stack([chosen, rejected], axis=1), identity)
+    return report
