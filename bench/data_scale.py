@@ -9,8 +9,11 @@ preprocessing does.
     python bench/data_scale.py --pairs 100000 --tokenizer /path/to/Qwen3-0.6B
     python bench/data_scale.py --pairs 100000 --max-length 96      # most answers cut
     python bench/data_scale.py --pairs 2000000 --fractions 0.1 1.0 --before none --no-baseline
+    python bench/data_scale.py --pairs 400000 --format conversational --before none --no-baseline
 
-Pairs are the demo generator's (seeded; answers of 20-110 words). `--budget` sets
+Pairs are the demo generator's (seeded; answers of 20-110 words), in stack-exchange-paired's
+columns or, with `--format`, rewritten shard by shard as TRL's conversational pairs (message lists,
+implicit prompt, parquet) or HH-rlhf transcripts (jsonl); another revision reads only the first. `--budget` sets
 tokenize.max_prompt_length: the demo's 64 leaves a few prompts over budget, 16 nearly all of
 them. `--max-length` sets tokenize.max_length: at 96 most answers run past the room their
 prompt leaves, as long real answers do at 512. `--tokenizer` tokenizes with another tokenizer
@@ -40,10 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BEFORE_STREAMING = "1a1662e"  # the last commit whose data stages held a split in memory
 PAIRS_PER_QUESTION = 5.5  # the demo generator's mean
+FORMATS = ("stack-exchange", "conversational", "hh")
 
 
-def generate(folder: Path, pairs: int) -> None:
-    """`pairs` train pairs (about) and ~2,000 held-out pairs in the hub layout, seeded."""
+def generate(folder: Path, pairs: int, form: str) -> None:
+    """`pairs` train pairs (about) and ~2,000 held-out pairs in the hub layout, seeded, in the
+    format `form`."""
     from pipeline.demo.dataset import generate_stack_exchange_sample
 
     questions = max(1, round(pairs / PAIRS_PER_QUESTION))
@@ -51,6 +56,32 @@ def generate(folder: Path, pairs: int) -> None:
         folder, seed=0, train_questions=questions, eval_questions=400,
         train_shards=max(4, pairs // 50_000), reward_questions=10,
     )  # fmt: skip
+    if form != "stack-exchange":
+        for shard in sorted((folder / "data").rglob("*.parquet")):
+            rewrite(shard, form)
+
+
+def rewrite(shard: Path, form: str) -> None:
+    """A stack-exchange-paired shard as TRL conversational parquet or HH-rlhf jsonl, in place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(shard, columns=["question", "response_j", "response_k"]).to_pylist()
+    shard.unlink()
+    if form == "hh":
+        with open(shard.with_suffix(".jsonl"), "w", encoding="utf-8") as out:
+            for r in rows:
+                sides = {side: f"\n\nHuman: {r['question']}\n\nAssistant: {r[column]}"
+                         for side, column in (("chosen", "response_j"), ("rejected", "response_k"))}  # fmt: skip
+                out.write(json.dumps(sides) + "\n")
+        return
+    turns = [
+        {side: [{"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r[column]}]
+         for side, column in (("chosen", "response_j"), ("rejected", "response_k"))}
+        for r in rows
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(turns), shard)
 
 
 def in_child(*args: str) -> Any:
@@ -104,7 +135,7 @@ def per_text_map(work: Path, budget: int) -> dict[str, float]:
         def one(row: dict[str, Any]) -> dict[str, Any]:
             prompt = params["template"].replace("{question}", row["question"] or "")
             encoded = [tokenizer(t or "", add_special_tokens=False)["input_ids"]
-                       for t in (prompt, row["response_j"], row["response_k"])]  # fmt: skip
+                       for t in (prompt, row["chosen"], row["rejected"])]  # fmt: skip
             return {"prompt_ids": encoded[0][-budget:], "chosen_ids": encoded[1],
                     "rejected_ids": encoded[2]}  # fmt: skip
 
@@ -182,14 +213,18 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE_STREAMING,
                         help="revision to compare with ('none': skip it)")  # fmt: skip
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the demo's)")
+    parser.add_argument("--format", default="stack-exchange", choices=FORMATS,
+                        help="the generated pairs' format")  # fmt: skip
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the one-text-per-call map")  # fmt: skip
     if sys.argv[1:2] == ["generate"]:
-        generate(Path(sys.argv[2]), int(sys.argv[3]))
+        generate(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
         return print("{}")
     if sys.argv[1:2] == ["per-text"]:
         return print(json.dumps(per_text_map(Path(sys.argv[2]), int(sys.argv[3]))))
     args = parser.parse_args()
+    if args.format != "stack-exchange":
+        args.before = "none"  # an older revision reads stack-exchange-paired's columns only
     with tempfile.TemporaryDirectory(prefix="data-scale-") as scratch:
         top = Path(scratch)
         old = None if args.before == "none" else top / "before-code"
@@ -198,7 +233,7 @@ def main() -> None:
                             str(old), args.before], check=True)  # fmt: skip
         try:
             dataset = top / "dataset"
-            in_child("generate", str(dataset), str(args.pairs))
+            in_child("generate", str(dataset), str(args.pairs), args.format)
             rows = [measure(dataset, f, args, top, old) for f in args.fractions]
         finally:
             if old is not None:
@@ -207,8 +242,8 @@ def main() -> None:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"{args.pairs} generated pairs, tokenize.max_prompt_length {args.budget}, "
-          f"max_length {args.max_length}")  # fmt: skip
+    print(f"{args.pairs} generated pairs ({args.format}), tokenize.max_prompt_length "
+          f"{args.budget}, max_length {args.max_length}")  # fmt: skip
     print(
         f"{'fraction':>8} {'pairs':>7} {'stage':<16} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}"
     )

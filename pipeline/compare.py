@@ -6,13 +6,15 @@ DPO loss. A win rate shared by several experiments is marked `=`, so a tie is ne
 a difference. Experiments scored on other held-out pairs (another data.eval_size, seed, dataset,
 prompt template or model) are ranked in a section of their own: their figures do not compare.
 Experiments without held-out figures yet (queued, running, failed) follow, with their state. The
-rows come from DVC (`dvc.api.exp_show`, what `dvc exp show` lists); the table fits 80 columns.
+rows come from DVC (`dvc.api.exp_show`, what `dvc exp show` lists); the table fits 80 columns, plus
+a column per extra held-out set (eval.datasets: its win rate).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,6 +32,8 @@ FIGURES = (
     ("gen_win", "gen_win_rate", 10),
 )
 TIE = "="
+# An extra held-out set's win rate (eval.datasets, metrics/eval.json's sets.<name>): a column each.
+SET_WIN_RATE = re.compile(r"^sets\.([A-Za-z0-9_-]+)\.win_rate$")
 # Params that decide which held-out pairs an experiment is scored on (and how they are tokenized).
 HELDOUT_KEYS = (
     "model.name",
@@ -106,12 +110,20 @@ def _setting(value: Any) -> str:
     return str(value) if number(value) is None or isinstance(value, bool) else f"{value:g}"
 
 
+def set_columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, int], ...]:
+    """A win-rate column per extra held-out set any row has (the table widens with them)."""
+    names = sorted({m.group(1) for row in rows for k in row if (m := SET_WIN_RATE.match(k))})
+    return tuple((name, f"sets.{name}.win_rate", max(8, len(name))) for name in names)
+
+
 def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:
     """The comparison as text: a header, the ranked experiments (a section per set of held-out
     pairs when there are several), the waiting ones, the notes that apply."""
     best, waiting = ranked(rows)
     groups = heldout_groups(best)
-    lines, tied = ["#  " + _line(h for h, _, _ in (NAME, *PARAMS, *FIGURES))], False
+    figures = (*FIGURES, *set_columns(best))
+    columns = (*PARAMS, *figures)
+    lines, tied = ["#  " + _line((h for h, _, _ in (NAME, *columns)), columns)], False
     for title, members in groups:
         lines += [title + ":"] if title else []
         shared = Counter(figure_cell(r["win_rate"], precision) for r in members)
@@ -119,9 +131,9 @@ def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:
         for place, row in enumerate(members, 1):
             cells = [label(row)]
             cells += [param_cell(row.get(key), precision) for _, key, _ in PARAMS]
-            cells += [figure_cell(row.get(key), precision) for _, key, _ in FIGURES]
+            cells += [figure_cell(row.get(key), precision) for _, key, _ in figures]
             cells[len(PARAMS) + 1] += TIE if shared[cells[len(PARAMS) + 1]] > 1 else ""
-            lines.append(f"{place:<3}{_line(cells)}")
+            lines.append(f"{place:<3}{_line(cells, columns)}")
     for row in waiting:
         state = str(row.get("State") or "no figures").lower()
         lines.append(f"{'-':<3}{_cut(label(row))}  ({state})")
@@ -134,10 +146,10 @@ def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:
     return "\n".join(lines)
 
 
-def _line(cells: Iterable[str]) -> str:
+def _line(cells: Iterable[str], columns: Sequence[tuple[str, str, int]]) -> str:
     """The name, two spaces, then the params and figures one space apart, left-aligned."""
     name, *rest = cells
-    widths = [w for _, _, w in (*PARAMS, *FIGURES)]
+    widths = [w for _, _, w in columns]
     cells = " ".join(f"{c:<{w}}" for c, w in zip(rest, widths, strict=True))
     return f"{_cut(name)}  {cells}".rstrip()
 

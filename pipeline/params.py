@@ -316,7 +316,8 @@ class JudgeParams:
     model: str
     # Hub revision of `model` (ignored for a local folder).
     revision: str
-    # Folder of data.dataset holding the reward model's pairs (not the DPO pairs, not held out).
+    # Split of data.dataset holding the reward model's pairs, named as data.train_dir is (not the
+    # DPO pairs, not held out); "": the train split's pairs the policy does not train on.
     reward_dir: str
     # Share of reward_dir's pairs to train on, in (0, 1] (only the shards it needs are fetched).
     fraction: float = dataclasses.field(metadata=check(lambda v: 0 < v <= 1, "must be in (0, 1]"))

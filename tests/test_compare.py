@@ -90,3 +90,11 @@ def test_experiments_on_other_held_out_pairs_are_ranked_apart() -> None:
 def test_only_queued_experiments_are_listed_with_their_state() -> None:
     lines = table([row("typic-scow", "!", "!", State="Queued")]).splitlines()
     assert lines[1:] == ["-  typic-scow            (queued)"]
+
+
+def test_each_extra_held_out_set_gets_a_win_rate_column() -> None:
+    rows = [row("a", 0.9, 0.2, **{"sets.other.win_rate": 0.61}), row("b", 0.8, 0.3)]
+    header, first, second = table(rows).splitlines()[:3]
+    assert header.split()[-1] == "other"
+    assert first.split()[-1] == "0.6100" and second.split()[-1] == "-"
+    assert header.index("other") == first.index("0.6100")  # the column lines up

@@ -269,3 +269,32 @@ def test_a_long_conversation_keeps_its_latest_turns_and_its_system_turn(qwen3_to
     assert "first" not in text and "reply reply" not in text
     whole = render_prompt(qwen3_tokenizer, "last question", params, [context[0], *old[2:]])
     assert text == whole  # whole turns dropped, nothing cut inside one
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_orca_shaped_folder_trains_and_evaluates_as_a_dvc_experiment(e2e_repo, tmp_path: Path) -> None:
+    """`dvc exp run` (through the demo wrapper, on the demo's tiny model) on a local folder with a
+    system column and other column names, rendered with the chat template: train and evaluate
+    run on it, and the demo's extra held-out set is scored too."""
+    import sys
+
+    from tests.e2e import run
+    from tests.test_real_route import exp_file
+
+    root = tmp_path / "orca"
+    for split, pairs in (("train", base_pairs(40)), ("test", base_pairs(10, start=100))):
+        rows = [{"system": SYSTEM if i % 2 else "", **p} for i, p in enumerate(pairs)]
+        write(root / f"{split}.jsonl", rows)
+    repo, env = e2e_repo("orca")
+    keys = {"data.dataset": root, "data.train_dir": "train", "data.eval_dir": "test",
+            "data.columns.prompt": "question", "tokenize.use_chat_template": "true"}  # fmt: skip
+    flags = [arg for key, value in keys.items() for arg in ("-S", f"{key}={value}")]
+    said = run(repo, env, sys.executable, "-m", "pipeline.demo", *flags, "--name", "orca", "evaluate")
+    assert "Running stage 'train'" in said and "Running stage 'judge'" not in said, said[-3000:]
+    assert "train: 80 pairs (data.columns)" in said and "eval: 20 pairs (data.columns)" in said
+    figures = json.loads(exp_file(repo, "orca", "metrics/eval.json"))
+    assert figures["pairs"] == 20 and 0 <= figures["win_rate"] <= 1
+    assert figures["sets"]["other"]["pairs"] >= 150

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -345,3 +346,17 @@ def test_without_questions_removes_exactly_the_held_out_questions() -> None:
     assert kept["chosen"].to_pylist() == ["b1", "c1", "c2"]  # same qid, other site: kept
     assert kept.schema == PAIRS_SCHEMA
     assert without_questions(table, source_table([pair("https://x.com/q", 1, "x")]))[1] == 0
+
+
+def test_without_a_reward_split_the_reward_model_gets_the_train_pairs_the_policy_skips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """judge.reward_dir "": a fetched train row's index is its pair_id; the policy's are removed."""
+    from pipeline.judge.build import without_policy_pairs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/subsampled/train").mkdir(parents=True)
+    pq.write_table(pa.table({"pair_id": pa.array([0, 2], pa.int64())}),
+                   tmp_path / "data/subsampled/train/data.parquet")  # fmt: skip
+    fetched = source_table([pair(f"https://so.com/questions/{i}", i, f"t{i}") for i in range(4)])
+    assert without_policy_pairs(fetched)["chosen"].to_pylist() == ["t1", "t3"]

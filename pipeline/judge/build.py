@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -34,7 +36,7 @@ from pipeline.judge.reward import (
 from pipeline.judge.trust import accuracy_interval
 from pipeline.model.loading import Runtime, pad_token_id
 from pipeline.params import ModelParams, Params, TokenizeParams
-from pipeline.stage_io import MODEL_BASE, StageError
+from pipeline.stage_io import DATA_SUBSAMPLED, MODEL_BASE, StageError
 from pipeline.train.adapters import add_adapters
 
 
@@ -60,21 +62,39 @@ def without_questions(table: pa.Table, held_out: pa.Table) -> tuple[pa.Table, in
     return kept, len(table) - len(kept)
 
 
+def without_policy_pairs(table: pa.Table) -> pa.Table:
+    """The train split's rows (fetched from its first shard, as download_data fetches them, so a
+    row's index is its pair_id) less those subsample gave the policy."""
+    used = pq.read_table(DATA_SUBSAMPLED / "train" / "data.parquet", columns=["pair_id"])
+    index = pa.array(np.arange(len(table)), pa.int64())
+    return table.filter(pc.invert(pc.is_in(index, value_set=used["pair_id"])))
+
+
 def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path) -> dict[str, Any]:
     """Fetch judge.fraction of judge.reward_dir, drop held-out questions, train from models/base
-    (a new scalar head, seeded; with judge.lora, adapters merged after), save to `out` -> report."""
+    (a new scalar head, seeded; with judge.lora, adapters merged after), save to `out` -> report.
+    judge.reward_dir "": the train split's pairs the policy does not train on."""
     trust = params.model.trust_remote_code
+    split = params.judge.reward_dir or params.data.train_dir
     with tempfile.TemporaryDirectory() as fetched:
         manifest = fetch_reward_pairs(
-            params.data.dataset, params.data.revision, params.judge.reward_dir,
-            params.judge.fraction, Path(fetched), params.data.columns,
+            params.data.dataset, params.data.revision, split, params.judge.fraction,
+            Path(fetched), params.data.columns,
         )  # fmt: skip
         # The shards hold more rows than the fraction asks for: train on the share asked.
         wanted = read_split(Path(fetched)).slice(0, manifest["rows_needed"])
+        if not params.judge.reward_dir:
+            wanted = without_policy_pairs(wanted)
         table, removed = without_questions(wanted, held_out)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     form = reward_format(params, tokenizer)
     pairs = pair_rows(table, tokenizer, form)
+    if not pairs and not params.judge.reward_dir:
+        raise StageError(
+            f'judge.reward_dir "": no train pair of {params.data.dataset}/{split} is left for the '
+            f"reward model ({len(table)} after removing the policy's pairs and {removed} of "
+            "held-out questions); lower data.fraction, or name a split with judge.reward_dir"
+        )
     if not pairs:
         raise StageError(
             f"judge.reward_dir: no usable pair in {params.data.dataset}/{params.judge.reward_dir} "
