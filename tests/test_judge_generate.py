@@ -202,11 +202,16 @@ def test_generate_gives_samples_answers_per_prompt(
     pad: int,
     repo_params: Params,
 ) -> None:
-    mixed = [finished, prompts[0], finished, prompts[1]]  # answers: short, long, short, long
+    """What sampling guarantees whatever the random stream (which answers end early is the
+    stream's, and differs across CPUs): samples answers per prompt; an answer
+    hits the limit exactly when it holds MAX_NEW tokens and no end marker; samples differ."""
+    mixed = [finished, prompts[0], finished, prompts[1]]
     written = generate(model, mixed, decoding(repo_params, samples=3), pad, CPU, "test")
     assert [len(answers) for answers in written] == [3, 3, 3, 3]
-    assert [[a.hit_max for a in answers] for answers in written] == [[False] * 3, [True] * 3] * 2
-    assert all(len({tuple(a.tokens) for a in written[i]}) > 1 for i in (1, 3))
+    for answer in (a for answers in written for a in answers):
+        assert not ends_of(model) & set(answer.tokens)
+        assert answer.hit_max == (len(answer.tokens) == MAX_NEW)
+    assert any(len({tuple(a.tokens) for a in answers}) > 1 for answers in written)
 
 
 def test_answers_stop_at_an_end_token_or_hit_the_limit(
