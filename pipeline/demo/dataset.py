@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import random
+import sys
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
@@ -398,5 +399,6 @@ def ensure_demo_dataset(cache_dir: Path) -> Path:
     """The generated sample, built once into `cache_dir` (a complete folder is reused)."""
     target = Path(cache_dir) / DATASET_FOLDER
     if not (target / "data" / "evaluation").is_dir():  # atomic build: present means complete
+        print(f"generating the demo's pairs into {target} (once)", file=sys.stderr, flush=True)
         generate_stack_exchange_sample(target, seed=DEMO_SEED)
     return target

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from pipeline.demo.dataset import (
     pretraining_documents,
     sample_texts,
 )
-from pipeline.stage_io import atomic_dir
+from pipeline.stage_io import atomic_dir, bar
 
 # Qwen's special tokens in Qwen's order, appended after the learned vocabulary as in Qwen3.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -226,7 +227,9 @@ def pretrain(
     batches = length_batches(lengths, schedule.batch_size, random.Random(seed))
     model.train()
     recent: list[float] = []
-    for batch in itertools.islice(batches, schedule.steps):
+    steps = bar(itertools.islice(batches, schedule.steps), total=schedule.steps,
+                desc="pretrain the demo model", unit="step", leave=False)  # fmt: skip
+    for batch in steps:
         input_ids, targets = collate([examples[i] for i in batch], pad_id, schedule.answer_only)
         loss = causal_lm_loss(model, input_ids, targets)
         loss.backward()
@@ -314,6 +317,8 @@ def ensure_demo_model(cache_dir: Path) -> Path:
     trained on all the sample's texts; built once (a complete folder is reused)."""
     target = Path(cache_dir) / MODEL_FOLDER
     if not (target / "config.json").is_file():
+        print(f"building the demo's tiny Qwen3 into {target} (once: under a minute on 2 cores)",
+              file=sys.stderr, flush=True)  # fmt: skip
         # Forked workers of later stages (datasets.map) must not inherit a busy Rust pool.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         dataset = ensure_demo_dataset(cache_dir)
