@@ -28,7 +28,8 @@ demo: install
 compare: install
 	$(BIN)/python -m pipeline.compare
 
-# report/: REV (default: the workspace) against BASE (a branch, commit or DVC experiment):
+# report/: REV (default: the workspace; the newest DVC experiment when the workspace has no figures,
+# as after `make demo`) against BASE (a branch, commit or DVC experiment):
 # report.md with DVC's metrics and params diffs, the register outcome and the MLflow run, one PNG
 # per plot of dvc.yaml, and plots.html (interactive, JavaScript inlined: works offline).
 BASE ?= main

@@ -172,6 +172,31 @@ def write_report(base: str, rev: str, out: Path) -> Path:
     return out / "report.md"
 
 
+def latest_experiment() -> str | None:
+    """The newest DVC experiment's name (by its commit's date), or None when there is none."""
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"],
+        stdout=PIPE, text=True, check=False,
+    ).stdout.split()  # fmt: skip
+    return refs[0].rsplit("/", 1)[-1] if refs else None
+
+
+def rev_to_report(rev: str) -> str:
+    """`rev`, or for a workspace without figures (the demo's runs are DVC experiments, which
+    leave the workspace as it was) the newest experiment, said in one line; no experiment
+    either is one line naming what to run. SystemExit(1) then."""
+    if rev != WORKSPACE or Path("metrics/eval.json").is_file():
+        return rev
+    latest = latest_experiment()
+    if latest is None:
+        print("error: no figures in the workspace and no DVC experiment to report: `make demo` "
+              "or `dvc repro` makes some", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
+    print(f"the workspace has no figures: reporting the newest experiment, {latest} "
+          "(`make report REV=<name>` names another; `dvc exp list` lists them)", file=sys.stderr)  # fmt: skip
+    return latest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", nargs="?", default="main", help="revision to compare against")
@@ -180,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
     args = parser.parse_args(argv)
-    print(write_report(args.base, args.rev, args.out))
+    print(write_report(args.base, rev_to_report(args.rev), args.out))
 
 
 if __name__ == "__main__":
