@@ -282,6 +282,9 @@ class EvalSetParams:
     columns: ColumnsParams = dataclasses.field(
         default_factory=lambda: ColumnsParams("", "", "", "", "")
     )
+    # Held-out prompts of the set the judge answers with the base model and the policy (the
+    # judge_sets stage, judge.* settings); 0: the set is not judged.
+    judge: int = dataclasses.field(default=0, metadata=non_negative())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,9 @@ DATA_REFERENCE = Path("data/reference")
 DATA_EVAL_SETS = Path("data/eval_sets")  # eval.datasets: <name>/{pairs.parquet,tokenized,reference}
 
 
+EVAL_SET_PAIRS = "pairs.parquet"  # an extra set's held-out pair records (SUBSAMPLED_SCHEMA)
+
+
 def eval_set(name: str) -> tuple[Path, Path]:
     """An extra held-out set's (tokenized split, reference log-probs) folders."""
     return DATA_EVAL_SETS / name / "tokenized", DATA_EVAL_SETS / name / "reference"

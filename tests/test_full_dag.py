@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 # What an experiment that only changes train.lr takes from the cache, and what it runs again:
 # the reward model and the base model's judged answers depend on neither train.* nor loss.*.
 CACHED = ("download_model", "download_data", "subsample", "tokenize", "reference", "reward",
-          "base_answers")  # fmt: skip
-RERUN = ("train", "evaluate", "judge", "register")
+          "base_answers", "eval_sets")  # fmt: skip
+RERUN = ("train", "evaluate", "judge", "judge_sets", "register")
 STAGES = CACHED + RERUN
 
 
@@ -353,7 +353,11 @@ def test_mlflow_has_every_run_with_params_steps_and_eval(demo_runs) -> None:
     assert default.data.tags["judge_reliable"] == "true"
     inputs = client.get_run(default.info.run_id).inputs.dataset_inputs  # the Dataset column
     rows = {input_context(i): json.loads(i.dataset.profile)["num_rows"] for i in inputs}
-    assert rows == {"training": 2166, "evaluation": 309}
+    assert rows == {"training": 2166, "evaluation": 309, "evaluation/other": 159}
+    # The demo's extra held-out set: scored, and judged on its own prompts.
+    assert default.data.metrics["eval_other/win_rate"] >= 0.8
+    assert default.data.metrics["eval_other_reference/win_rate"] == 0.5
+    assert 0 <= default.data.metrics["judge_other/gen_win_rate"] <= 1
     assert abs(slow.data.metrics["judge/gen_win_rate"] - 0.5) <= 0.1  # barely moved: a coin
     assert default.data.tags["git_commit"] != "unknown" and default.data.tags["params_hash"]
     for run_ in runs.values():

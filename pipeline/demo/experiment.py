@@ -45,6 +45,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # on top of demo/params.yaml.
 MODELS = {"tiny": None, "smollm2": Path("demo/smollm2.yaml")}
 OTHER_EVAL_SIZE = 150  # pairs of the extra held-out set (whole questions: a few more)
+OTHER_JUDGED = 16  # of its questions, answered by the base model and the policy (judge_sets)
 
 
 def demo_overrides(
@@ -71,7 +72,7 @@ def demo_sources(cache_dir: Path, model: str = "tiny") -> dict[str, Any]:
     }
     if model == "tiny":
         other = {"name": "other", "dataset": str(ensure_other_dataset(cache_dir)), "split": "test"}
-        sources["eval.datasets"] = [{**other, "size": OTHER_EVAL_SIZE}]
+        sources["eval.datasets"] = [{**other, "size": OTHER_EVAL_SIZE, "judge": OTHER_JUDGED}]
     return sources
 
 

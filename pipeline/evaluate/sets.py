@@ -23,9 +23,9 @@ from pipeline.model import reference
 from pipeline.model.loading import Runtime
 from pipeline.model.scoring import score_pairs
 from pipeline.params import EvalSetParams, Params
-from pipeline.stage_io import MODEL_BASE, eval_set
+from pipeline.stage_io import EVAL_SET_PAIRS, MODEL_BASE, eval_set
 
-PAIRS = "pairs.parquet"
+PAIRS = EVAL_SET_PAIRS
 
 
 def fetch_set(spec: EvalSetParams, seed: int, out: Path) -> dict[str, Any]:
