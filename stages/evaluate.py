@@ -1,7 +1,8 @@
 """evaluate: models/base + models/policy + data/tokenized/eval + data/eval_sets ->
 metrics/eval.json (headline figures, each extra held-out set's under sets.<name>),
 reports/eval.json (every figure, the reference's, and the key that says which held-out pairs and
-scoring they come from), plots/eval_margins.csv (reward-margin histogram)."""
+scoring they come from), reports/eval_extra.json (every figure of each extra set),
+plots/eval_margins.csv (reward-margin histogram)."""
 
 import mlflow
 
@@ -30,9 +31,12 @@ def main() -> None:
     report = {**json_safe(metrics), "comparison_key": comparison_key(params, runtime)}
     headlines = json_safe(headline(metrics))
     if sets:
-        report["sets"] = {name: json_safe(m) for name, m in sets.items()}
         headlines["sets"] = {name: json_safe(headline(m)) for name, m in sets.items()}
     stage_io.write_json_atomic(stage_io.REPORTS / "eval.json", report)
+    # Apart from reports/eval.json, which the register stage reads: another extra set is no
+    # reason to register the same policy again.
+    extra = {name: json_safe(m) for name, m in sets.items()}
+    stage_io.write_json_atomic(stage_io.REPORTS / "eval_extra.json", extra)
     stage_io.write_json_atomic(stage_io.METRICS / "eval.json", headlines)
     runs.configure()
     with mlflow.start_run(run_id=runs.read_run_id(stage_io.MODEL_POLICY)):
