@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 # real: gguf, to convert SmolLM2's GGUF file for the real-tokenizer tests (built once, cached).
 EXTRAS ?= test,reference,real
 
-.PHONY: install demo compare report serve tune test test-real test-families check bench gpu-check ci-pull ci-repro ci-comment ci-push
+.PHONY: install demo compare report serve tune test test-real test-families check check-newest bench gpu-check ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -94,6 +94,22 @@ test-families: install
 # The fast tier: everything but the end-to-end DVC runs (tests marked slow).
 check: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# The fast tier against the newest versions pyproject.toml allows, in a venv of its own: the
+# bounds are tested at both ends (CI runs it beside the pinned suite).
+NEWEST ?= .venv-newest
+# torch: its newest CPU build (here, with only PyPI reachable, NEWEST_TORCH="torch==2.13.0").
+NEWEST_TORCH ?= torch<2.16 --index-url https://download.pytorch.org/whl/cpu
+check-newest:
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet --upgrade pip
+	$(NEWEST)/bin/pip install --quiet --upgrade $(NEWEST_TORCH)
+	$(NEWEST)/bin/pip freeze | grep -i '^torch==' > $(NEWEST)/torch.txt
+	$(NEWEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(NEWEST)/torch.txt \
+		-e ".[$(EXTRAS)]"
+	$(NEWEST)/bin/pip freeze > $(NEWEST)/versions.txt
+	grep -iE '^(torch|transformers|tokenizers|datasets|pyarrow|dvc|mlflow|peft|trl)==' $(NEWEST)/versions.txt
+	$(NEWEST)/bin/python -m pytest -m "not slow"
 
 # Training throughput and memory against TRL's DPOTrainer (the train stage's own path);
 # prints a table, writes bench/results/latest.json. ~30 min on 2 CPU cores, most of it TRL
