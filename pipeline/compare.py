@@ -6,8 +6,8 @@ DPO loss. A win rate shared by several experiments is marked `=`, so a tie is ne
 a difference. Experiments scored on other held-out pairs (another data.eval_size, seed, dataset,
 prompt template or model) are ranked in a section of their own: their figures do not compare.
 Experiments without held-out figures yet (queued, running, failed) follow, with their state. The
-rows come from DVC (`dvc.api.exp_show`, what `dvc exp show` lists); the table fits 80 columns, plus
-a column per extra held-out set (eval.datasets: its win rate).
+rows come from DVC (`dvc.api.exp_show`, what `dvc exp show` lists), with a win-rate column per extra
+held-out set (eval.datasets); with one set of a short name the table fits 80 columns.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 # (header, key in DVC's rows, width): the params and figures that separate DPO runs.
-# Widths hold 4-digit figures and keep a row within 80 columns (a longer name is cut, a wider
+# Widths hold 4-digit figures and keep a row, with one extra set's column, within 80 columns (a longer name is cut, a wider
 # figure widens its row); tau is kendall_tau, gen_win the judge's generation win rate against
 # the base model (the last logged train loss is in `dvc exp show`).
 NAME = ("experiment", "Experiment", 20)  # `make demo` names are 20 characters
-PARAMS = (("lr", "train.lr", 9), ("beta", "loss.beta", 5))
+PARAMS = (("lr", "train.lr", 6), ("beta", "loss.beta", 5))
 FIGURES = (
     ("win_rate", "win_rate", 8),
     ("eval_loss", "eval_loss", 9),
     ("tau", "kendall_tau", 7),
-    ("gen_win", "gen_win_rate", 10),
+    ("gen_win", "gen_win_rate", 8),
 )
 TIE = "="
 # An extra held-out set's win rate (eval.datasets, metrics/eval.json's sets.<name>): a column each.
@@ -113,7 +113,7 @@ def _setting(value: Any) -> str:
 def set_columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, int], ...]:
     """A win-rate column per extra held-out set any row has (the table widens with them)."""
     names = sorted({m.group(1) for row in rows for k in row if (m := SET_WIN_RATE.match(k))})
-    return tuple((name, f"sets.{name}.win_rate", max(8, len(name))) for name in names)
+    return tuple((name, f"sets.{name}.win_rate", max(6, len(name))) for name in names)
 
 
 def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:

@@ -251,7 +251,7 @@ def test_the_readme_comparison_ranks_best_first_within_80_columns(demo_runs) -> 
     lines = outputs["show"].splitlines()
     assert max(len(line) for line in lines) <= 80, outputs["show"]
     assert lines[0].split() == [
-        "#", "experiment", "lr", "beta", "win_rate", "eval_loss", "tau", "gen_win"
+        "#", "experiment", "lr", "beta", "win_rate", "eval_loss", "tau", "gen_win", "other"
     ]  # fmt: skip
     ranked = [line.split() for line in lines[1:] if line[:1].isdigit()]
     names = [row[1] for row in ranked]

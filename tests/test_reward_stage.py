@@ -215,12 +215,13 @@ def test_a_dataset_without_reward_pairs_names_the_key_and_the_ways_out(
     for folder in ("rl", "evaluation"):  # the DPO folders only
         shutil.copytree(demo_dataset_dir / "data" / folder, dataset / "data" / folder)
     done = run_reward(workdir, dataset)
-    missing = dataset / "data" / "reward"
     assert_one_error(
         done,
-        f"error: judge.reward_dir: no reward pairs in {dataset}/data/reward ([Errno 2] No such "
-        f"file or directory: '{missing}'); set judge.reward_dir to the folder that holds them, "
-        "or judge.model to an existing reward model (a hub id or local folder)",
+        f"error: judge.reward_dir: no reward pairs in {dataset}/data/reward (no split "
+        f"'data/reward' in {dataset}: looked for data/reward/*, data/data/reward-*, "
+        "data/reward-* and data/reward.* as .parquet, .jsonl, .json, .csv); set "
+        'judge.reward_dir to the split that holds them ("": the train pairs the policy does not '
+        "use), or judge.model to an existing reward model (a hub id or local folder)",
     )
     assert_nothing_written(workdir)
 

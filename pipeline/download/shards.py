@@ -217,8 +217,9 @@ def fetch_reward_pairs(
         except FileNotFoundError as error:
             raise StageError(
                 f"judge.reward_dir: no reward pairs in {dataset}/{reward_dir} ({error}); set "
-                "judge.reward_dir to the split that holds them, or judge.model to an existing "
-                "reward model (a hub id or local folder)"
+                'judge.reward_dir to the split that holds them ("": the train pairs the policy '
+                "does not use), or judge.model to an existing reward model (a hub id or local "
+                "folder)"
             ) from None
         needed = math.ceil(fraction * sum(s.rows for s in shards))
         return fetch_split(fs, shards, needed, out_dir, columns)
