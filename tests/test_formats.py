@@ -4,6 +4,7 @@ ids, split layouts, bad rows named and counted, conversations through the chat t
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
@@ -78,7 +79,12 @@ def as_form(form: str, pairs: list[dict]) -> list[dict]:
 
 def write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
+    if path.suffix == ".gz":
+        write(path.with_suffix(""), rows)
+        with open(path.with_suffix(""), "rb") as plain, gzip.open(path, "wb") as packed:
+            packed.write(plain.read())
+        path.with_suffix("").unlink()
+    elif path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows))
@@ -203,17 +209,19 @@ def test_bad_rows_are_named_by_split_and_row_and_counted(
 
 
 @pytest.mark.parametrize(
-    "layout",
-    ["{split}/part-0.parquet", "data/{split}-00000-of-00002.parquet", "{split}.jsonl",
-     "{split}.json", "{split}.csv", "{split}.parquet"],
+    ("layout", "prefix"),
+    [("{split}/part-0.parquet", ""), ("data/{split}-00000-of-00002.parquet", ""),
+     ("{split}.jsonl", ""), ("{split}.json", ""), ("{split}.csv", ""), ("{split}.parquet", ""),
+     ("{split}.json.gz", ""), ("harmless-base/{split}.jsonl.gz", "harmless-base/")],
 )  # fmt: skip
-def test_splits_are_found_in_the_hub_layouts(tmp_path: Path, layout: str) -> None:
+def test_splits_are_found_in_the_hub_layouts(tmp_path: Path, layout: str, prefix: str) -> None:
+    """`prefix`: a split in a folder of several (hh-rlhf's harmless-base/train.jsonl.gz)."""
     root = tmp_path / "set"
     for split, start in (("train", 0), ("test", 100)):
         write(root / layout.format(split=split), as_form("trl_standard", base_pairs(3, start)))
     data = dataclasses.replace(
-        load_params(REPO / "params.yaml").data, dataset=str(root), train_dir="train",
-        eval_dir="test", fraction=1.0, eval_size=2,
+        load_params(REPO / "params.yaml").data, dataset=str(root), train_dir=f"{prefix}train",
+        eval_dir=f"{prefix}test", fraction=1.0, eval_size=2,
     )  # fmt: skip
     manifests = fetch_data(data, tmp_path / "raw")
     assert manifests["train"]["rows_fetched"] == 6 and manifests["eval"]["rows_fetched"] == 6

@@ -34,7 +34,8 @@ from pipeline.download.hub import local_folder, reaching_the_hub
 from pipeline.params import ColumnsParams
 from pipeline.stage_io import StageError, bar, write_json_atomic
 
-SHARD_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+# Data files a split may hold; text formats may be gzipped (Anthropic/hh-rlhf's train.jsonl.gz).
+SHARD_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 BATCH_ROWS = 8192  # rows normalized at a time: a shard is never held whole
 NAMED_DROPS = 10  # bad rows named one by one; the rest are counted
 
@@ -81,11 +82,17 @@ def list_shards(fs: fsspec.AbstractFileSystem, root: str, split: str) -> list[Sh
     return [Shard(p, _count_rows(fs, p)) for p in bar(paths, desc=f"count {split}", leave=False)]
 
 
+def _kind(path: str | Path) -> str:
+    """A data file's format: parquet, jsonl, json or csv (gzipped or not)."""
+    return str(path).removesuffix(".gz").rsplit(".", 1)[-1]
+
+
 def _count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
-    with fs.open(path, "rb") as f:
-        if path.endswith(".parquet"):
+    compression = "gzip" if path.endswith(".gz") else None
+    with fs.open(path, "rb", compression=compression) as f:
+        if _kind(path) == "parquet":
             return pq.ParquetFile(f).metadata.num_rows
-        if path.endswith(".jsonl"):
+        if _kind(path) == "jsonl":
             return sum(1 for line in f if line.strip())
     with tempfile.TemporaryDirectory() as scratch:  # .json and .csv: read to count
         local = Path(scratch) / Path(path).name
@@ -158,7 +165,7 @@ def _fetch_shard(
     callback = TqdmCallback(
         tqdm_kwargs={"desc": Path(shard.path).name, "unit": "B", "unit_scale": True, "leave": False}
     )
-    source = dest.with_name(f".{dest.stem}-source{Path(shard.path).suffix}")
+    source = dest.with_name(f".{dest.stem}-source.{Path(shard.path).name}")
     fs.get_file(shard.path, str(source), callback=callback)
     reasons: list[str] = []
     try:
@@ -182,19 +189,23 @@ def _detect(schema: pa.Schema, columns: ColumnsParams, origin: str) -> PairForma
 
 
 def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    """A data file's rows, a batch at a time (a .json array is read whole: it has no lines)."""
-    if path.suffix == ".parquet":
+    """A data file's rows, a batch at a time (a .json array is read whole: it has no lines).
+    pyarrow reads a .gz file's text through gzip itself."""
+    kind = _kind(path)
+    if kind == "parquet":
         yield from pq.ParquetFile(path).iter_batches(BATCH_ROWS)
-    elif path.suffix == ".csv":
+    elif kind == "csv":
         yield from pa_csv.open_csv(path)
-    elif path.suffix == ".json" and _is_array(path):
-        yield from pa.Table.from_pylist(json.loads(path.read_text())).to_batches(BATCH_ROWS)
+    elif kind == "json" and _is_array(path):
+        with pa.input_stream(path, compression="detect") as f:
+            rows = json.loads(f.read())
+        yield from pa.Table.from_pylist(rows).to_batches(BATCH_ROWS)
     else:
         yield from pa_json.read_json(path).to_batches(BATCH_ROWS)
 
 
 def _is_array(path: Path) -> bool:
-    with path.open("rb") as f:
+    with pa.input_stream(path, compression="detect") as f:
         return f.read(256).lstrip()[:1] == b"["
 
 
