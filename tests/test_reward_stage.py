@@ -219,7 +219,8 @@ def test_a_dataset_without_reward_pairs_names_the_key_and_the_ways_out(
         done,
         f"error: judge.reward_dir: no reward pairs in {dataset}/data/reward (no split "
         f"'data/reward' in {dataset}: looked for data/reward/*, data/data/reward-*, "
-        "data/reward-* and data/reward.* as .parquet, .jsonl, .json, .csv); set "
+        "data/reward-* and data/reward.* as .parquet, .jsonl, .json, .csv, .jsonl.gz, .json.gz, "
+        ".csv.gz); set "
         'judge.reward_dir to the split that holds them ("": the train pairs the policy does not '
         "use), or judge.model to an existing reward model (a hub id or local folder)",
     )
