@@ -12,8 +12,9 @@ preprocessing does.
     python bench/data_scale.py --pairs 400000 --format conversational --before none --no-baseline
 
 Pairs are the demo generator's (seeded; answers of 20-110 words), in stack-exchange-paired's
-columns or, with `--format`, rewritten shard by shard as TRL's conversational pairs (message lists,
-implicit prompt, parquet) or HH-rlhf transcripts (jsonl); another revision reads only the first. `--budget` sets
+columns or, with `--format`, rewritten shard by shard as TRL's conversational pairs (message
+lists, implicit prompt, parquet) or HH-rlhf transcripts (jsonl); another revision reads only the
+first. `--budget` sets
 tokenize.max_prompt_length: the demo's 64 leaves a few prompts over budget, 16 nearly all of
 them. `--max-length` sets tokenize.max_length: at 96 most answers run past the room their
 prompt leaves, as long real answers do at 512. `--tokenizer` tokenizes with another tokenizer
@@ -71,8 +72,10 @@ def rewrite(shard: Path, form: str) -> None:
     if form == "hh":
         with open(shard.with_suffix(".jsonl"), "w", encoding="utf-8") as out:
             for r in rows:
-                sides = {side: f"\n\nHuman: {r['question']}\n\nAssistant: {r[column]}"
-                         for side, column in (("chosen", "response_j"), ("rejected", "response_k"))}  # fmt: skip
+                sides = {
+                    side: f"\n\nHuman: {r['question']}\n\nAssistant: {r[column]}"
+                    for side, column in (("chosen", "response_j"), ("rejected", "response_k"))
+                }
                 out.write(json.dumps(sides) + "\n")
         return
     turns = [

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 # (header, key in DVC's rows, width): the params and figures that separate DPO runs.
-# Widths hold 4-digit figures and keep a row, with one extra set's column, within 80 columns (a longer name is cut, a wider
+# Widths hold 4-digit figures and keep a row, with one extra set's column, within 80 columns
+# (a longer name is cut, a wider
 # figure widens its row); tau is kendall_tau, gen_win the judge's generation win rate against
 # the base model (the last logged train loss is in `dvc exp show`).
 NAME = ("experiment", "Experiment", 20)  # `make demo` names are 20 characters

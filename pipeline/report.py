@@ -192,8 +192,11 @@ def rev_to_report(rev: str) -> str:
         print("error: no figures in the workspace and no DVC experiment to report: `make demo` "
               "or `dvc repro` makes some", file=sys.stderr)  # fmt: skip
         raise SystemExit(1)
-    print(f"the workspace has no figures: reporting the newest experiment, {latest} "
-          "(`make report REV=<name>` names another; `dvc exp list` lists them)", file=sys.stderr)  # fmt: skip
+    print(
+        f"the workspace has no figures: reporting the newest experiment, {latest} "
+        "(`make report REV=<name>` names another; `dvc exp list` lists them)",
+        file=sys.stderr,
+    )
     return latest
 
 

@@ -41,6 +41,8 @@ EVAL_SET_PAIRS = "pairs.parquet"  # an extra set's held-out pair records (SUBSAM
 def eval_set(name: str) -> tuple[Path, Path]:
     """An extra held-out set's (tokenized split, reference log-probs) folders."""
     return DATA_EVAL_SETS / name / "tokenized", DATA_EVAL_SETS / name / "reference"
+
+
 DATA_JUDGE_BASE = Path("data/judge_base")  # the base model's answers to the judge's questions
 REPORTS = Path("reports")
 METRICS = Path("metrics")

@@ -112,7 +112,9 @@ def parse_section(name: str, raw: Any, cls: type) -> Any:
 
 
 def _has_default(field: dataclasses.Field) -> bool:
-    return field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+    return (
+        field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+    )
 
 
 def _default(field: dataclasses.Field) -> Any:

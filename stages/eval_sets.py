@@ -33,9 +33,14 @@ def main() -> None:
                 model = freeze(load_scorer(MODEL_BASE, runtime, trust, quantize))
                 for spec in params.eval.datasets:
                     reports[spec.name] = prepare_set(
-                        spec, params, tokenizer, model, runtime, pad_token_id(tokenizer),
+                        spec,
+                        params,
+                        tokenizer,
+                        model,
+                        runtime,
+                        pad_token_id(tokenizer),
                         tmp / spec.name,
-                    )  # fmt: skip
+                    )
                     kept = reports[spec.name]["tokenize"]["pairs_kept"]
                     print(f"{spec.name}: {kept} held-out pairs of {spec.dataset} ({spec.split})")
         save_resolved(params, tmp, "eval_sets")

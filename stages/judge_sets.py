@@ -52,16 +52,18 @@ def main() -> None:
         for spec in judged:
             figures[spec.name] = {**judge_set(spec, params, runtime), **trust}
     write_json_atomic(REPORTS / "judge_sets.json", figures)
-    write_json_atomic(METRICS / "judge_sets.json",
-                      {name: {k: f[k] for k in HEADLINE} for name, f in figures.items()})  # fmt: skip
+    headlines = {name: {k: f[k] for k in HEADLINE} for name, f in figures.items()}
+    write_json_atomic(METRICS / "judge_sets.json", headlines)
     if figures:
         runs.configure()
         with mlflow.start_run(run_id=runs.read_run_id(MODEL_POLICY)):
             for name, values in figures.items():
                 runs.log_flat_metrics(values, f"judge_{name}/")
     for name, f in figures.items():
-        print(f"{name}: gen_win_rate {f['gen_win_rate']:.3f} [{f['gen_win_rate_low']:.3f}, "
-              f"{f['gen_win_rate_high']:.3f}] over {f['prompts']} questions")  # fmt: skip
+        print(
+            f"{name}: gen_win_rate {f['gen_win_rate']:.3f} [{f['gen_win_rate_low']:.3f}, "
+            f"{f['gen_win_rate_high']:.3f}] over {f['prompts']} questions"
+        )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {"sliding_window": 4}),
     "phi3": ("Phi3Config", {}),
     "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 4}),
-    "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 2}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 2},
+    ),
     "olmo2": ("Olmo2Config", {}),
     "phi": ("PhiConfig", {}),
     "cohere": ("CohereConfig", {"logit_scale": 0.5}),

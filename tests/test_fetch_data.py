@@ -63,7 +63,9 @@ def test_a_qid_of_another_type_still_names_its_question(tmp_path: Path) -> None:
     rows = source_rows(2, 1)
     for row in rows:
         row["qid"], row["metadata"] = str(row["qid"]), []
-    schema = pa.schema([f if f.name != "qid" else pa.field("qid", pa.string()) for f in SOURCE_SCHEMA])
+    schema = pa.schema(
+        [f if f.name != "qid" else pa.field("qid", pa.string()) for f in SOURCE_SCHEMA]
+    )
     root = hub_layout(tmp_path / "repo", [source_rows(2, 1)], [source_rows(2, 1)])
     pq.write_table(
         pa.Table.from_pylist(rows, schema=schema),

@@ -13,7 +13,7 @@ import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.formats import FormatError, detect, normalize
+from pipeline.data.formats import FormatError, detect
 from pipeline.data.prompts import encode_prompts, render_prompt
 from pipeline.data.schema import load_tokenized, read_split
 from pipeline.data.subsample import subsample
@@ -46,23 +46,31 @@ def turns(question: str, answer: str) -> list[dict]:
 def as_form(form: str, pairs: list[dict]) -> list[dict]:
     """The same pairs in one of the known forms."""
     if form == "trl_standard":
-        return [{"prompt": p["question"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+        return [
+            {"prompt": p["question"], "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in pairs
+        ]
     if form == "trl_conversational_implicit":
         return [
-            {"chosen": turns(p["question"], p["chosen"]), "rejected": turns(p["question"], p["rejected"])}
+            {
+                "chosen": turns(p["question"], p["chosen"]),
+                "rejected": turns(p["question"], p["rejected"]),
+            }
             for p in pairs
         ]
     if form == "ultrafeedback":
         return [
             {
-                "prompt": p["question"], "prompt_id": f"id-{p['question']}",
+                "prompt": p["question"],
+                "prompt_id": f"id-{p['question']}",
                 "chosen": turns(p["question"], p["chosen"]),
                 "rejected": turns(p["question"], p["rejected"]),
                 "messages": turns(p["question"], p["chosen"]),
-                "score_chosen": 8.0, "score_rejected": 3.0,
+                "score_chosen": 8.0,
+                "score_rejected": 3.0,
             }
             for p in pairs
-        ]  # fmt: skip
+        ]
     if form == "hh":
         transcript = "\n\nHuman: {q}\n\nAssistant: {a}"
         return [
@@ -95,13 +103,14 @@ def write(path: Path, rows: list[dict]) -> None:
 
 
 # Each Done-when form: where its splits live and the columns it needs named.
+HUB_FILE = "data/{split}-00000-of-00001.parquet"
 FORMS = {
     "trl_standard": ("{split}.jsonl", ("train", "test"), NO_COLUMNS),
-    "trl_conversational_implicit": ("data/{split}-00000-of-00001.parquet", ("train", "test"), NO_COLUMNS),
-    "ultrafeedback": ("data/{split}-00000-of-00001.parquet", ("train_prefs", "test_prefs"), NO_COLUMNS),
+    "trl_conversational_implicit": (HUB_FILE, ("train", "test"), NO_COLUMNS),
+    "ultrafeedback": (HUB_FILE, ("train_prefs", "test_prefs"), NO_COLUMNS),
     "hh": ("{split}.jsonl", ("train", "test"), NO_COLUMNS),
     "orca": ("{split}.jsonl", ("train", "test"), ColumnsParams("question", "", "", "", "")),
-}  # fmt: skip
+}
 
 
 def dataset(root: Path, form: str) -> tuple[Path, DataParams]:
@@ -109,9 +118,14 @@ def dataset(root: Path, form: str) -> tuple[Path, DataParams]:
     write(root / layout.format(split=train), as_form(form, base_pairs(6)))
     write(root / layout.format(split=test), as_form(form, base_pairs(3, start=100)))
     data = dataclasses.replace(
-        load_params(REPO / "params.yaml").data, dataset=str(root), train_dir=train,
-        eval_dir=test, columns=columns, fraction=1.0, eval_size=6,
-    )  # fmt: skip
+        load_params(REPO / "params.yaml").data,
+        dataset=str(root),
+        train_dir=train,
+        eval_dir=test,
+        columns=columns,
+        fraction=1.0,
+        eval_size=6,
+    )
     return root, data
 
 
@@ -123,7 +137,9 @@ def tokenized(tmp_path: Path, data: DataParams, tokenizer, chat: bool) -> dict[s
     params = dataclasses.replace(load_params(REPO / "params.yaml").tokenize, use_chat_template=chat)
     out = {}
     for split in ("train", "eval"):
-        tokenize_split(tmp_path / "sub" / split / "data.parquet", tmp_path / "tok" / split, tokenizer, params)
+        tokenize_split(
+            tmp_path / "sub" / split / "data.parquet", tmp_path / "tok" / split, tokenizer, params
+        )
         table = load_tokenized(tmp_path / "tok" / split)
         names = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
         out[split] = sorted(zip(*(table[n] for n in names), strict=True))
@@ -134,10 +150,11 @@ def tokenized(tmp_path: Path, data: DataParams, tokenizer, chat: bool) -> dict[s
 def test_every_form_of_the_same_pairs_gives_the_same_token_ids(
     tmp_path: Path, demo_tokenizer, chat: bool
 ) -> None:
+    tok = demo_tokenizer
     got = {
-        form: tokenized(tmp_path / form, dataset(tmp_path / form / "set", form)[1], demo_tokenizer, chat)
+        form: tokenized(tmp_path / form, dataset(tmp_path / form / "set", form)[1], tok, chat)
         for form in FORMS
-    }  # fmt: skip
+    }
     first = got["trl_standard"]
     assert len(first["train"]) == 12 and len(first["eval"]) == 6
     for form, splits in got.items():
@@ -146,13 +163,29 @@ def test_every_form_of_the_same_pairs_gives_the_same_token_ids(
 
 def test_the_forms_are_told_from_their_columns() -> None:
     names = {
-        "stack-exchange-paired": ["qid", "question", "date", "metadata", "response_j", "response_k"],
-        "explicit prompt": ["prompt", "chosen", "rejected", "prompt_id", "messages", "score_chosen"],
+        "stack-exchange-paired": [
+            "qid",
+            "question",
+            "date",
+            "metadata",
+            "response_j",
+            "response_k",
+        ],
+        "explicit prompt": [
+            "prompt",
+            "chosen",
+            "rejected",
+            "prompt_id",
+            "messages",
+            "score_chosen",
+        ],
         "implicit prompt": ["chosen", "rejected"],
     }
     for name, columns in names.items():
         assert detect(columns, NO_COLUMNS).name == name
-    mapped = detect(["system", "question", "chosen", "rejected"], ColumnsParams("question", "", "", "", ""))
+    mapped = detect(
+        ["system", "question", "chosen", "rejected"], ColumnsParams("question", "", "", "", "")
+    )
     assert (mapped.prompt, mapped.system) == ("question", "system")
 
 
@@ -179,7 +212,9 @@ def test_the_stage_fails_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {root}/train.jsonl: cannot tell the preference format of columns")
+    assert last.startswith(
+        f"error: {root}/train.jsonl: cannot tell the preference format of columns"
+    )
     assert not list((work / "data").iterdir())  # no data/raw, no temporary folder
 
 
@@ -202,41 +237,65 @@ def test_bad_rows_are_named_by_split_and_row_and_counted(
         "chosen holds a message with role 'robot' or non-text content": 1,
     }
     lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines()]
-    assert "train row 1 (train-00000-of-00001.parquet row 1) dropped: a conversation that " \
-           "does not end with an assistant turn" in lines  # fmt: skip
-    assert "train row 3 (train-00000-of-00001.parquet row 3) dropped: chosen holds a message " \
-           "with role 'robot' or non-text content" in lines  # fmt: skip
+    assert (
+        "train row 1 (train-00000-of-00001.parquet row 1) dropped: a conversation that "
+        "does not end with an assistant turn" in lines
+    )
+    assert (
+        "train row 3 (train-00000-of-00001.parquet row 3) dropped: chosen holds a message "
+        "with role 'robot' or non-text content" in lines
+    )
 
 
 @pytest.mark.parametrize(
     ("layout", "prefix"),
-    [("{split}/part-0.parquet", ""), ("data/{split}-00000-of-00002.parquet", ""),
-     ("{split}.jsonl", ""), ("{split}.json", ""), ("{split}.csv", ""), ("{split}.parquet", ""),
-     ("{split}.json.gz", ""), ("harmless-base/{split}.jsonl.gz", "harmless-base/")],
-)  # fmt: skip
+    [
+        ("{split}/part-0.parquet", ""),
+        ("data/{split}-00000-of-00002.parquet", ""),
+        ("{split}.jsonl", ""),
+        ("{split}.json", ""),
+        ("{split}.csv", ""),
+        ("{split}.parquet", ""),
+        ("{split}.json.gz", ""),
+        ("harmless-base/{split}.jsonl.gz", "harmless-base/"),
+    ],
+)
 def test_splits_are_found_in_the_hub_layouts(tmp_path: Path, layout: str, prefix: str) -> None:
     """`prefix`: a split in a folder of several (hh-rlhf's harmless-base/train.jsonl.gz)."""
     root = tmp_path / "set"
     for split, start in (("train", 0), ("test", 100)):
         write(root / layout.format(split=split), as_form("trl_standard", base_pairs(3, start)))
     data = dataclasses.replace(
-        load_params(REPO / "params.yaml").data, dataset=str(root), train_dir=f"{prefix}train",
-        eval_dir=f"{prefix}test", fraction=1.0, eval_size=2,
-    )  # fmt: skip
+        load_params(REPO / "params.yaml").data,
+        dataset=str(root),
+        train_dir=f"{prefix}train",
+        eval_dir=f"{prefix}test",
+        fraction=1.0,
+        eval_size=2,
+    )
     manifests = fetch_data(data, tmp_path / "raw")
     assert manifests["train"]["rows_fetched"] == 6 and manifests["eval"]["rows_fetched"] == 6
-    assert read_split(tmp_path / "raw" / "eval")["question"][0].as_py() == "How do I sort list number 100?"
+    assert (
+        read_split(tmp_path / "raw" / "eval")["question"][0].as_py()
+        == "How do I sort list number 100?"
+    )
 
 
 def test_without_an_eval_split_the_held_out_questions_come_out_of_train(tmp_path: Path) -> None:
     root = tmp_path / "set"
     write(root / "train.jsonl", as_form("trl_standard", base_pairs(20)))
     data = dataclasses.replace(
-        load_params(REPO / "params.yaml").data, dataset=str(root), train_dir="train",
-        eval_dir="", fraction=1.0, eval_size=8,
-    )  # fmt: skip
+        load_params(REPO / "params.yaml").data,
+        dataset=str(root),
+        train_dir="train",
+        eval_dir="",
+        fraction=1.0,
+        eval_size=8,
+    )
     manifests = fetch_data(data, tmp_path / "raw")
-    counts = subsample(tmp_path / "raw", tmp_path / "sub", 1.0, manifests["train"]["source_rows"], 8, 0)
+    counts = subsample(
+        tmp_path / "raw", tmp_path / "sub", 1.0, manifests["train"]["source_rows"], 8, 0
+    )
     train = pq.read_table(tmp_path / "sub/train/data.parquet")
     held = pq.read_table(tmp_path / "sub/eval/data.parquet")
     assert counts["eval"] == 8 and counts["train"] == 32  # whole questions of 2 pairs
@@ -249,18 +308,22 @@ def test_without_an_eval_split_the_held_out_questions_come_out_of_train(tmp_path
 def test_a_conversation_needs_the_chat_template(demo_tokenizer) -> None:
     params = load_params(REPO / "params.yaml").tokenize
     context = [{"role": "system", "content": SYSTEM}]
-    with pytest.raises(StageError, match="tokenize.use_chat_template: the data holds conversations"):
+    with pytest.raises(
+        StageError, match="tokenize.use_chat_template: the data holds conversations"
+    ):
         render_prompt(demo_tokenizer, "Q?", params, context)
 
 
 def test_a_conversation_is_the_chat_templates_rendering(qwen3_tokenizer) -> None:
     params = dataclasses.replace(load_params(REPO / "params.yaml").tokenize, use_chat_template=True)
     context = [{"role": "system", "content": SYSTEM}, *turns("Hi", "Hello!")]
-    (ids, cut), = encode_prompts(qwen3_tokenizer, ["And now?"], params, [context])
+    ((ids, cut),) = encode_prompts(qwen3_tokenizer, ["And now?"], params, [context])
     expected = qwen3_tokenizer.apply_chat_template(
-        [*context, {"role": "user", "content": "And now?"}], add_generation_prompt=True,
-        enable_thinking=False, tokenize=False,
-    )  # fmt: skip
+        [*context, {"role": "user", "content": "And now?"}],
+        add_generation_prompt=True,
+        enable_thinking=False,
+        tokenize=False,
+    )
     assert qwen3_tokenizer.decode(ids) == expected and not cut
 
 
@@ -270,7 +333,7 @@ def test_a_long_conversation_keeps_its_latest_turns_and_its_system_turn(qwen3_to
     )
     old = [*turns("first " * 30, "reply " * 30), *turns("second question", "second reply")]
     context = [{"role": "system", "content": SYSTEM}, *old]
-    (ids, cut), = encode_prompts(qwen3_tokenizer, ["last question"], params, [context])
+    ((ids, cut),) = encode_prompts(qwen3_tokenizer, ["last question"], params, [context])
     text = qwen3_tokenizer.decode(ids)
     assert cut and len(ids) <= 80
     assert SYSTEM in text and "second question" in text and "last question" in text
@@ -283,7 +346,9 @@ def test_a_long_conversation_keeps_its_latest_turns_and_its_system_turn(qwen3_to
 
 
 @pytest.mark.slow
-def test_an_orca_shaped_folder_trains_and_evaluates_as_a_dvc_experiment(e2e_repo, tmp_path: Path) -> None:
+def test_an_orca_shaped_folder_trains_and_evaluates_as_a_dvc_experiment(
+    e2e_repo, tmp_path: Path
+) -> None:
     """`dvc exp run` (through the demo wrapper, on the demo's tiny model) on a local folder with a
     system column and other column names, rendered with the chat template: train and evaluate
     run on it, and the demo's extra held-out set is scored too."""
@@ -297,10 +362,17 @@ def test_an_orca_shaped_folder_trains_and_evaluates_as_a_dvc_experiment(e2e_repo
         rows = [{"system": SYSTEM if i % 2 else "", **p} for i, p in enumerate(pairs)]
         write(root / f"{split}.jsonl", rows)
     repo, env = e2e_repo("orca")
-    keys = {"data.dataset": root, "data.train_dir": "train", "data.eval_dir": "test",
-            "data.columns.prompt": "question", "tokenize.use_chat_template": "true"}  # fmt: skip
+    keys = {
+        "data.dataset": root,
+        "data.train_dir": "train",
+        "data.eval_dir": "test",
+        "data.columns.prompt": "question",
+        "tokenize.use_chat_template": "true",
+    }
     flags = [arg for key, value in keys.items() for arg in ("-S", f"{key}={value}")]
-    said = run(repo, env, sys.executable, "-m", "pipeline.demo", *flags, "--name", "orca", "evaluate")
+    said = run(
+        repo, env, sys.executable, "-m", "pipeline.demo", *flags, "--name", "orca", "evaluate"
+    )
     assert "Running stage 'train'" in said and "Running stage 'judge'" not in said, said[-3000:]
     assert "train: 80 pairs (data.columns)" in said and "eval: 20 pairs (data.columns)" in said
     figures = json.loads(exp_file(repo, "orca", "metrics/eval.json"))

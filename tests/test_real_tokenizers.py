@@ -69,7 +69,7 @@ MIXED_SAMPLE = [
     "\n" * 500 + "end\n\n\n",
     "0123456789 12345678901234567890 3.14159e-10 1,000,000 2024-01-31 0x1F",
     "<|im_start|>user\nspecial tokens in text<|im_end|>\n<think>\n\n</think>\n\n",
-    '$$\\frac{a}{b}$$ &amp; <div class="x">\'s \'LL it\'s</div>',
+    "$$\\frac{a}{b}$$ &amp; <div class=\"x\">'s 'LL it's</div>",
 ]
 
 

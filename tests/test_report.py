@@ -27,11 +27,18 @@ def experiment(repo: Path, name: str, date: str) -> None:
     """An experiment ref as DVC writes one (refs/exps/<xx>/<baseline>/<name>), dated `date`."""
     head = git(repo, "rev-parse", "HEAD").strip()
     tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
-    env = {**os.environ, "GIT_COMMITTER_DATE": date, "GIT_AUTHOR_DATE": date,
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@l", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@l"}  # fmt: skip
-    commit = subprocess.run(["git", "commit-tree", tree, "-p", head, "-m", name], cwd=repo,
-                            env=env, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_COMMITTER_DATE": date,
+        "GIT_AUTHOR_DATE": date,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@l",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@l",
+    }
+    command = ["git", "commit-tree", tree, "-p", head, "-m", name]
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, check=True)
+    commit = done.stdout.strip()
     git(repo, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/{name}", commit)
 
 

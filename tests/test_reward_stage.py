@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from pipeline.data.schema import SUBSAMPLED_SCHEMA
-from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.data.subsample import with_ids
+from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge.trust import COIN, wilson_interval
 from stages.reward import HEADLINE
 from tests.helpers import REPO, read_pairs

@@ -35,7 +35,9 @@ PLUMBING_READS = {"train": {"register.experiment", *DATA_SOURCE}, "evaluate": DA
 # AdapterParams, which train.lora's LoraParams extends; the eval_sets stage fetches each extra
 # set through pipeline/download/shards.py with that set's columns, typed as data.columns is.
 BORROWED = {
-    "eval_sets": {f"data.columns.{key}" for key in ("prompt", "chosen", "rejected", "system", "id")},
+    "eval_sets": {
+        f"data.columns.{key}" for key in ("prompt", "chosen", "rejected", "system", "id")
+    },
     "reward": {"model.name", "model.revision", "model.allow_pickle_weights"},
     "train": {f"judge.lora.{key}" for key in ("rank", "alpha", "dropout", "target_modules")},
 }

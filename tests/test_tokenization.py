@@ -10,7 +10,7 @@ from pipeline.data.schema import SUBSAMPLED_SCHEMA, SchemaError, load_tokenized
 from pipeline.data.subsample import with_ids
 from pipeline.data.tokenization import TooManyDropped, tokenize_dataset, tokenize_pair
 from pipeline.params import TokenizeParams
-from tests.helpers import random_pairs, source_rows, table, pairs
+from tests.helpers import pairs, random_pairs, source_rows, table
 
 PARAMS = TokenizeParams(
     template="Question: {question}\n\nAnswer: ",

@@ -91,9 +91,14 @@ def detect(names: list[str], columns: ColumnsParams) -> PairFormat:
         return PairFormat("data.columns", chosen, rejected, prompt, system, identity, ids)
     if present.issuperset(STACK_EXCHANGE):
         return PairFormat(
-            "stack-exchange-paired", "response_j", "response_k", "question", "",
-            _stack_exchange_id, ("qid", "metadata"),
-        )  # fmt: skip
+            "stack-exchange-paired",
+            "response_j",
+            "response_k",
+            "question",
+            "",
+            _stack_exchange_id,
+            ("qid", "metadata"),
+        )
     system = "system" if "system" in present else ""
     ids = ("prompt_id",) if "prompt_id" in present else ()
     identity = _column_id("prompt_id") if ids else (lambda row: None)

@@ -148,7 +148,9 @@ def _shortened(
     pending = list(range(len(questions)))
     while pending:
         shorts = [questions[i][: ends[i][keep[i] - 1]] if keep[i] else "" for i in pending]
-        texts = [render_prompt(tokenizer, shorts[n], params, contexts[i]) for n, i in enumerate(pending)]
+        texts = [
+            render_prompt(tokenizer, shorts[n], params, contexts[i]) for n, i in enumerate(pending)
+        ]
         encoded = encode_many(tokenizer, texts)
         still = []
         for i, ids in zip(pending, encoded, strict=True):

@@ -94,7 +94,10 @@ def set_flags(overrides: Mapping[str, Any]) -> list[str]:
     """`dvc exp run` flags: -S key=value, values in YAML spelling (so true stays a bool)."""
     flags = []
     for key, value in overrides.items():
-        flags += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()}"]
+        flags += [
+            "-S",
+            f"{key}={yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()}",
+        ]
         flags[-1] = flags[-1].removesuffix("\n...")
     return flags
 
@@ -152,9 +155,7 @@ def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """
     # The child's own SIGINT disposition, not this process's: started by a script's `&`, it
     # would inherit "ignored", and the SIGINT passed on below would reach no one.
-    child = subprocess.Popen(
-        cmd, env=env, start_new_session=True, preexec_fn=default_stop_signals
-    )
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=default_stop_signals)
     interrupted = False
 
     def pass_on(signum: int, frame: Any) -> None:

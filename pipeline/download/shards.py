@@ -62,7 +62,9 @@ def split_files(fs: fsspec.AbstractFileSystem, root: str, split: str) -> list[st
     """The files of one split, sorted: every data file of the folder root/split, else the hub's
     split layout (data/<split>-*.<ext>, <split>-*.<ext>, <split>.<ext>)."""
     if fs.isdir(f"{root}/{split}"):
-        return sorted(p for p in fs.ls(f"{root}/{split}", detail=False) if p.endswith(SHARD_SUFFIXES))
+        return sorted(
+            p for p in fs.ls(f"{root}/{split}", detail=False) if p.endswith(SHARD_SUFFIXES)
+        )
     for suffix in SHARD_SUFFIXES:
         for pattern in (f"data/{split}-*", f"data/{split}", f"{split}-*", split):
             found = sorted(fs.glob(f"{root}/{pattern}{suffix}"))

@@ -32,7 +32,11 @@ def fetch_set(spec: EvalSetParams, seed: int, out: Path) -> dict[str, Any]:
     """The set's held-out pairs -> out/pairs.parquet (SUBSAMPLED_SCHEMA) and their counts."""
     fs, root = open_dataset(spec.dataset, spec.revision)
     key = f"eval.datasets[{spec.name}].dataset"
-    with reaching_the_hub(key, spec.dataset) if isinstance(fs, HfFileSystem) else contextlib.nullcontext():
+    with (
+        reaching_the_hub(key, spec.dataset)
+        if isinstance(fs, HfFileSystem)
+        else contextlib.nullcontext()
+    ):
         try:
             shards = list_shards(fs, root, spec.split)
         except FileNotFoundError as error:

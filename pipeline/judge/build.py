@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
