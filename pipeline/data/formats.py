@@ -77,27 +77,15 @@ def detect(names: list[str], columns: ColumnsParams) -> PairFormat:
     from the names. FormatError names the columns found and the formats known."""
     present = set(names)
     if any(dataclasses.astuple(columns)):
-        chosen, rejected = columns.chosen or "chosen", columns.rejected or "rejected"
-        prompt = columns.prompt or ("prompt" if "prompt" in present else "")
-        system = columns.system or ("system" if "system" in present else "")
-        identity = _column_id(columns.id) if columns.id else (lambda row: None)
-        ids = (columns.id,) if columns.id else ()
-        wanted = {"data.columns.prompt": prompt, "data.columns.chosen": chosen}
-        wanted |= {"data.columns.rejected": rejected, "data.columns.system": system}
-        wanted["data.columns.id"] = columns.id
-        for key, column in wanted.items():
-            if column and column not in present:
-                raise FormatError(f"{key}: no column {column!r}; found columns {names}")
-        return PairFormat("data.columns", chosen, rejected, prompt, system, identity, ids)
+        return _mapped(columns, names)
     if present.issuperset(STACK_EXCHANGE):
         return PairFormat(
             "stack-exchange-paired",
-            "response_j",
-            "response_k",
-            "question",
-            "",
-            _stack_exchange_id,
-            ("qid", "metadata"),
+            chosen="response_j",
+            rejected="response_k",
+            prompt="question",
+            identity=_stack_exchange_id,
+            id_columns=("qid", "metadata"),
         )
     system = "system" if "system" in present else ""
     ids = ("prompt_id",) if "prompt_id" in present else ()
@@ -111,6 +99,21 @@ def detect(names: list[str], columns: ColumnsParams) -> PairFormat:
         "Name yours with data.columns (e.g. -S data.columns.prompt=question "
         "-S data.columns.chosen=good -S data.columns.rejected=bad)"
     )
+
+
+def _mapped(columns: ColumnsParams, names: list[str]) -> PairFormat:
+    """data.columns' format: the columns it names, the usual names for the roles it leaves ""."""
+    present = set(names)
+    chosen, rejected = columns.chosen or "chosen", columns.rejected or "rejected"
+    prompt = columns.prompt or ("prompt" if "prompt" in present else "")
+    system = columns.system or ("system" if "system" in present else "")
+    roles = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "system": system}
+    for role, column in {**roles, "id": columns.id}.items():
+        if column and column not in present:
+            raise FormatError(f"data.columns.{role}: no column {column!r}; found columns {names}")
+    identity = _column_id(columns.id) if columns.id else (lambda row: None)
+    ids = (columns.id,) if columns.id else ()
+    return PairFormat("data.columns", chosen, rejected, prompt, system, identity, ids)
 
 
 def normalize(table: pa.Table | pa.RecordBatch, form: PairFormat) -> tuple[pa.Table, list[str]]:
