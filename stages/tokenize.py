@@ -3,9 +3,10 @@ and reports/tokenize.json (drop and truncation counts, token-length percentiles)
 
 import os
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from pipeline.data.tokenization import describe_report, tokenize_split
+from pipeline.model.positions import check_positions
 from pipeline.params import load_params, save_resolved
 from pipeline.stage_io import (
     DATA_SUBSAMPLED,
@@ -22,9 +23,10 @@ def main() -> None:
     # Worker processes tokenize in parallel already; the Rust pool inside each would oversubscribe.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     params = load_params()
-    tokenizer = AutoTokenizer.from_pretrained(
-        MODEL_BASE, trust_remote_code=params.model.trust_remote_code
-    )
+    trust = params.model.trust_remote_code
+    config = AutoConfig.from_pretrained(MODEL_BASE, trust_remote_code=trust)
+    check_positions(config, {"tokenize.max_length": params.tokenize.max_length}, trust)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
     with atomic_dir(DATA_TOKENIZED) as tmp:
         report = {
             split: tokenize_split(

@@ -16,12 +16,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from pipeline.judge.generate import Answer, generate
+from pipeline.judge.reward import load_reward_model, score_rows, train_reward_model
 from pipeline.model.loading import decoder_layers, freeze, load_causal_lm
+from pipeline.model.positions import check_positions, learned_positions
 from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import (
     CompletionScorer,
@@ -31,6 +34,7 @@ from pipeline.model.scoring import (
     collate_pairs,
 )
 from pipeline.params import AdapterParams, load_params
+from pipeline.stage_io import StageError
 from pipeline.train.adapters import AdaptersOffReference, add_adapters
 from tests.helpers import CPU, REPO, compile_layers_aot_eager, fit, random_pairs, train_params
 from tests.plain_dpo import full_logits_logps
@@ -59,7 +63,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi": ("PhiConfig", {}),
     "cohere": ("CohereConfig", {"logit_scale": 0.5}),
     "granite": ("GraniteConfig", {"logits_scaling": 4.0, "embedding_multiplier": 2.0}),
-    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}),
 }  # fmt: skip
 
 
@@ -185,3 +189,40 @@ def test_generation_stops_at_the_end_token(saved, family) -> None:
     stopping.generation_config.eos_token_id = [end]
     cut = generate(stopping, prompts, params, 0, CPU, "test")[0][0]
     assert cut == Answer(full[0][: full[0].index(end)], hit_max=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_reward_head_loads_trains_and_reloads(saved, family, tmp_path: Path) -> None:
+    """The reward model from the family's causal LM folder (transformers' own classifier, or
+    the generic head on its backbone where it has none): a few Bradley-Terry steps move the
+    scores, and the saved model scores as it did."""
+    torch.manual_seed(0)
+    model = load_reward_model(saved[family], CPU, trust_remote_code=False, pad_id=0)
+    rows = [[5, 9, 14, 3, 7], [8, 4, 6], [11, 12, 13, 14], [3, 3]]
+    pairs = [(rows[0], rows[1]), (rows[2], rows[3])]
+    before = score_rows(model, rows, 4, CPU)
+    params = dataclasses.replace(load_params(REPO / "params.yaml").judge, epochs=2, batch_size=1)
+    train_reward_model(model, pairs, params, CPU)
+    after = score_rows(model, rows, 4, CPU)
+    assert not np.allclose(after, before)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    again = load_reward_model(tmp_path, CPU, trust_remote_code=False, pad_id=0)
+    np.testing.assert_allclose(score_rows(again, rows, 4, CPU), after, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_a_learned_position_table_limits_the_lengths(family) -> None:
+    config = config_of(family)
+    limit = learned_positions(config, trust_remote_code=False)
+    assert limit == (config.n_positions if family == "gpt2" else None)
+    check_positions(config, {"tokenize.max_length": 10_000} if limit is None else {}, False)
+
+
+def test_lengths_past_the_position_table_are_refused_naming_the_keys() -> None:
+    config = transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=4)
+    check_positions(config, {"tokenize.max_length": 128}, trust_remote_code=False)
+    with pytest.raises(StageError) as refused:
+        check_positions(config, {"tokenize.max_length": 192, "judge.max_length": 64}, False)
+    said = str(refused.value)
+    assert "tokenize.max_length = 192" in said and "at most 128 tokens" in said
+    assert "judge.max_length" not in said

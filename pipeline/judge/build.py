@@ -35,6 +35,7 @@ from pipeline.judge.reward import (
 )
 from pipeline.judge.trust import accuracy_interval
 from pipeline.model.loading import Runtime, pad_token_id
+from pipeline.model.positions import check_positions
 from pipeline.params import ModelParams, Params, TokenizeParams
 from pipeline.stage_io import DATA_SUBSAMPLED, MODEL_BASE, StageError
 from pipeline.train.adapters import add_adapters
@@ -101,6 +102,8 @@ def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path
             f"({len(table)} pairs after removing {removed} of held-out questions, all with "
             "identical or empty answers)"
         )
+    config = AutoConfig.from_pretrained(MODEL_BASE, trust_remote_code=trust)
+    check_positions(config, {"judge.max_length": params.judge.max_length}, trust)
     torch.manual_seed(params.judge.seed)  # the new head's initial weights
     model = load_reward_model(MODEL_BASE, runtime, trust, pad_token_id(tokenizer))
     if params.judge.lora.enabled:

@@ -22,6 +22,7 @@ from pipeline.data.schema import TURN
 from pipeline.judge.figures import repetition_loop
 from pipeline.judge.reward import open_reward_model, score_rows
 from pipeline.model.loading import Runtime, freeze, load_causal_lm, pad_token_id
+from pipeline.model.positions import check_positions
 from pipeline.params import Params
 from pipeline.stage_io import MODEL_REWARD, bar
 
@@ -52,6 +53,10 @@ class Question:
     text: str
     best: str  # the dataset's best answer: the one that wins most of the question's pairs
     context: tuple[dict[str, str], ...] = ()  # the turns before the question
+
+
+# The longest sequence generation reads, as the params that bound it.
+PROMPT_AND_ANSWER = "tokenize.max_prompt_length + judge.max_new_tokens"
 
 
 def judge_questions(held_out: pa.Table, count: int, seed: int) -> list[Question]:
@@ -142,6 +147,8 @@ def model_answers(
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     model = freeze(load_causal_lm(model_dir, runtime, trust))
+    longest = params.tokenize.max_prompt_length + params.judge.max_new_tokens
+    check_positions(model.config, {PROMPT_AND_ANSWER: longest}, trust)
     prompts = [encode_prompt(tokenizer, q.text, params.tokenize, q.context)[0] for q in questions]
     written = generate(model, prompts, params, pad_token_id(tokenizer), runtime, source)
     rows = [

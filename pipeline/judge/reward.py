@@ -8,6 +8,7 @@ reward model from another family than the policy (`judge.model`) scores the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -18,10 +19,17 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+)
+from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
 )
 from transformers.utils import logging as hf_logging
 
@@ -52,10 +60,11 @@ def load_reward_model(
     causal LM folder the scalar head is new (initialised from the torch seed in force; the
     missing-weights report transformers prints for it is expected, so it is kept quiet). The
     score is read at the last non-pad token, so the config must know the pad id."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = sequence_classifier(config).from_pretrained(
             path, num_labels=1, dtype=torch.float32, use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
@@ -63,6 +72,32 @@ def load_reward_model(
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_id
     return model.to(runtime.device)
+
+
+def sequence_classifier(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The class that loads `config`'s family with a scalar head: transformers' own where it has
+    one (or the model's remote code names one); for a family it gives none (Cohere, Granite),
+    transformers' generic head on the family's backbone, the same architecture its Llama and
+    Qwen3 classes are (a linear score read at the last non-pad token)."""
+    remote = getattr(config, "auto_map", None) or {}
+    if type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING or (
+        "AutoModelForSequenceClassification" in remote
+    ):
+        return AutoModelForSequenceClassification
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{type(config).__name__} is not a causal LM transformers knows")
+    return _generic_classifier(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+
+
+@functools.cache
+def _generic_classifier(causal: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """<Family>ForSequenceClassification built from the family's pretrained-model base, so
+    weights, config and saving follow the family's own rules (one class per family)."""
+    family = next(
+        c for c in causal.__mro__[1:] if issubclass(c, PreTrainedModel) and c is not PreTrainedModel
+    )
+    name = causal.__name__.removesuffix("ForCausalLM") + "ForSequenceClassification"
+    return type(name, (GenericForSequenceClassification, family), {"__module__": __name__})
 
 
 @dataclasses.dataclass(frozen=True)
