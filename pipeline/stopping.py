@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,33 @@ def default_stop_signals() -> None:
     script's `&` leaves SIGINT ignored), so a stop passed on to the child reaches it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Run `cmd` in a process group of its own and wait for it, even through Ctrl-C.
+
+    Ctrl-C or SIGTERM here is passed on as SIGINT: the running stage stops, says what it kept,
+    and DVC removes its temporary copy of the repository and its "Running" entry. (Killing DVC
+    instead, as `subprocess.call` does on KeyboardInterrupt, left both behind.) A stage ignores
+    a second Ctrl-C while it cleans up; DVC between stages takes it as its own interrupt.
+    Returns (exit status, whether it was interrupted).
+    """
+    # The child's own SIGINT disposition, not this process's: started by a script's `&`, it
+    # would inherit "ignored", and the SIGINT passed on below would reach no one.
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=default_stop_signals)
+    interrupted = False
+
+    def pass_on(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        os.killpg(child.pid, signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait(), interrupted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_with_parent() -> None:

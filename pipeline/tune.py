@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +31,8 @@ from typing import Any
 import yaml
 
 from pipeline.demo.experiment import flatten
-from pipeline.stage_io import StageError, repo_root, run_stage
+from pipeline.stage_io import Interrupted, StageError, repo_root, run_stage
+from pipeline.stopping import default_stop_signals
 
 SPEC_FILE = Path("tune.yaml")
 # Where each objective metric is written (stages evaluate, judge, train).
@@ -150,15 +152,48 @@ class TrialFailed(Exception):
     """A trial's experiment failed or wrote no objective; its log says why."""
 
 
+class TrialStopped(TrialFailed):
+    """The search was told to stop while the trial ran: the same command resumes it."""
+
+
+# The trials' commands now running (one per worker thread), and whether the search was told to
+# stop: a stop is passed on to each trial as SIGINT, so its stage keeps its checkpoint.
+RUNNING: set[subprocess.Popen] = set()
+STOPPING = threading.Event()
+
+
+def stop_trials(signum: int, frame: Any) -> None:
+    """Signal handler: no new trial starts, and every running one is stopped as by Ctrl-C."""
+    STOPPING.set()
+    for child in list(RUNNING):
+        try:
+            os.killpg(child.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+
 def run_experiment(
     values: dict[str, float], name: str, demo: bool, fixed: tuple[str, ...], log: Path
 ) -> dict[str, float]:
-    """Run the trial's experiment (output to `log`) and return its metrics."""
+    """Run the trial's experiment (output to `log`, in a process group of its own with the
+    stop signals at their defaults) and return its metrics."""
+    if STOPPING.is_set():
+        raise TrialStopped(f"{name}: not started, the search is stopping")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        done = subprocess.run(trial_command(values, name, demo, fixed), stdout=out, stderr=out)
-    if done.returncode != 0:
-        raise TrialFailed(f"{name} failed (exit {done.returncode}): see {log}")
+        child = subprocess.Popen(
+            trial_command(values, name, demo, fixed), stdout=out, stderr=out,
+            start_new_session=True, preexec_fn=default_stop_signals,
+        )  # fmt: skip
+        RUNNING.add(child)
+        try:
+            status = child.wait()
+        finally:
+            RUNNING.discard(child)
+    if STOPPING.is_set():
+        raise TrialStopped(f"{name} stopped (exit {status}): see {log}")
+    if status != 0:
+        raise TrialFailed(f"{name} failed (exit {status}): see {log}")
     return experiment_metrics(name)
 
 
@@ -242,7 +277,11 @@ def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
             }
         name = f"{study.study_name}-{trial.number}"
         trial.set_user_attr("experiment", name)
-        metrics = runner(values, name)
+        try:
+            metrics = runner(values, name)
+        except TrialStopped as stopped:  # proposed again first: the same command resumes it
+            study.enqueue_trial(values)
+            raise optuna.TrialPruned(str(stopped)) from None  # ended early, not failed
         trial.set_user_attr("metrics", metrics)
         return value_of(spec, metrics)
 
@@ -251,6 +290,8 @@ def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
         bar.refresh()
         if len(study_.get_trials(deepcopy=False, states=failed)) >= spec.n_trials:
             study_.stop()  # as many failures as trials wanted: something else is wrong
+        if STOPPING.is_set():
+            study_.stop()
 
     if done < spec.n_trials:
         study.optimize(
@@ -372,7 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     def runner(values: dict[str, float], name: str) -> dict[str, float]:
         return run_experiment(values, name, args.demo, fixed, logs / f"{name}.log")
 
+    for stop in (signal.SIGINT, signal.SIGTERM):  # instead of run_stage's: the trials get the stop
+        signal.signal(stop, stop_trials)
     run_study(study, spec, runner, args.workers)
+    if STOPPING.is_set():
+        raise Interrupted("the running trials were stopped; the same command resumes them")
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise TuneError(f"no trial of study {args.study!r} completed: see the logs in {logs}/")
     plots = write_plots(study, spec, logs)

@@ -87,7 +87,7 @@ def test_the_demo_starts_dvc_with_the_sigint_it_passes_on_at_its_default(tmp_pat
     SIGINT, the signal the demo passes on to DVC's process group."""
     probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     wrapper = (
-        "from pipeline.demo.experiment import run_to_the_end\n"
+        "from pipeline.stopping import run_to_the_end\n"
         f"import os, sys; run_to_the_end([sys.executable, '-c', {probe!r}], dict(os.environ))"
     )
     done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import yaml
 
 from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset, ensure_other_dataset
 from pipeline.stage_io import INTERRUPTED_EXIT, asset_cache_dir
-from pipeline.stopping import default_stop_signals
+from pipeline.stopping import run_to_the_end
 
 DEMO_PARAMS = Path("demo/params.yaml")
 
@@ -142,33 +141,6 @@ def venv_env() -> dict[str, str]:
         if bash is not None:
             env["SHELL"] = bash
     return env
-
-
-def run_to_the_end(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
-    """Run `cmd` in a process group of its own and wait for it, even through Ctrl-C.
-
-    Ctrl-C or SIGTERM here is passed on as SIGINT: the running stage stops, says what it kept,
-    and DVC removes its temporary copy of the repository and its "Running" entry. (Killing DVC
-    instead, as `subprocess.call` does on KeyboardInterrupt, left both behind.) A stage ignores
-    a second Ctrl-C while it cleans up; DVC between stages takes it as its own interrupt.
-    Returns (exit status, whether it was interrupted).
-    """
-    # The child's own SIGINT disposition, not this process's: started by a script's `&`, it
-    # would inherit "ignored", and the SIGINT passed on below would reach no one.
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=default_stop_signals)
-    interrupted = False
-
-    def pass_on(signum: int, frame: Any) -> None:
-        nonlocal interrupted
-        interrupted = True
-        os.killpg(child.pid, signal.SIGINT)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return child.wait(), interrupted
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def registered_line(name: str) -> str | None:
