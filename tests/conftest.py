@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,8 +17,14 @@ from tests.helpers import REPO
 
 
 @pytest.fixture(scope="session")
-def asset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("asset-cache")
+def asset_cache() -> Path:
+    """The demo's and the registries' assets (tests/assets.py), built on first use and reused
+    by later sessions: the builders name each asset by its version and write it atomically, as
+    they do for a user's ~/.cache/dpo-qwen3."""
+    from tests.assets import ASSETS
+
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    return ASSETS
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +124,26 @@ def mlflow_uris_restored(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(exported)  # ...as it was before (absent, here)
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with its tables made, once: MLflow's schema migrations take a
+    second or two for every new store, so each test copies this one."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
+    client.search_experiments()
+    client.search_registered_models()
+    return path
+
+
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> Path:
     """A fresh MLflow store: DVC_ROOT at tmp/root, the stage running elsewhere (as in
     `dvc exp run --temp`)."""
     root, elsewhere = tmp_path / "root", tmp_path / "exp-copy"
     root.mkdir(), elsewhere.mkdir()
+    shutil.copy(empty_store, root / "mlflow.db")
     monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.chdir(elsewhere)
     yield root
@@ -149,3 +170,43 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_started = pytest.StashKey[float]()
+_budget = pytest.StashKey[list[str]]()
+
+
+# The fast tier's budget (`make check` sets FAST_TIER_BUDGET=1): the whole tier in 90 s on 2 cores
+# and no test over 5 s (setup, call and teardown together), read from pytest's own timings. A
+# test that needs more belongs in the slow tier (`@pytest.mark.slow`).
+FAST_TIER_S, FAST_TEST_S = 90.0, 5.0
+_took: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _took[report.nodeid] = _took.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_started] = time.monotonic()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not os.environ.get("FAST_TIER_BUDGET") or _started not in session.config.stash:
+        return
+    whole = time.monotonic() - session.config.stash[_started]
+    over = sorted(((s, t) for t, s in _took.items() if s > FAST_TEST_S), reverse=True)
+    lines = [f"{s:6.1f} s  {t}" for s, t in over]
+    if whole > FAST_TIER_S:
+        lines.insert(0, f"the fast tier took {whole:.0f} s (budget {FAST_TIER_S:.0f} s)")
+    if lines and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.config.stash[_budget] = lines or [f"fast tier within budget: {whole:.0f} s"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    lines = config.stash.get(_budget, [])
+    if lines and not lines[0].startswith("fast tier within"):
+        terminalreporter.section("fast tier over budget", sep="=", red=True)
+    for line in lines:
+        terminalreporter.write_line(line)
