@@ -43,12 +43,26 @@ if __name__ == "__main__":
     state = distributed.full_model_state(policy)
     if world.is_main:
         checksum = float(sum(t.double().abs().sum() for t in state.values()))
-        out.write_text(json.dumps({"world": world.size, "log": runs[0], "resumed_log": runs[1],
-                                   "sharded": distributed.is_sharded(policy),
-                                   "weights_abs_sum": checksum}))  # fmt: skip
+        out.write_text(
+            json.dumps(
+                {
+                    "world": world.size,
+                    "log": runs[0],
+                    "resumed_log": runs[1],
+                    "sharded": distributed.is_sharded(policy),
+                    "weights_abs_sum": checksum,
+                }
+            )
+        )
     if lora:  # after the checksum: merging in place changes the weights
         state = export.policy_state(policy)  # the train stage's gather: a collective in FSDP
         if world.is_main:
-            export.save_policy(out.parent / "policy", scorer, NoTokenizer(), state, torch.float32,
-                               out.parent / "base")  # fmt: skip
+            export.save_policy(
+                out.parent / "policy",
+                scorer,
+                NoTokenizer(),
+                state,
+                torch.float32,
+                out.parent / "base",
+            )
     distributed.shutdown(world)

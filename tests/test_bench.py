@@ -11,6 +11,7 @@ import pytest
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_the_bench_path_imports_neither_mlflow_nor_dvc() -> None:
     """A GPU machine has torch and transformers, often not MLflow or DVC: the train stage's model
     and recipe code, the reference stage's scorer and the bench import without them."""
@@ -27,6 +28,7 @@ def test_the_bench_path_imports_neither_mlflow_nor_dvc() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gpu_check_stops_in_one_line_when_a_package_every_row_needs_is_missing() -> None:
     code = (
         "import runpy, sys\n"
@@ -44,8 +46,11 @@ def test_gpu_check_stops_in_one_line_when_a_package_every_row_needs_is_missing()
 def test_gpu_check_smoke_runs_the_rows_and_writes_the_table(tmp_path) -> None:
     done = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     [result] = report["results"]

@@ -45,10 +45,12 @@ def byte_level_bpe(
     for left, right in merges:
         vocab[left + right] = len(vocab)
     core = Tokenizer(models.BPE(vocab, merges))
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     if normalizer is not None:
         core.normalizer = normalizer
@@ -75,8 +77,9 @@ def test_merges_that_rank_order_would_apply_differently_are_left_to_the_tokenize
     assert bpe.encoder(tokenizer) is None
     chars = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks = {bytes(chars[c] for c in token): i for token, i in tokenizer.get_vocab().items()}
-    direct = tiktoken.Encoding("x", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=ranks,
-                               special_tokens={})  # fmt: skip
+    direct = tiktoken.Encoding(
+        "x", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={}
+    )
     ids = tokenizer("abc", add_special_tokens=False)["input_ids"]
     assert encode_many(tokenizer, ["abc"]) == [ids] == [[ranks[b"a"], ranks[b"bc"]]]
     assert direct.encode("abc") == [ranks[b"abc"]] != ids  # what the check prevents

@@ -118,8 +118,11 @@ def test_a_champion_from_another_base_model_is_not_compared(client, store: Path)
     new = add_version(client, store, 0.99, base_model="base-b")
     alias, seen = gate.assign_alias(client, "m", new, ALIASES, rescorer)
     assert (alias, seen.basis, seen.champion, seen.champion_figures) == (
-        "challenger", gate.OTHER_BASE, first, None,
-    )  # fmt: skip
+        "challenger",
+        gate.OTHER_BASE,
+        first,
+        None,
+    )
     assert rescorer.calls == []
 
 
@@ -140,8 +143,13 @@ def test_a_run_that_diverged_is_never_the_champion(client, store: Path) -> None:
 def test_a_version_carries_its_runs_divergence_tag_and_both_gates_figures(client) -> None:
     from pipeline.track.registry import version_tags
 
-    report = {"win_rate": 0.9, "eval_loss": 0.2, "kendall_tau": 0.8, "pairs": 10,
-              "comparison_key": KEY}  # fmt: skip
+    report = {
+        "win_rate": 0.9,
+        "eval_loss": 0.2,
+        "kendall_tau": 0.8,
+        "pairs": 10,
+        "comparison_key": KEY,
+    }
     experiment = client.create_experiment("e")
     tagged = client.create_run(experiment, tags={"diverged": "true"}).info.run_id
     untagged = client.create_run(experiment).info.run_id  # trained before the flag existed
@@ -155,8 +163,10 @@ def test_a_version_carries_its_runs_divergence_tag_and_both_gates_figures(client
     assert tags["diverged"] == "false"
     # The reward model's accuracy with its interval, and the flag as the gate reads it.
     assert (tags["reward_accuracy"], tags["reward_heldout_pairs"], tags["judge_reliable"]) == (
-        0.9, 300, "true"
-    )  # fmt: skip
+        0.9,
+        300,
+        "true",
+    )
     assert tags["reward_accuracy_low"] == pytest.approx(0.8608, abs=5e-5)
     blind = {**judged, **judge_trust({**accuracy_interval(0.52, 80), "heldout_pairs": 80})}
     assert version_tags(report, blind, untagged)["judge_reliable"] == "false"
@@ -221,7 +231,7 @@ def test_two_registers_at_once_end_with_the_better_one_as_champion(client, store
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for name, version in versions.items()
     }
     said = {name: p.communicate(timeout=120) for name, p in racers.items()}
@@ -257,13 +267,27 @@ def test_the_generation_gate_refuses_to_decide_on_an_unreliable_judge(client, st
     """Registered, as the challenger, and the champion keeps its alias: not compared at all, so
     not even a champion judged otherwise is judged again."""
     judged = gate.GATES["gen_win_rate"]
-    first = add_version(client, store, 0.9, gen_win_rate="0.6", gen_win_rate_lc="0.6",
-                        judge_answers="answers-a", judge_reliable="true")  # fmt: skip
+    first = add_version(
+        client,
+        store,
+        0.9,
+        gen_win_rate="0.6",
+        gen_win_rate_lc="0.6",
+        judge_answers="answers-a",
+        judge_reliable="true",
+    )
     never = Rescorer(0.0)
     assert gate.assign_alias(client, "m", first, ALIASES, never, judged)[0] == "champion"
     for answers in ("answers-a", "answers-b"):  # the same judged answers, and others
-        blind = add_version(client, store, 0.95, gen_win_rate="0.99", gen_win_rate_lc="0.99",
-                            judge_answers=answers, judge_reliable="false")  # fmt: skip
+        blind = add_version(
+            client,
+            store,
+            0.95,
+            gen_win_rate="0.99",
+            gen_win_rate_lc="0.99",
+            judge_answers=answers,
+            judge_reliable="false",
+        )
         alias, seen = gate.assign_alias(client, "m", blind, ALIASES, never, judged)
         assert (alias, seen) == ("challenger", gate.Comparison(gate.UNRELIABLE_JUDGE, first))
     assert str(client.get_model_version_by_alias("m", "champion").version) == first
@@ -285,8 +309,9 @@ def test_a_first_version_takes_the_champion_alias_even_with_an_unreliable_judge(
     judged = gate.GATES["gen_win_rate"]
     blind = add_version(client, store, 0.9, gen_win_rate="0.7", judge_reliable="false")
     assert gate.assign_alias(client, "m", blind, ALIASES, Rescorer(0.0), judged) == (
-        "champion", gate.Comparison(gate.FIRST),
-    )  # fmt: skip
+        "champion",
+        gate.Comparison(gate.FIRST),
+    )
 
 
 def registration(alias: str, comparison: gate.Comparison, accuracy: float, pairs: int):

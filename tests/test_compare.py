@@ -10,9 +10,18 @@ from pipeline.demo.dvc_cli import actionable
 
 def row(name: str, win_rate, eval_loss, **extra) -> dict:
     """A row as `dvc.api.exp_show` gives it (params may be DVC's strings, "!" when missing)."""
-    return {"Experiment": name, "typ": "branch_base", "rev": "abc1234", "train.lr": "1e-06",
-            "loss.beta": 0.1, "win_rate": win_rate, "eval_loss": eval_loss,
-            "kendall_tau": 0.83036, "gen_win_rate": 0.8125, **extra}  # fmt: skip
+    return {
+        "Experiment": name,
+        "typ": "branch_base",
+        "rev": "abc1234",
+        "train.lr": "1e-06",
+        "loss.beta": 0.1,
+        "win_rate": win_rate,
+        "eval_loss": eval_loss,
+        "kendall_tau": 0.83036,
+        "gen_win_rate": 0.8125,
+        **extra,
+    }
 
 
 def ranked_names(text: str) -> list[str]:
@@ -47,8 +56,14 @@ def test_waiting_experiments_follow_with_their_state_and_baselines_without_figur
 
 
 def test_every_line_fits_80_columns_even_with_long_names() -> None:
-    rows = [row("a-very-long-experiment-name-indeed", 0.912621359223301, 0.2207981, **{
-        "train.lr": 0.000123456, "gen_win_rate": 12345.678})]  # fmt: skip
+    rows = [
+        row(
+            "a-very-long-experiment-name-indeed",
+            0.912621359223301,
+            0.2207981,
+            **{"train.lr": 0.000123456, "gen_win_rate": 12345.678},
+        )
+    ]
     text = table(rows)
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert "a-very-long-experim~" in text

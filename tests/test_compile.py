@@ -37,8 +37,17 @@ def run(folder: Path, params, compiled: bool, shapes: set | None = None, on_log=
     policy, reference = CompletionScorer(tiny_qwen3()), freeze(CompletionScorer(tiny_qwen3()))
     if compiled:
         assert compile_layers(policy.model) == 2
-    result = fit(policy, ModelReference(reference, CPU), random_pairs(16), params, CPU, 0,
-                 folder, "key", on_log=on_log)  # fmt: skip
+    result = fit(
+        policy,
+        ModelReference(reference, CPU),
+        random_pairs(16),
+        params,
+        CPU,
+        0,
+        folder,
+        "key",
+        on_log=on_log,
+    )
     return policy.model, result
 
 
@@ -94,8 +103,16 @@ def test_compiled_layers_with_adapters_and_checkpointing_train_as_eager_ones(tmp
         policy = CompletionScorer(add_adapters(model, LoraParams(enabled=True, rank=4)))
         if compiled:
             assert compile_layers_aot_eager(policy.model) == 2
-        result = fit(policy, AdaptersOffReference(policy, CPU), random_pairs(16), PARAMS, CPU, 0,
-                     tmp_path / str(compiled), "key")  # fmt: skip
+        result = fit(
+            policy,
+            AdaptersOffReference(policy, CPU),
+            random_pairs(16),
+            PARAMS,
+            CPU,
+            0,
+            tmp_path / str(compiled),
+            "key",
+        )
         logs.append(result.log)
         adapters.append({n: p for n, p in policy.named_parameters() if p.requires_grad})
     for a, b in zip(*logs, strict=True):

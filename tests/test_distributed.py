@@ -25,9 +25,14 @@ from tests.helpers import REPO, NoTokenizer, fit, random_pairs, tiny_qwen3, trai
 
 PER_RANK_BATCH = 2
 PARAMS = train_params(
-    epochs=2, batch_size=2 * PER_RANK_BATCH, grad_accum=2, warmup_ratio=0.2, seed=3, nproc=2,
+    epochs=2,
+    batch_size=2 * PER_RANK_BATCH,
+    grad_accum=2,
+    warmup_ratio=0.2,
+    seed=3,
+    nproc=2,
     save_every=100,
-)  # fmt: skip
+)
 
 
 def policy_and_reference(lora: bool, runtime: Runtime):

@@ -40,9 +40,18 @@ from tests.helpers import CPU, REPO, compile_layers_aot_eager, fit, random_pairs
 from tests.plain_dpo import full_logits_logps
 
 VOCAB = 96
-SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-             pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # family -> (config class, its own settings). Beyond the families users name first, each of
 # the rest takes a code path of its own: Gemma-2 soft-caps its logits and has no SDPA; Gemma-3
@@ -64,7 +73,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "cohere": ("CohereConfig", {"logit_scale": 0.5}),
     "granite": ("GraniteConfig", {"logits_scaling": 4.0, "embedding_multiplier": 2.0}),
     "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}),
-}  # fmt: skip
+}
 
 
 def config_of(family: str) -> transformers.PretrainedConfig:
@@ -138,8 +147,16 @@ def test_the_first_step_costs_ln2(saved, family, tmp_path: Path) -> None:
     policy = CompletionScorer(loaded(saved, family))
     reference = freeze(CompletionScorer(loaded(saved, family)))
     params = train_params(max_steps=1)
-    recipe = fit(policy, ModelReference(reference, CPU), random_pairs(8), params, CPU, 0,
-                 tmp_path / "ckpt", "key")  # fmt: skip
+    recipe = fit(
+        policy,
+        ModelReference(reference, CPU),
+        random_pairs(8),
+        params,
+        CPU,
+        0,
+        tmp_path / "ckpt",
+        "key",
+    )
     assert recipe.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -150,8 +167,16 @@ def test_one_lora_step_trains_the_adapters_alone(saved, family, tmp_path: Path) 
     lora = AdapterParams(enabled=True, rank=4, alpha=8, target_modules="all-linear")
     policy = CompletionScorer(add_adapters(base, lora))
     params = dataclasses.replace(train_params(max_steps=1), cached_reference=False)
-    fit(policy, AdaptersOffReference(policy, CPU), random_pairs(8), params, CPU, 0,
-        tmp_path / "ckpt", "key")  # fmt: skip
+    fit(
+        policy,
+        AdaptersOffReference(policy, CPU),
+        random_pairs(8),
+        params,
+        CPU,
+        0,
+        tmp_path / "ckpt",
+        "key",
+    )
     after = dict(policy.model.get_base_model().named_parameters())
     adapters = {n: p for n, p in after.items() if "lora_B" in n}
     assert adapters and any(p.abs().sum() > 0 for p in adapters.values())  # B starts at zero

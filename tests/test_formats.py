@@ -314,6 +314,7 @@ def test_a_conversation_needs_the_chat_template(demo_tokenizer) -> None:
         render_prompt(demo_tokenizer, "Q?", params, context)
 
 
+@pytest.mark.slow
 def test_a_conversation_is_the_chat_templates_rendering(qwen3_tokenizer) -> None:
     params = dataclasses.replace(load_params(REPO / "params.yaml").tokenize, use_chat_template=True)
     context = [{"role": "system", "content": SYSTEM}, *turns("Hi", "Hello!")]

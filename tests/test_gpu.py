@@ -86,9 +86,17 @@ def test_no_step_waits_for_the_gpu_between_log_rows(cuda, tmp_path) -> None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            result = fit(CompletionScorer(policy), ModelReference(freeze(CompletionScorer(
-                         reference)), cuda), random_pairs(16), params, cuda, 0, tmp_path / "c",
-                         "key", on_step=lambda: seen.append(len(caught)))  # fmt: skip
+            result = fit(
+                CompletionScorer(policy),
+                ModelReference(freeze(CompletionScorer(reference)), cuda),
+                random_pairs(16),
+                params,
+                cuda,
+                0,
+                tmp_path / "c",
+                "key",
+                on_step=lambda: seen.append(len(caught)),
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert [row["step"] for row in result.log] == [3, 6, 8]
@@ -112,8 +120,18 @@ def test_compiled_layers_train_as_eager_ones_on_cuda(cuda, tmp_path) -> None:
         if compiled:
             compile_layers(policy.model)
         reference = ModelReference(freeze(CompletionScorer(tiny_qwen3().to(cuda.device))), cuda)
-        logs.append(fit(policy, reference, random_pairs(16), params, cuda, 0,
-                        tmp_path / str(compiled), "key").log)  # fmt: skip
+        logs.append(
+            fit(
+                policy,
+                reference,
+                random_pairs(16),
+                params,
+                cuda,
+                0,
+                tmp_path / str(compiled),
+                "key",
+            ).log
+        )
     for a, b in zip(*logs, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=3e-2)

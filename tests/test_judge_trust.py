@@ -62,9 +62,9 @@ def test_wilson_interval_narrows_with_pairs_and_knows_nothing_of_none() -> None:
 
 
 @pytest.mark.parametrize(
-    ("share", "trials", "level"), [(1.2, 10, 0.95), (math.nan, 10, 0.95), (0.5, -1, 0.95),
-                                   (0.5, 10, 1.0)]
-)  # fmt: skip
+    ("share", "trials", "level"),
+    [(1.2, 10, 0.95), (math.nan, 10, 0.95), (0.5, -1, 0.95), (0.5, 10, 1.0)],
+)
 def test_wilson_interval_refuses_bad_arguments(share: float, trials: int, level: float) -> None:
     with pytest.raises(ValueError, match="wilson_interval"):
         wilson_interval(share, trials, level)
@@ -124,9 +124,15 @@ def test_a_reward_report_from_before_the_interval_is_one_clear_error() -> None:
 
 def figures(accuracy: float, pairs: int) -> dict:
     """The judge stage's figures: the win rate's, then the reward model's."""
-    return {"gen_win_rate": 0.7, "gen_win_rate_low": 0.6, "gen_win_rate_high": 0.8,
-            "gen_win_rate_lc": 0.65, "prompts": 20, "samples": 2,
-            **judge_trust(report(accuracy, pairs))}  # fmt: skip
+    return {
+        "gen_win_rate": 0.7,
+        "gen_win_rate_low": 0.6,
+        "gen_win_rate_high": 0.8,
+        "gen_win_rate_lc": 0.65,
+        "prompts": 20,
+        "samples": 2,
+        **judge_trust(report(accuracy, pairs)),
+    }
 
 
 def test_the_judge_stage_line_says_whether_it_can_be_trusted() -> None:

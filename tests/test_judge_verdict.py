@@ -13,11 +13,21 @@ from pipeline.judge.verdict import figures_of, questions_of, same_answer_same_re
 def rows(source: str, answers: list[list[str]], rewards: list[list[float]]) -> list[dict]:
     """One row per (prompt, sample) of `source`, listed sample-major to check the sorting."""
     return [
-        {"source": source, "prompt": p, "sample": s, "url": f"u{p}", "question": f"q{p}",
-         "answer": answers[p][s], "tokens": len(answers[p][s]), "hit_max": False,
-         "loop": False, "reward": rewards[p][s]}
-        for s in range(len(answers[0])) for p in range(len(answers))
-    ]  # fmt: skip
+        {
+            "source": source,
+            "prompt": p,
+            "sample": s,
+            "url": f"u{p}",
+            "question": f"q{p}",
+            "answer": answers[p][s],
+            "tokens": len(answers[p][s]),
+            "hit_max": False,
+            "loop": False,
+            "reward": rewards[p][s],
+        }
+        for s in range(len(answers[0]))
+        for p in range(len(answers))
+    ]
 
 
 def tables() -> tuple[pa.Table, pa.Table]:

@@ -167,8 +167,9 @@ def test_robust_is_unbiased_under_label_flips(eps: float) -> None:
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_ln2_when_policy_equals_reference(name: str, eps: float) -> None:
     logps = torch.tensor([-3.0, -120.0, 0.0])
-    same = PairLogps(logps, logps - 1, logps.clone(), logps - 1, torch.tensor([1, 9, 0]),
-                     torch.tensor([2, 3, 1]))  # fmt: skip
+    same = PairLogps(
+        logps, logps - 1, logps.clone(), logps - 1, torch.tensor([1, 9, 0]), torch.tensor([2, 3, 1])
+    )
     out = compute_loss(same, objective(name, 0.7, label_smoothing=eps))
     assert out.losses.tolist() == pytest.approx([math.log(2)] * 3, abs=1e-7)
 

@@ -160,8 +160,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("qlora")
     tiny_qwen3().save_pretrained(root / "base")
     policy = nf4_policy(root / "base")
-    frozen = {n: m.weight.data.clone() for n, m in policy.named_modules()
-              if isinstance(m, bnb.nn.Linear4bit)}  # fmt: skip
+    frozen = {
+        n: m.weight.data.clone()
+        for n, m in policy.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
     batch = collate_pairs(random_pairs(6, seed=3)[:], 0)
     reference_scores = AdaptersOffReference(policy, CPU)
     start = reference_scores(batch, None)
@@ -171,8 +174,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = fit(policy, reference_scores, random_pairs(16), params, CPU, 0, root / "ck", "k")
     with torch.no_grad():
         scores = batch_logps(policy, batch, CPU)
-    return {"root": root, "policy": policy, "frozen": frozen, "batch": batch, "start": start,
-            "untrained": untrained, "result": result, "scores": scores}  # fmt: skip
+    return {
+        "root": root,
+        "policy": policy,
+        "frozen": frozen,
+        "batch": batch,
+        "start": start,
+        "untrained": untrained,
+        "result": result,
+        "scores": scores,
+    }
 
 
 def test_nf4_adapters_learn_while_the_4bit_base_stays_the_reference(trained: dict) -> None:
@@ -197,8 +208,11 @@ def test_saved_nf4_policy_is_its_adapter_and_a_merge_onto_the_dequantised_base(
     policy, root = trained["policy"], trained["root"]
     dequantised = dequantized_weights(policy.model)
     with torch.no_grad():
-        delta = {n.removeprefix(PEFT_PREFIX) + ".weight": m.get_delta_weight("default")
-                 for n, m in policy.named_modules() if n.endswith("q_proj")}  # fmt: skip
+        delta = {
+            n.removeprefix(PEFT_PREFIX) + ".weight": m.get_delta_weight("default")
+            for n, m in policy.named_modules()
+            if n.endswith("q_proj")
+        }
     assert len(delta) == 2
     folder = root / "policy"
     export.save_policy(folder, policy, NoTokenizer(), None, torch.bfloat16, root / "base")
@@ -230,8 +244,17 @@ def test_a_killed_nf4_run_resumes_to_the_uninterrupted_result(
         torch.manual_seed(0)  # the same adapter initialisation every time
         policy = nf4_policy(base_dir)
         reference_scores = AdaptersOffReference(policy, CPU)
-        result = fit(policy, reference_scores, random_pairs(16), params, CPU, 0, tmp_path / folder,
-                     "k", on_log=on_log)  # fmt: skip
+        result = fit(
+            policy,
+            reference_scores,
+            random_pairs(16),
+            params,
+            CPU,
+            0,
+            tmp_path / folder,
+            "k",
+            on_log=on_log,
+        )
         return policy, result.log
 
     class Killed(Exception):

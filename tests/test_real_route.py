@@ -83,10 +83,17 @@ def family_folder(family: str, folder: Path, tokenizer_dir: Path) -> Path:
 # Small enough for a minute or two of DAG per family: what is checked is that every stage runs.
 # Plain DPO: the demo's SFT term on a random model is ln(vocabulary), which the train stage's
 # divergence rule (a loss above 10 x ln 2) would take for a diverged run.
-SMALL = {"data.fraction": 0.05, "data.eval_size": 32, "train.max_steps": 4, "train.epochs": 1,
-         "train.log_every": 1,
-         "loss.sft_weight": 0.0, "judge.fraction": 0.03, "judge.prompts": 4,
-         "judge.max_new_tokens": 16}  # fmt: skip
+SMALL = {
+    "data.fraction": 0.05,
+    "data.eval_size": 32,
+    "train.max_steps": 4,
+    "train.epochs": 1,
+    "train.log_every": 1,
+    "loss.sft_weight": 0.0,
+    "judge.fraction": 0.03,
+    "judge.prompts": 4,
+    "judge.max_new_tokens": 16,
+}
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3"])

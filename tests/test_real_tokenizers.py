@@ -96,8 +96,9 @@ def test_eos_is_the_token_that_ends_an_assistant_turn(tokenizer) -> None:
     assert tokenizer.eos_token == END_OF_TURN
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
-        tokenize=False, enable_thinking=False,
-    )  # fmt: skip
+        tokenize=False,
+        enable_thinking=False,
+    )
     assert rendered.endswith("A." + END_OF_TURN + "\n")
     # Qwen3 pads with <|endoftext|>; SmolLM2 pads with its EOS (masked out either way).
     assert tokenizer.pad_token in ("<|endoftext|>", END_OF_TURN)
@@ -203,6 +204,7 @@ def test_tiktoken_gives_qwen3s_own_ids_on_its_real_vocabulary(qwen3_tokenizer) -
     assert heads == [ids[:n] for ids, n in zip(whole, lengths, strict=True)]
 
 
+@pytest.mark.slow
 def test_the_smollm2_folder_loads_and_fetches_without_gguf(smollm2_dir, tmp_path) -> None:
     """A fresh process in which gguf cannot be imported loads the folder with plain transformers
     and takes it through the download stage's fetch_model."""
@@ -226,8 +228,14 @@ params = ModelParams(name=str(folder), revision="main", trust_remote_code=False,
 fetch_model(params, Path({str(tmp_path / "base")!r}))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "base" / "model.safetensors").is_file()
 

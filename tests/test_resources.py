@@ -27,6 +27,7 @@ def test_concurrent_stages_split_the_cores_and_take_different_gpus(tmp_path: Pat
         assert alone.threads == 8 and alone.gpus == (0, 1)
 
 
+@pytest.mark.slow
 def test_a_stage_waits_for_a_free_gpu(tmp_path: Path) -> None:
     got: list[tuple[int, ...]] = []
 
@@ -43,6 +44,7 @@ def test_a_stage_waits_for_a_free_gpu(tmp_path: Path) -> None:
     assert got == [(0,)]
 
 
+@pytest.mark.slow
 def test_a_crashed_stage_releases_its_claims(tmp_path: Path) -> None:
     crash = (
         "import os, sys; from pathlib import Path; from pipeline.resources import claim\n"
@@ -65,6 +67,7 @@ def test_a_multi_process_stage_takes_its_gpus_all_at_once(tmp_path: Path) -> Non
     assert rank_environment(Share(2, ())) == {"OMP_NUM_THREADS": "2"}  # CPU: nothing to hide
 
 
+@pytest.mark.slow
 def test_a_partial_set_of_gpus_is_not_held_while_waiting(tmp_path: Path) -> None:
     got: list[tuple[int, ...]] = []
 
@@ -127,7 +130,12 @@ def test_the_train_stage_starts_its_ranks_with_the_claimed_share(
         stage.main()
     assert done.value.code == 3  # the ranks' exit status is the stage's
     assert seen["cmd"][1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.train",
-    ]  # fmt: skip
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "stages.train",
+    ]
     assert seen["env"]["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))
     assert seen["held"] == 2  # one worker slot per rank while they run

@@ -204,6 +204,7 @@ def demo_pairs(
     return pair_rows(train.slice(0, 256), tok, form), pair_rows(held.slice(0, 200), tok, form)
 
 
+@pytest.mark.slow
 def test_training_raises_held_out_accuracy(
     demo_model_dir: Path,
     tok: PreTrainedTokenizerBase,
@@ -223,6 +224,7 @@ def test_training_raises_held_out_accuracy(
     assert after >= 0.75 and after >= before + 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_for_a_seed(
     demo_model_dir: Path,
     tok: PreTrainedTokenizerBase,
@@ -356,7 +358,9 @@ def test_without_a_reward_split_the_reward_model_gets_the_train_pairs_the_policy
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/subsampled/train").mkdir(parents=True)
-    pq.write_table(pa.table({"pair_id": pa.array([0, 2], pa.int64())}),
-                   tmp_path / "data/subsampled/train/data.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"pair_id": pa.array([0, 2], pa.int64())}),
+        tmp_path / "data/subsampled/train/data.parquet",
+    )
     fetched = source_table([pair(f"https://so.com/questions/{i}", i, f"t{i}") for i in range(4)])
     assert without_policy_pairs(fetched)["chosen"].to_pylist() == ["t1", "t3"]

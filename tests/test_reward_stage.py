@@ -63,8 +63,9 @@ def assert_interval(report: dict, line: str) -> None:
     and the stage's line warns exactly when the interval reaches a coin."""
     interval = (report["reward_accuracy_low"], report["reward_accuracy_high"])
     assert interval == wilson_interval(report["reward_accuracy"], report["heldout_pairs"])
-    warned = line.endswith("pairs; lower end at or below 0.5: the judge's figures will be "
-                           "marked unreliable")  # fmt: skip
+    warned = line.endswith(
+        "pairs; lower end at or below 0.5: the judge's figures will be marked unreliable"
+    )
     assert warned == (interval[0] <= COIN), line
 
 
@@ -364,8 +365,10 @@ def test_an_existing_reward_model_with_its_own_tokenizer_is_adopted(
     assert (model / "model.safetensors").read_bytes() == (
         other_reward_model / "model.safetensors"
     ).read_bytes()
-    vocab = [json.loads((f / "tokenizer.json").read_text())["model"]["vocab"]
-             for f in (model, other_reward_model)]  # fmt: skip
+    vocab = [
+        json.loads((f / "tokenizer.json").read_text())["model"]["vocab"]
+        for f in (model, other_reward_model)
+    ]
     assert vocab[0] == vocab[1] and len(vocab[0]) < 1000  # not the policy's 2,048 + 3
     assert json.loads((model / "resolved_params.json").read_text())["judge"]["model"] == name
     metrics = json.loads((workdir / "metrics" / "reward.json").read_text())

@@ -82,6 +82,7 @@ def with_thinking_template(demo_model_dir: Path, folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompting", ["template", "chat-template", "thinking-chat-template"])
 def test_a_plain_question_is_prompted_as_the_tokenize_stage_prompted_it(
     prompting, demo_model_dir, demo_tokenizer, tmp_path, monkeypatch
@@ -107,6 +108,7 @@ def test_a_plain_question_is_prompted_as_the_tokenize_stage_prompted_it(
     assert prompt.endswith("</think>\n\n") == (prompting == "thinking-chat-template")
 
 
+@pytest.mark.slow
 def test_raw_prompts_go_to_the_model_as_sent(demo_model_dir, demo_tokenizer, tmp_path) -> None:
     tokenize = tokenize_params(True)
     model = served(demo_model_dir, tokenize, tmp_path)
@@ -121,6 +123,7 @@ def test_raw_prompts_go_to_the_model_as_sent(demo_model_dir, demo_tokenizer, tmp
     assert raw == demo_tokenizer(formatted, add_special_tokens=False)["input_ids"] == plain
 
 
+@pytest.mark.slow
 def test_answers_end_at_the_first_stop_token_without_special_tokens(
     demo_model_dir, demo_tokenizer, tmp_path
 ) -> None:

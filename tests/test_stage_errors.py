@@ -37,12 +37,14 @@ def run_stage(stage: str, workdir: Path, **params: dict) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow
 def test_a_bad_param_is_one_line_naming_the_key(tmp_path: Path) -> None:
     done = run_stage("train", tmp_path, train={"lr": "abc"})
     assert done.returncode == 1
     assert done.stderr.strip() == "error: train.lr must be a number, got 'abc'"
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_says_what_to_do_in_one_line(tmp_path: Path) -> None:
     done = run_stage("download_model", tmp_path)  # the real params: Qwen/Qwen3-0.6B from the hub
     assert done.returncode == 1
@@ -53,6 +55,7 @@ def test_an_unreachable_hub_says_what_to_do_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "models" / "base").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_a_local_model_folder_that_does_not_exist_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such-model"
     done = run_stage("download_model", tmp_path, model={"name": str(missing)})
@@ -71,8 +74,14 @@ def test_sigterm_is_one_interrupted_line_and_exit_130(tmp_path: Path) -> None:
         "run_stage(lambda: (print('ready', flush=True), time.sleep(60)))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    stage = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    stage = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert stage.stdout.readline() == "ready\n"
     time.sleep(0.2)
     stage.send_signal(signal.SIGTERM)
@@ -99,8 +108,15 @@ def test_ctrl_c_through_the_demos_stage_shell_ends_with_the_stages_130(
     monkeypatch.delenv("SHELL", raising=False)
     env = {**venv_env(), "PYTHONPATH": str(REPO)}
     command = [env.get("SHELL", "/bin/sh"), "-c", f"{sys.executable} {script}"]  # as DVC runs it
-    shell = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    shell = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     assert shell.stdout.readline() == "ready\n"
     os.killpg(shell.pid, signal.SIGINT)  # to the whole group, as a terminal sends it
     _, stderr = shell.communicate(timeout=60)

@@ -58,9 +58,14 @@ def stop_round(repo: Path, env: dict, command: list[str], stop: str, sigint_igno
     before = checkpoints(repo)
     log = repo / "stop-round.log"
     started = subprocess.Popen(
-        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=ignoring_sigint if sigint_ignored else None,
-    )  # fmt: skip
+        command,
+        cwd=repo,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=ignoring_sigint if sigint_ignored else None,
+    )
     deadline = time.monotonic() + 600
     while not checkpoints(repo) - before:  # training saved a new one
         assert started.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

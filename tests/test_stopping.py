@@ -35,8 +35,9 @@ def ignoring_sigint() -> None:
 
 def start(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                               **kwargs)  # fmt: skip
+    started = subprocess.Popen(
+        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, **kwargs
+    )
     deadline = time.monotonic() + 60
     while "working" not in log.read_text():
         assert started.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -64,6 +65,7 @@ def test_a_stage_started_with_sigint_ignored_stops_on_either_signal(tmp_path, st
     assert log.read_text().splitlines()[-1] == "interrupted: looping: no output written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("through_shell", [False, True])
 def test_a_stage_stops_when_the_process_that_ran_it_dies(tmp_path, through_shell) -> None:
     """The runner (DVC's stand-in) is killed outright; the stage, run directly or through
@@ -90,7 +92,13 @@ def test_the_demo_starts_dvc_with_the_sigint_it_passes_on_at_its_default(tmp_pat
         "from pipeline.stopping import run_to_the_end\n"
         f"import os, sys; run_to_the_end([sys.executable, '-c', {probe!r}], dict(os.environ))"
     )
-    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=ignoring_sigint,
-                          timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=ignoring_sigint,
+        timeout=60,
+        check=True,
+    )
     assert done.stdout.strip() == "True"

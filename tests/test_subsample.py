@@ -27,8 +27,9 @@ def split_rows() -> tuple[list[dict], list[dict]]:
     return train, evaluation
 
 
-def raw_folder(root: Path, train: list[dict] | pa.Table, evaluation: list[dict] | pa.Table,
-               files: int = 1) -> Path:  # fmt: skip
+def raw_folder(
+    root: Path, train: list[dict] | pa.Table, evaluation: list[dict] | pa.Table, files: int = 1
+) -> Path:
     """data/raw as download_data leaves it: each split cut into `files` parquet files."""
     for split, rows in (("train", train), ("eval", evaluation)):
         whole = rows if isinstance(rows, pa.Table) else pairs(table(rows))
@@ -39,9 +40,16 @@ def raw_folder(root: Path, train: list[dict] | pa.Table, evaluation: list[dict] 
     return root
 
 
-def run(tmp_path: Path, fraction: float, source_rows_: int, eval_size: int, seed: int,
-        rows: tuple | None = None, files: int = 1, batch_rows: int = 8192,
-        ) -> tuple[pa.Table, pa.Table, dict[str, int]]:  # fmt: skip
+def run(
+    tmp_path: Path,
+    fraction: float,
+    source_rows_: int,
+    eval_size: int,
+    seed: int,
+    rows: tuple | None = None,
+    files: int = 1,
+    batch_rows: int = 8192,
+) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """subsample on `rows` (default split_rows()) -> (train, eval, counts) as written."""
     work = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
     raw = raw_folder(work / "raw", *(rows or split_rows()), files=files)
@@ -98,8 +106,14 @@ def test_pair_ids_are_unique_within_a_split(tmp_path: Path) -> None:
 # --- the streamed stage against the in-memory rule ------------------------------------------
 
 
-def reference(train: list[dict], evaluation: list[dict], fraction: float, source: int,
-              eval_size: int, seed: int) -> tuple[list[int], list[int]]:  # fmt: skip
+def reference(
+    train: list[dict],
+    evaluation: list[dict],
+    fraction: float,
+    source: int,
+    eval_size: int,
+    seed: int,
+) -> tuple[list[int], list[int]]:
     """The selection rule on plain lists -> (train row indices, eval row indices), in order:
     eval questions (sorted, then shuffled by the seeded generator) are taken whole until
     eval_size pairs; then ceil(fraction * source) rows are drawn from the train rows outside

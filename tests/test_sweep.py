@@ -49,12 +49,25 @@ def run_queue(repo: Path, env: dict[str, str], start: list[str], limit: float = 
     queued or running and the workers have stopped by themselves. Returns the last status."""
     # The workers inherit the command's stdout: with a pipe, waiting for the command would wait
     # for them to exit too. So the command writes to nowhere and only its exit is awaited.
-    subprocess.run(start, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=120, check=True)  # fmt: skip
+    subprocess.run(
+        start,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+        check=True,
+    )
     deadline, misread = time.monotonic() + limit, 0
     while time.monotonic() < deadline:
-        done = subprocess.run([*DVC, "queue", "status"], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [*DVC, "queue", "status"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         status = done.stdout + done.stderr
         # DVC can read a task's info file while a worker is writing it ("unexpected error -
         # Expecting value", treeverse/dvc#8014): a poll, not the queue, failed. Ask again.
@@ -178,9 +191,10 @@ def test_rescoring_is_the_evaluate_stage_computation(sweep, monkeypatch) -> None
     base_run = runs_by_name(client)["sweep-base"].info.run_id
     rescore = champion_scorer(load_params(), base_run)
     (version,) = (
-        v for v in client.search_model_versions("name='qwen3-dpo'")
+        v
+        for v in client.search_model_versions("name='qwen3-dpo'")
         if v.tags["dvc_exp_name"] == "sweep-base"
-    )  # fmt: skip
+    )
     figures = rescore(version)
     assert figures["win_rate"] == float(version.tags["win_rate"])
     assert figures["eval_loss"] == float(version.tags["eval_loss"])
@@ -223,16 +237,30 @@ def tuned(sweep, tmp_path_factory):
     from tests.test_tune import optuna_storage
 
     repo, env, *_, client = sweep
-    command = [*readme_tune_demo("tuned"), "--n-trials", "4", "--heartbeat", "2",
-               "-S", f"train.max_steps={TUNE_STEPS}"]  # fmt: skip
+    command = [
+        *readme_tune_demo("tuned"),
+        "--n-trials",
+        "4",
+        "--heartbeat",
+        "2",
+        "-S",
+        f"train.max_steps={TUNE_STEPS}",
+    ]
     logs = repo / "reports" / "tune" / "tuned"
     with optuna_storage(tmp_path_factory.mktemp("optuna")) as storage:
         env = {**env, "OPTUNA_STORAGE": storage}
-        doomed = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        doomed = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         until_running(logs / "tuned-0.log", doomed)
-        survivor = subprocess.Popen([*command, "--workers", "2"], cwd=repo, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        survivor = subprocess.Popen(
+            [*command, "--workers", "2"],
+            cwd=repo,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         until_running(logs / "tuned-1.log", survivor)
         kill_with_descendants(doomed.pid)
         output = survivor.communicate(timeout=1200)[0]
@@ -273,13 +301,13 @@ def test_a_tuned_study_of_real_trials_outlives_a_killed_worker(tuned) -> None:
     assert set(names) <= set(experiments) and "tuned-0" not in experiments
     parent = client.search_runs(
         [client.get_experiment_by_name("qwen3-dpo").experiment_id], "tags.tune_parent = 'true'"
-    )[0]  # fmt: skip
+    )[0]
     assert parent.info.status == "FINISHED" and parent.info.run_name == "tune-tuned"
     versions = {v.tags["dvc_exp_name"] for v in client.search_model_versions("name='qwen3-dpo'")}
     for trial in complete:  # one run and one registry version each, with the trial's values
         (r,) = client.search_runs(
             [parent.info.experiment_id], f"tags.dvc_exp_name = '{trial.user_attrs['experiment']}'"
-        )  # fmt: skip
+        )
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert int(r.data.metrics["train_summary/steps"]) == TUNE_STEPS
         lr = float(r.data.params["train.lr"])

@@ -110,18 +110,45 @@ def postgresql_database() -> Iterator[str]:
     server = None
     try:
         done = subprocess.run(
-            [bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--locale=C", "--no-sync"],
-            cwd=folder, capture_output=True, text=True, **as_owner,
-        )  # fmt: skip
+            [
+                bin_dir / "initdb",
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            **as_owner,
+        )
         assert done.returncode == 0, f"initdb failed:\n{done.stdout}{done.stderr}"
         with log.open("wb") as out:
             server = subprocess.Popen(
-                [bin_dir / "postgres", "-D", data, "-p", str(port), "-k", folder,
-                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-                cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    bin_dir / "postgres",
+                    "-D",
+                    data,
+                    "-p",
+                    str(port),
+                    "-k",
+                    folder,
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                ],
+                cwd=folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 **as_owner,
-            )  # fmt: skip
+            )
         import psycopg2
 
         def connect(database: str):
@@ -164,11 +191,17 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     cmd = [
-        Path(sys.executable).parent / "mlflow", "server",
-        "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
+        Path(sys.executable).parent / "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with log.open("wb") as out:
         server = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -176,8 +209,13 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
     uri = f"http://127.0.0.1:{port}"
     try:
         health = f"{uri}/health"
-        wait_until(lambda: urllib.request.urlopen(health, timeout=2).status == 200, server, log,
-                   "mlflow server", timeout=180)  # fmt: skip
+        wait_until(
+            lambda: urllib.request.urlopen(health, timeout=2).status == 200,
+            server,
+            log,
+            "mlflow server",
+            timeout=180,
+        )
         yield uri
     finally:
         stop(server)
@@ -263,9 +301,18 @@ def team(request, tmp_path_factory, e2e_repo):
         repro_clone = f"exit status {done.returncode}\n{done.stdout}{done.stderr}"
         print(f"team fixture: {time.monotonic() - started:.0f} s")
         yield Team(
-            backend, backend_uri, server, artifacts, first, clone, repro, leftover, status,
-            repro_clone, MlflowClient(tracking_uri=server, registry_uri=server),
-        )  # fmt: skip
+            backend,
+            backend_uri,
+            server,
+            artifacts,
+            first,
+            clone,
+            repro,
+            leftover,
+            status,
+            repro_clone,
+            MlflowClient(tracking_uri=server, registry_uri=server),
+        )
 
 
 def the_run(team: Team):

@@ -305,6 +305,7 @@ def test_completion_heads_are_the_whole_texts_first_ids(demo_tokenizer, monkeypa
     assert max(len(text) for text in encoded) < 1_000  # the 100,000-character text was cut
 
 
+@pytest.mark.slow
 def test_a_text_cut_at_a_space_cut_point_keeps_its_ids(demo_tokenizer) -> None:
     """What `completion_heads` rests on, at every cut point of varied texts: the ids of the
     text's start are the first ids of the whole text, up to the start's last token."""

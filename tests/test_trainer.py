@@ -188,8 +188,17 @@ def test_the_lr_schedule_is_transformers_linear_schedule_step_for_step(warmup, t
 
 # Ops after which a GPU's host waits for the device: reading a value back, and ops whose output
 # size depends on values (nonzero, boolean indexing, unique, repeat_interleave without a size).
-SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
-            "_unique2", "unique_consecutive", "repeat_interleave"}  # fmt: skip
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "unique_consecutive",
+    "repeat_interleave",
+}
 
 
 class SyncOps(TorchDispatchMode):
@@ -249,9 +258,17 @@ def test_no_step_waits_for_the_device_between_log_rows(tmp_path: Path, monkeypat
         model.set_attn_implementation("sdpa")
     seen: list[int] = []  # waits so far, after each step
     with SyncOps() as syncs:
-        result = fit(CompletionScorer(policy), ModelReference(freeze(CompletionScorer(reference)),
-                     CPU), random_pairs(16), params, CPU, 0, tmp_path / "c", "key",
-                     on_step=lambda: seen.append(len(reads) + len(syncs.seen)))  # fmt: skip
+        result = fit(
+            CompletionScorer(policy),
+            ModelReference(freeze(CompletionScorer(reference)), CPU),
+            random_pairs(16),
+            params,
+            CPU,
+            0,
+            tmp_path / "c",
+            "key",
+            on_step=lambda: seen.append(len(reads) + len(syncs.seen)),
+        )
     assert [row["step"] for row in result.log] == [3, 6, 8]
     # Waits between step n-1's hook and step n's: step n-1's log row (if any), then step n.
     between = {n: seen[n - 1] - seen[n - 2] for n in range(2, 9)}
@@ -266,8 +283,10 @@ def test_the_sync_detector_sees_boolean_indexing_and_reads() -> None:
         float(x.sum())
         torch.repeat_interleave(torch.tensor([1, 2]))
     assert [s.split(" at ")[0] for s in syncs.seen] == [
-        "index.Tensor", "_local_scalar_dense.default", "repeat_interleave.Tensor"
-    ]  # fmt: skip
+        "index.Tensor",
+        "_local_scalar_dense.default",
+        "repeat_interleave.Tensor",
+    ]
 
 
 def test_log_rows_hold_what_dvc_yaml_plots(tmp_path: Path) -> None:
@@ -275,8 +294,9 @@ def test_log_rows_hold_what_dvc_yaml_plots(tmp_path: Path) -> None:
     import yaml
 
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
-    drawn = {y for plot in plots for spec in plot.values()
-             for y in spec["y"].get("plots/train.csv", [])} | {"step"}  # fmt: skip
+    drawn = {
+        y for plot in plots for spec in plot.values() for y in spec["y"].get("plots/train.csv", [])
+    } | {"step"}
     _, _, result = run(tmp_path, dataclasses.replace(PARAMS, max_steps=2))
     assert len(drawn) == 4 and all(drawn <= set(row) for row in result.log)
     assert all(math.isfinite(v) for row in result.log for v in row.values())

@@ -495,10 +495,13 @@ def test_ipo_counts_differ_from_trl_only_without_a_prompt(
     trl_batch = one_batch.trainer.data_collator([example])
     theirs = trl_loss(one_batch.trainer, trl_batch, ["ipo"])
     batch = collate_pairs(
-        {"prompt_input_ids": [[]], "chosen_input_ids": [pair.chosen],
-         "rejected_input_ids": [pair.rejected]},
+        {
+            "prompt_input_ids": [[]],
+            "chosen_input_ids": [pair.chosen],
+            "rejected_input_ids": [pair.rejected],
+        },
         pad_token_id(tok),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         policy = full_logits_logps(one_batch.policy, batch)
         ref = full_logits_logps(one_batch.reference, batch)
@@ -585,8 +588,17 @@ def trajectories(
         if lora
         else ModelReference(freeze(CompletionScorer(load(model_dir))), CPU)
     )
-    result = fit(policy, reference, data, params, CPU, pad_token_id(tok), tmp_path / "ckpt", "p",
-                 loss=objective("sigmoid", BETA))  # fmt: skip
+    result = fit(
+        policy,
+        reference,
+        data,
+        params,
+        CPU,
+        pad_token_id(tok),
+        tmp_path / "ckpt",
+        "p",
+        loss=objective("sigmoid", BETA),
+    )
     # TRL sees our epochs' pair orders back to back, read sequentially, as one long epoch.
     order = np.concatenate(
         [epoch_plan(pair_lengths(data), params, e) for e in range(params.epochs)]
@@ -636,6 +648,7 @@ def max_diffs(mine: list[dict], theirs: list[dict]) -> tuple[float, float, float
     )
 
 
+@pytest.mark.slow
 def test_twenty_steps_follow_trl(
     demo_model_dir: Path, tok: PreTrainedTokenizerBase, rows: list[dict], tmp_path: Path
 ) -> None:
@@ -661,6 +674,7 @@ def test_twenty_steps_follow_trl(
     assert [a["lr"] for a in mine] == pytest.approx(schedule[1:])
 
 
+@pytest.mark.slow
 def test_ten_lora_steps_follow_trl_with_the_same_peft_adapters(
     demo_model_dir: Path, tok: PreTrainedTokenizerBase, rows: list[dict], tmp_path: Path
 ) -> None:

@@ -44,8 +44,14 @@ def broken_spec(tmp_path: Path, change: dict) -> str:
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     env = {**os.environ, "PYTHONPATH": str(REPO), "OPTUNA_STORAGE": f"sqlite:///{tmp_path}/o.db"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.tune"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.tune"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and not (tmp_path / "o.db").exists(), done.stderr
     return done.stderr.strip().splitlines()[-1]
 
@@ -76,8 +82,15 @@ def test_the_shipped_search_spaces_load() -> None:
 def test_a_trial_is_the_command_a_user_types() -> None:
     values = {"train.lr": 0.00123456789, "loss.beta": 0.2}
     assert tune.trial_command(values, "s-3", demo=True)[1:] == [
-        "-m", "pipeline.demo", "-S", "train.lr=0.00123457", "-S", "loss.beta=0.2", "--name", "s-3"
-    ]  # fmt: skip
+        "-m",
+        "pipeline.demo",
+        "-S",
+        "train.lr=0.00123457",
+        "-S",
+        "loss.beta=0.2",
+        "--name",
+        "s-3",
+    ]
     assert tune.trial_command(values, "s-3", demo=False)[1:6] == [
         "-m",
         "dvc",
@@ -156,6 +169,7 @@ def storage(tmp_path):
         yield url
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_and_run_no_trial_twice(storage, tmp_path) -> None:
     """Two worker processes on one storage (PostgreSQL when the machine has it, as a team would
     share it): 8 complete trials, each run once under its own name."""
@@ -171,8 +185,16 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(storage, tmp_path) -
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     tune.open_study("shared", storage, SPEC)  # created once, as the first machine would
-    workers = [subprocess.Popen([sys.executable, "-c", script, storage], cwd=REPO, env=env,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, storage],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.stderr.read()
     names = ran.read_text().split()
@@ -184,14 +206,18 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(storage, tmp_path) -
     assert len(set(proposals)) == len(proposals)  # no two workers ran the same values
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_fails_and_the_study_completes(tmp_path) -> None:
     """A worker killed mid-trial (SIGKILL: no chance to clean up) leaves its trial RUNNING; once
     its heartbeat is older than the grace period, the next worker marks it FAIL and goes on."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     worker = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "tune_worker.py"), storage, "k", "60"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert worker.stdout.readline().startswith("started k-0")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
@@ -206,6 +232,7 @@ def test_a_killed_workers_trial_fails_and_the_study_completes(tmp_path) -> None:
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 4
 
 
+@pytest.mark.slow
 def test_a_study_ends_in_plots_a_summary_and_a_parent_run_over_the_trials(
     tmp_path, monkeypatch
 ) -> None:
@@ -237,8 +264,10 @@ def test_a_study_ends_in_plots_a_summary_and_a_parent_run_over_the_trials(
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_name for r in children) == [f"p-{n}" for n in range(6)]
     assert {a.path for a in client.list_artifacts(parent, "tune")} == {
-        "tune/history.png", "tune/importances.png", "tune/contour.png"
-    }  # fmt: skip
+        "tune/history.png",
+        "tune/importances.png",
+        "tune/contour.png",
+    }
     best = study.best_trial
     lines = tune.best_summary(study, SPEC, demo=True)
     assert f"dvc exp apply p-{best.number}" in lines[1]
