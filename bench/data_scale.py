@@ -54,9 +54,13 @@ def generate(folder: Path, pairs: int, form: str) -> None:
 
     questions = max(1, round(pairs / PAIRS_PER_QUESTION))
     generate_stack_exchange_sample(
-        folder, seed=0, train_questions=questions, eval_questions=400,
-        train_shards=max(4, pairs // 50_000), reward_questions=10,
-    )  # fmt: skip
+        folder,
+        seed=0,
+        train_questions=questions,
+        eval_questions=400,
+        train_shards=max(4, pairs // 50_000),
+        reward_questions=10,
+    )
     if form != "stack-exchange":
         for shard in sorted((folder / "data").rglob("*.parquet")):
             rewrite(shard, form)
@@ -79,11 +83,15 @@ def rewrite(shard: Path, form: str) -> None:
                 out.write(json.dumps(sides) + "\n")
         return
     turns = [
-        {side: [{"role": "user", "content": r["question"]},
-                {"role": "assistant", "content": r[column]}]
-         for side, column in (("chosen", "response_j"), ("rejected", "response_k"))}
+        {
+            side: [
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r[column]},
+            ]
+            for side, column in (("chosen", "response_j"), ("rejected", "response_k"))
+        }
         for r in rows
-    ]  # fmt: skip
+    ]
     pq.write_table(pa.Table.from_pylist(turns), shard)
 
 
@@ -110,12 +118,21 @@ def write_params(source: Path, target: Path, overrides: dict[str, Any]) -> None:
 
 def run_stage(code: Path, work: Path, stage: str) -> dict[str, float]:
     """`python -m stages.<stage>` of the checkout `code` in `work` -> seconds, peak RSS (MB)."""
-    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(code),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     with open(work / f"{stage}.log", "w") as log:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
     if status != 0:
@@ -137,10 +154,15 @@ def per_text_map(work: Path, budget: int) -> dict[str, float]:
 
         def one(row: dict[str, Any]) -> dict[str, Any]:
             prompt = params["template"].replace("{question}", row["question"] or "")
-            encoded = [tokenizer(t or "", add_special_tokens=False)["input_ids"]
-                       for t in (prompt, row["chosen"], row["rejected"])]  # fmt: skip
-            return {"prompt_ids": encoded[0][-budget:], "chosen_ids": encoded[1],
-                    "rejected_ids": encoded[2]}  # fmt: skip
+            encoded = [
+                tokenizer(t or "", add_special_tokens=False)["input_ids"]
+                for t in (prompt, row["chosen"], row["rejected"])
+            ]
+            return {
+                "prompt_ids": encoded[0][-budget:],
+                "chosen_ids": encoded[1],
+                "rejected_ids": encoded[2],
+            }
 
         started = time.perf_counter()
         pairs.map(one, num_proc=params["num_proc"], remove_columns=pairs.column_names)
@@ -153,9 +175,14 @@ def pairs_per_s(work: Path) -> float:
 
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def use_tokenizer(model_dir: Path, tokenizer: Path | None) -> None:
@@ -176,9 +203,13 @@ def measure(
 
     work = top / f"fraction-{fraction}"
     work.mkdir()
-    overrides = {**demo_overrides(REPO / "demo" / "params.yaml"), "data.dataset": str(dataset),
-                 "data.fraction": fraction, "tokenize.max_prompt_length": args.budget,
-                 "tokenize.max_length": args.max_length}  # fmt: skip
+    overrides = {
+        **demo_overrides(REPO / "demo" / "params.yaml"),
+        "data.dataset": str(dataset),
+        "data.fraction": fraction,
+        "tokenize.max_prompt_length": args.budget,
+        "tokenize.max_length": args.max_length,
+    }
     write_params(REPO / "params.yaml", work / "params.yaml", overrides)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")  # the stages read their params list there
     row: dict[str, Any] = {"fraction": fraction}
@@ -211,15 +242,25 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100_000, help="train pairs to generate")
     parser.add_argument("--fractions", type=float, nargs=2, default=[0.25, 1.0])
     parser.add_argument("--budget", type=int, default=64, help="tokenize.max_prompt_length")
-    parser.add_argument("--max-length", type=int, default=192,
-                        help="tokenize.max_length (the demo's: answers kept whole)")  # fmt: skip
-    parser.add_argument("--before", default=BEFORE_STREAMING,
-                        help="revision to compare with ('none': skip it)")  # fmt: skip
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=192,
+        help="tokenize.max_length (the demo's: answers kept whole)",
+    )
+    parser.add_argument(
+        "--before", default=BEFORE_STREAMING, help="revision to compare with ('none': skip it)"
+    )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the demo's)")
-    parser.add_argument("--format", default="stack-exchange", choices=FORMATS,
-                        help="the generated pairs' format")  # fmt: skip
-    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the one-text-per-call map")  # fmt: skip
+    parser.add_argument(
+        "--format", default="stack-exchange", choices=FORMATS, help="the generated pairs' format"
+    )
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the one-text-per-call map",
+    )
     if sys.argv[1:2] == ["generate"]:
         generate(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
         return print("{}")
@@ -232,8 +273,20 @@ def main() -> None:
         top = Path(scratch)
         old = None if args.before == "none" else top / "before-code"
         if old is not None:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach",
-                            str(old), args.before], check=True)  # fmt: skip
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(REPO),
+                    "worktree",
+                    "add",
+                    "-q",
+                    "--detach",
+                    str(old),
+                    args.before,
+                ],
+                check=True,
+            )
         try:
             dataset = top / "dataset"
             in_child("generate", str(dataset), str(args.pairs), args.format)
@@ -245,19 +298,29 @@ def main() -> None:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"{args.pairs} generated pairs ({args.format}), tokenize.max_prompt_length "
-          f"{args.budget}, max_length {args.max_length}")  # fmt: skip
+    print(
+        f"{args.pairs} generated pairs ({args.format}), tokenize.max_prompt_length "
+        f"{args.budget}, max_length {args.max_length}"
+    )
     print(
         f"{'fraction':>8} {'pairs':>7} {'stage':<16} {'seconds':>8} {'pairs/s':>8} {'peak MB':>8}"
     )
     for row in rows:
-        stages = ("download_data", "subsample", "subsample_before", "tokenize", "tokenize_before",
-                  "per_text_map")  # fmt: skip
+        stages = (
+            "download_data",
+            "subsample",
+            "subsample_before",
+            "tokenize",
+            "tokenize_before",
+            "per_text_map",
+        )
         for stage in (s for s in stages if s in row):
             figures = row[stage]
             rate = figures.get("pairs_per_s") or row["pairs"] / figures["seconds"]
-            print(f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {figures['seconds']:>8.1f} "
-                  f"{rate:>8.0f} {figures.get('peak_rss_mb', float('nan')):>8.0f}")  # fmt: skip
+            print(
+                f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {figures['seconds']:>8.1f} "
+                f"{rate:>8.0f} {figures.get('peak_rss_mb', float('nan')):>8.0f}"
+            )
     out = REPO / "bench" / "results" / "data_scale.json"
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str) + "\n")
     print(f"wrote {out.relative_to(REPO)}")

@@ -69,8 +69,17 @@ def run_ours(args: argparse.Namespace, **train: Any) -> dict:
         params.train.lora, enabled=train.pop("lora", False), quantize=train.pop("quantize", "none")
     )
     # TRL's side: the same lr, no warmup, the pairs in epoch_order(seed 0), one row per step.
-    overrides = dict(lr=1e-4, batch_size=args.batch, max_steps=args.steps, seed=0, warmup_ratio=0.0,
-                     length_grouping=False, device=args.device, log_every=1, lora=lora)  # fmt: skip
+    overrides = dict(
+        lr=1e-4,
+        batch_size=args.batch,
+        max_steps=args.steps,
+        seed=0,
+        warmup_ratio=0.0,
+        length_grouping=False,
+        device=args.device,
+        log_every=1,
+        lora=lora,
+    )
     params = dataclasses.replace(
         params, train=dataclasses.replace(params.train, **overrides, **train)
     )
@@ -83,8 +92,18 @@ def run_ours(args: argparse.Namespace, **train: Any) -> dict:
     policy = setup.load_policy(params, runtime)
     reference = setup.load_reference(params, runtime, len(data), policy)
     stamps, folder = [now()], Path(tempfile.mkdtemp())
-    recipe = DPORecipe(policy, reference, data, params.train, params.loss, runtime, 0, folder,
-                       "bench", on_step=lambda: stamps.append(now()))  # fmt: skip
+    recipe = DPORecipe(
+        policy,
+        reference,
+        data,
+        params.train,
+        params.loss,
+        runtime,
+        0,
+        folder,
+        "bench",
+        on_step=lambda: stamps.append(now()),
+    )
     recipe.train()
     losses = [row["loss"] for row in recipe.log]
     n_params = sum(p.numel() for p in policy.parameters())
@@ -125,15 +144,34 @@ def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
     cuda = args.device == "cuda"
     speed = {"precompute_ref_log_probs": True, "gradient_checkpointing": False} if fast else {}
     config = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
-        learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=0.1, max_length=MAX_LENGTH, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=not cuda, seed=0, dataloader_drop_last=False, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.1,
+        max_length=MAX_LENGTH,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not cuda,
+        seed=0,
+        dataloader_drop_last=False,
+        disable_tqdm=True,
         bf16=cuda,  # autocast over fp32 master weights, as the pipeline runs on CUDA
-        train_sampling_strategy="sequential", **speed,
-    )  # fmt: skip
-    trainer = DPOTrainer(model=model, args=config, train_dataset=pairs,
-                         processing_class=tokenizer, callbacks=[Record()])  # fmt: skip
+        train_sampling_strategy="sequential",
+        **speed,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        callbacks=[Record()],
+    )
     _check_same_ids(trainer.train_dataset, workdir, order)
     trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -191,9 +229,21 @@ class RowFailed(Exception):
 
 
 def spawn(kind: str, workdir: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(workdir), "--steps",
-           str(args.steps), "--batch", str(args.batch), "--device", args.device,
-           *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -217,9 +267,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
-        "--model", type=model_arg, default="tiny",
+        "--model",
+        type=model_arg,
+        default="tiny",
         help=f"a shape with random weights ({', '.join(MODEL_SHAPES)}) or a local model folder",
-    )  # fmt: skip
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
     parser.add_argument("--rows", help=f"comma-separated rows to run, of {','.join(RUNS)}")
     parser.add_argument("--out", type=Path, help="the JSON report (default: bench/results/)")
@@ -235,8 +287,13 @@ def main() -> None:
     make_workspace(workdir, args.steps * args.batch, model=args.model)
     runs, failed = run_rows(args, workdir)
     table = {kind: medians(rs) for kind, rs in runs.items() if kind not in failed}
-    report = {"config": config(args), "median": table, "runs": runs, "ratios": ratios(table),
-              "failed": failed}  # fmt: skip
+    report = {
+        "config": config(args),
+        "median": table,
+        "runs": runs,
+        "ratios": ratios(table),
+        "failed": failed,
+    }
     model = args.model if args.model in MODEL_SHAPES else Path(args.model).name.lower()
     default = args.device == "cpu" and args.model == "tiny"
     name = "latest.json" if default else f"{args.device}-{model}.json"
@@ -269,16 +326,23 @@ def config(args: argparse.Namespace) -> dict:
 
     train = load_params(REPO / "params.yaml").train
     return {
-        "steps": args.steps, "steady_from_step": STEADY_FROM + 1, "reps": args.reps,
-        "batch": args.batch, "model": args.model, "vocab": vocab_of(args), "max_length": MAX_LENGTH,
+        "steps": args.steps,
+        "steady_from_step": STEADY_FROM + 1,
+        "reps": args.reps,
+        "batch": args.batch,
+        "model": args.model,
+        "vocab": vocab_of(args),
+        "max_length": MAX_LENGTH,
         "max_tokens_per_micro_batch": train.max_tokens_per_micro_batch,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "peak_tflops_bf16": peak_tflops(args) if args.device == "cuda" else None,
         "mfu_formula": "6 x parameters x steady tokens/s / peak dense bf16 FLOP/s",
-        "versions": {p: installed_version(p) for p in ("torch", "transformers", "trl", "peft",
-                                                        "bitsandbytes")},
+        "versions": {
+            p: installed_version(p)
+            for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")
+        },
         "cuda": torch.version.cuda,
-    }  # fmt: skip
+    }
 
 
 def model_arg(value: str) -> str:
@@ -322,8 +386,10 @@ def write_report(report: dict, out: Path) -> None:
 
 def print_table(report: dict) -> None:
     columns = ("pairs/s", "steady/s", "tokens/s", "MFU", "peak MB", "loss 1", "final loss")
-    print(f"{report['config']['device']}, {report['config']['model']}, batch "
-          f"{report['config']['batch']}")  # fmt: skip
+    print(
+        f"{report['config']['device']}, {report['config']['model']}, batch "
+        f"{report['config']['batch']}"
+    )
     print(f"{'':40}" + "".join(f"{c:>11}" for c in columns))
     for kind, row in report["median"].items():
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"

@@ -34,9 +34,12 @@ def fresh_clone(folder: Path) -> tuple[Path, dict[str, str]]:
     this venv first on PATH, an empty asset cache, no network, no MLflow or DVC settings."""
     subprocess.run(["git", "clone", "-q", str(REPO), str(folder / "repo")], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               DPO_QWEN3_CACHE=str(folder / "cache"), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        DPO_QWEN3_CACHE=str(folder / "cache"),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return folder / "repo", env
 
 
@@ -60,13 +63,20 @@ def sweep(folder: Path, jobs: int) -> dict:
         timed(repo, env, *DEMO, "--queue", "-S", f"train.lr={lr}", "--name", f"lr-{lr}")
     started = time.perf_counter()
     # The workers inherit stdout: with a pipe, waiting for the command would wait for them too.
-    subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], cwd=repo, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [*DVC, "queue", "start", "-j", str(jobs)],
+        cwd=repo,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     status = ""
     while "0 active, 0 idle" not in status or " Queued" in status or " Running" in status:
         time.sleep(2)
-        status = subprocess.run([*DVC, "queue", "status"], cwd=repo, env=env, check=True,
-                                capture_output=True, text=True).stdout  # fmt: skip
+        status = subprocess.run(
+            [*DVC, "queue", "status"], cwd=repo, env=env, check=True, capture_output=True, text=True
+        ).stdout
     seconds = time.perf_counter() - started
     if status.count("Success") != len(LRS):
         raise SystemExit(f"-j {jobs}: not every experiment succeeded:\n{status}")
@@ -97,8 +107,10 @@ def main() -> None:
         if args.command == "first":
             runs = [first_then_lr(Path(tmp) / f"rep-{i}") for i in range(args.reps)]
             result = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
-            print(f"first {result['first_seconds']:.1f} s, lr-only {result['lr_only_seconds']:.1f}"
-                  f" s, ratio {result['ratio']:.2f} (median of {args.reps})")  # fmt: skip
+            print(
+                f"first {result['first_seconds']:.1f} s, lr-only {result['lr_only_seconds']:.1f}"
+                f" s, ratio {result['ratio']:.2f} (median of {args.reps})"
+            )
         else:
             result = [sweep(Path(tmp) / f"j{jobs}", jobs) for jobs in args.jobs]
             print(f"{len(LRS)} queued demo experiments (lr {', '.join(LRS)}), data stages cached")

@@ -32,12 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # (model shape, pairs a step, rows), most wanted first: past --budget-s the rest is not started.
 PLAN = (
-    ("qwen3-0.6b", 8, ("ours", "ours_compile", "ours_ckpt", "ours_lora", "ours_qlora", "trl",
-                       "trl_fast")),
+    (
+        "qwen3-0.6b",
+        8,
+        ("ours", "ours_compile", "ours_ckpt", "ours_lora", "ours_qlora", "trl", "trl_fast"),
+    ),
     ("qwen3-0.6b", 32, ("ours", "ours_compile", "trl_fast")),
     ("qwen3-0.6b", 64, ("ours",)),  # the target: no out-of-memory on an 80 GB card
     ("qwen3-4b", 8, ("ours_lora", "ours_qlora")),
-)  # fmt: skip
+)
 # --smoke: on the CPU, 5 steps; the QLoRA row fails there (nf4 needs CUDA), the other runs on
 SMOKE_PLAN = (("tiny", 2, ("ours", "ours_qlora")),)
 NEEDS = {"trl": "trl", "trl_fast": "trl", "ours_qlora": "bitsandbytes"}
@@ -75,13 +78,29 @@ def preflight() -> dict[str, str | None]:
 def gpu_tests() -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "",
-         "tests/test_gpu.py"],
-        cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "",
+            "tests/test_gpu.py",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = done.stdout.strip().splitlines() or [""]
-    return {"exit": done.returncode, "summary": lines[-1], "failures": lines[-40:] if
-            done.returncode else [], "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "exit": done.returncode,
+        "summary": lines[-1],
+        "failures": lines[-40:] if done.returncode else [],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def bench(model: str, batch: int, rows: list[str], steps: int, device: str) -> dict[str, Any]:
@@ -90,11 +109,30 @@ def bench(model: str, batch: int, rows: list[str], steps: int, device: str) -> d
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
         done = subprocess.run(
-            [sys.executable, str(REPO / "bench" / "dpo_vs_trl.py"), "--device", device, "--model",
-             model, "--batch", str(batch), "--steps", str(steps), "--reps", "1", "--rows",
-             ",".join(rows), "--out", str(out), "--keep-going"],
-            cwd=REPO, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(REPO / "bench" / "dpo_vs_trl.py"),
+                "--device",
+                device,
+                "--model",
+                model,
+                "--batch",
+                str(batch),
+                "--steps",
+                str(steps),
+                "--reps",
+                "1",
+                "--rows",
+                ",".join(rows),
+                "--out",
+                str(out),
+                "--keep-going",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode or not out.is_file():
             return {"error": (done.stdout + done.stderr)[-3000:]}
         return json.loads(out.read_text())
@@ -102,8 +140,10 @@ def bench(model: str, batch: int, rows: list[str], steps: int, device: str) -> d
 
 def table(results: list[dict[str, Any]]) -> list[str]:
     """Markdown rows: shape, batch, setting, steady pairs/s, MFU, peak GB, against TRL."""
-    lines = ["| model | pairs/step | setting | pairs/s | MFU | peak GB | x TRL fastest |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | pairs/step | setting | pairs/s | MFU | peak GB | x TRL fastest |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for result in results:
         if "error" in result:
             lines.append(f"| {result['model']} | {result['batch']} | failed: see the JSON |||||")
@@ -119,8 +159,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
                 f"| {versus} |"
             )
         for row in result["report"].get("failed", {}):
-            lines.append(f"| {result['model']} | {result['batch']} | {row} | failed: see the JSON "
-                         "||||")  # fmt: skip
+            lines.append(
+                f"| {result['model']} | {result['batch']} | {row} | failed: see the JSON ||||"
+            )
     return lines
 
 
@@ -130,22 +171,30 @@ def header(
     """The table's first line: commit, device, versions, what was skipped, the tests' verdict."""
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     where = f"cpu, torch {torch.__version__}"
     if device == "cuda":
         where = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
         where += f" (CUDA {torch.version.cuda})"
     where += "".join(f", {name} {v}" for name, v in versions.items() if v and name != "pytest")
-    return (f"commit {commit or 'unknown'}, {where}, {steps} steps a row; skipped: "
-            f"{', '.join(sorted(skipped)) or 'none'}; GPU tests: {tests['summary']}")  # fmt: skip
+    return (
+        f"commit {commit or 'unknown'}, {where}, {steps} steps a row; skipped: "
+        f"{', '.join(sorted(skipped)) or 'none'}; GPU tests: {tests['summary']}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per bench row")
-    parser.add_argument("--budget-s", type=float, default=480,
-                        help="start no plan entry after this many seconds")  # fmt: skip
+    parser.add_argument(
+        "--budget-s", type=float, default=480, help="start no plan entry after this many seconds"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny rows on the CPU, no GPU tests: no figures"
     )
@@ -165,10 +214,18 @@ def main() -> None:
             skipped.add(f"{model} at {batch} pairs/step (past --budget-s {args.budget_s:.0f})")
             continue
         result = bench(model, batch, runnable(rows, skipped), steps, device)
-        results.append({"model": model, "batch": batch, **({"report": result}
-                        if "error" not in result else result)})  # fmt: skip
-        print(f"{model}, {batch} pairs/step: {'failed' if 'error' in result else 'done'} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+        results.append(
+            {
+                "model": model,
+                "batch": batch,
+                **({"report": result} if "error" not in result else result),
+            }
+        )
+        print(
+            f"{model}, {batch} pairs/step: {'failed' if 'error' in result else 'done'} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         first = header(steps, device, skipped, tests, versions)
         write(args.out, first, tests, results, skipped, started)
     first = header(steps, device, skipped, tests, versions)
@@ -182,8 +239,13 @@ def write(out: Path, first: str, tests: dict, results: list, skipped: set, start
     still leaves what it measured); returns the table's lines."""
     lines = [first, "", *table(results)]
     out.mkdir(parents=True, exist_ok=True)
-    report = {"header": first, "tests": tests, "results": results, "skipped": sorted(skipped),
-              "seconds": time.perf_counter() - started}  # fmt: skip
+    report = {
+        "header": first,
+        "tests": tests,
+        "results": results,
+        "skipped": sorted(skipped),
+        "seconds": time.perf_counter() - started,
+    }
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
     return lines

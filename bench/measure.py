@@ -43,9 +43,16 @@ def now() -> float:
     return time.perf_counter()
 
 
-def summary(losses: list[float], stamps: list[float], data: Any, batch: int, n_params: int,
-             args: argparse.Namespace, setup: float, columns: tuple = PIPELINE_COLUMNS,
-             ) -> dict:  # fmt: skip
+def summary(
+    losses: list[float],
+    stamps: list[float],
+    data: Any,
+    batch: int,
+    n_params: int,
+    args: argparse.Namespace,
+    setup: float,
+    columns: tuple = PIPELINE_COLUMNS,
+) -> dict:
     """Whole-run and steady-state throughput, peak memory, MFU and losses of one run.
 
     `stamps` are the times before the first step and after each step; step k uses the pairs
@@ -59,8 +66,11 @@ def summary(losses: list[float], stamps: list[float], data: Any, batch: int, n_p
     tokens = forward_tokens(data, steps * batch, columns)
     steady_tokens = tokens - forward_tokens(data, first * batch, columns)
     cuda = args.device == "cuda"
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     peak_flops = peak_tflops(args) * 1e12 if cuda else None
     return {
         "seconds": seconds,

@@ -267,9 +267,11 @@ class LossParams:
 class EvalSetParams:
     # The set's name in metrics/eval.json, MLflow and the comparison (letters, digits, _ and -).
     name: str = dataclasses.field(
-        metadata=check(lambda v: re.fullmatch(r"[A-Za-z0-9_-]+", v) is not None,
-                       "must be letters, digits, _ or -")
-    )  # fmt: skip
+        metadata=check(
+            lambda v: re.fullmatch(r"[A-Za-z0-9_-]+", v) is not None,
+            "must be letters, digits, _ or -",
+        )
+    )
     # Hub dataset id or local folder, in any format data.dataset reads.
     dataset: str
     # The split to hold out pairs from, named as data.eval_dir is.

@@ -115,12 +115,18 @@ def read_at(rev: str, path: str) -> str | None:
 
 def _commit(rev: str) -> str | None:
     """A git revision's commit, or a DVC experiment's (its ref under refs/exps)."""
-    parsed = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
-                            capture_output=True, text=True)  # fmt: skip
+    parsed = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if parsed.returncode == 0:
         return parsed.stdout.strip()
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
-                          capture_output=True, text=True).stdout.split("\n")  # fmt: skip
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
     named = [line.split()[0] for line in refs if line.endswith(f"/{rev}")]
     return named[0] if len(named) == 1 else None
 
@@ -176,8 +182,10 @@ def latest_experiment() -> str | None:
     """The newest DVC experiment's name (by its commit's date), or None when there is none."""
     refs = subprocess.run(
         ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"],
-        stdout=PIPE, text=True, check=False,
-    ).stdout.split()  # fmt: skip
+        stdout=PIPE,
+        text=True,
+        check=False,
+    ).stdout.split()
     return refs[0].rsplit("/", 1)[-1] if refs else None
 
 
@@ -189,8 +197,11 @@ def rev_to_report(rev: str) -> str:
         return rev
     latest = latest_experiment()
     if latest is None:
-        print("error: no figures in the workspace and no DVC experiment to report: `make demo` "
-              "or `dvc repro` makes some", file=sys.stderr)  # fmt: skip
+        print(
+            "error: no figures in the workspace and no DVC experiment to report: `make demo` "
+            "or `dvc repro` makes some",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
     print(
         f"the workspace has no figures: reporting the newest experiment, {latest} "

@@ -128,8 +128,9 @@ def _params_hint() -> str:
 
 
 def _git(*args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(["git", *args], input=stdin, capture_output=True, text=True,
-                          timeout=30, check=True)  # fmt: skip
+    done = subprocess.run(
+        ["git", *args], input=stdin, capture_output=True, text=True, timeout=30, check=True
+    )
     return done.stdout.strip()
 
 

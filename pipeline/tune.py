@@ -182,9 +182,12 @@ def run_experiment(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         child = subprocess.Popen(
-            trial_command(values, name, demo, fixed), stdout=out, stderr=out,
-            start_new_session=True, preexec_fn=default_stop_signals,
-        )  # fmt: skip
+            trial_command(values, name, demo, fixed),
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            preexec_fn=default_stop_signals,
+        )
         RUNNING.add(child)
         try:
             status = child.wait()
@@ -235,9 +238,12 @@ def open_study(
     )
     sampler = optuna.samplers.TPESampler(seed=spec.seed)
     return optuna.create_study(
-        study_name=study, storage=storage, sampler=sampler, direction=spec.direction,
+        study_name=study,
+        storage=storage,
+        sampler=sampler,
+        direction=spec.direction,
         load_if_exists=True,
-    )  # fmt: skip
+    )
 
 
 def keep_fixed(study: Any, fixed: tuple[str, ...]) -> None:
@@ -295,9 +301,11 @@ def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
 
     if done < spec.n_trials:
         study.optimize(
-            objective, n_jobs=workers, catch=(TrialFailed,),
+            objective,
+            n_jobs=workers,
+            catch=(TrialFailed,),
             callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=complete), progress],
-        )  # fmt: skip
+        )
     bar.close()
 
 
@@ -354,10 +362,15 @@ def log_parent_run(study: Any, spec: Spec, plots: list[Path]) -> str:
     experiment = experiment_id("qwen3-dpo")
     tag = f"tags.tune_study = '{study.study_name}'"
     found = client.search_runs([experiment], filter_string=f"{tag} and tags.tune_parent = 'true'")
-    parent = found[0].info.run_id if found else client.create_run(
-        experiment, run_name=f"tune-{study.study_name}",
-        tags={"tune_study": study.study_name, "tune_parent": "true"},
-    ).info.run_id  # fmt: skip
+    parent = (
+        found[0].info.run_id
+        if found
+        else client.create_run(
+            experiment,
+            run_name=f"tune-{study.study_name}",
+            tags={"tune_study": study.study_name, "tune_parent": "true"},
+        ).info.run_id
+    )
     for trial in study.get_trials(deepcopy=False):
         name = trial.user_attrs.get("experiment")
         runs = client.search_runs([experiment], filter_string=f"tags.dvc_exp_name = '{name}'")
@@ -380,14 +393,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-trials", type=int, help="complete trials wanted (tune.yaml: n_trials)")
     parser.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
     parser.add_argument("--demo", action="store_true", help="trials on the offline demo")
-    parser.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE or "
-                        "sqlite:///optuna.db beside the MLflow store)")  # fmt: skip
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params value for every trial, e.g. train.max_steps=200 to "
-                        "search on a shorter schedule (repeatable; kept by the study)")  # fmt: skip
-    parser.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",
-                        help="a running trial's heartbeat; one silent for 4 heartbeats (its "
-                        f"worker died) is marked FAIL (default {HEARTBEAT_SECONDS})")  # fmt: skip
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: OPTUNA_STORAGE or "
+        "sqlite:///optuna.db beside the MLflow store)",
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params value for every trial, e.g. train.max_steps=200 to "
+        "search on a shorter schedule (repeatable; kept by the study)",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=HEARTBEAT_SECONDS,
+        metavar="SECONDS",
+        help="a running trial's heartbeat; one silent for 4 heartbeats (its "
+        f"worker died) is marked FAIL (default {HEARTBEAT_SECONDS})",
+    )
     return parser.parse_args(argv)
 
 

@@ -26,7 +26,7 @@ def main() -> None:
                 stage_io.MODEL_POLICY, params, runtime, spec.name, *stage_io.eval_set(spec.name)
             )[0]
             for spec in params.eval.datasets
-        }  # fmt: skip
+        }
     # The register stage compares versions only on equal keys (or re-scores the champion).
     report = {**json_safe(metrics), "comparison_key": comparison_key(params, runtime)}
     headlines = json_safe(headline(metrics))

@@ -61,12 +61,15 @@ def qwen_pretokenizer(backend: Any) -> bool:
     steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
     return (
         [step["type"] for step in steps] == ["Split", "ByteLevel"]
-        and steps[0] == {
-            "type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX},
-            "behavior": "Isolated", "invert": False,
+        and steps[0]
+        == {
+            "type": "Split",
+            "pattern": {"Regex": PRETOKENIZE_REGEX},
+            "behavior": "Isolated",
+            "invert": False,
         }
         and not steps[1]["use_regex"]
-    )  # fmt: skip
+    )
 
 
 def normalizer_of(backend: Any) -> dict[str, Any] | None:

@@ -95,18 +95,23 @@ def encode_prompts(
             prompts[i] = (ids, True)
     over = [i for i in over if len(prompts[i][0]) > params.max_prompt_length]
     cut = _shortened(
-        tokenizer, [questions[i] for i in over], [prompts[i][0] for i in over], params,
+        tokenizer,
+        [questions[i] for i in over],
+        [prompts[i][0] for i in over],
+        params,
         [contexts[i] for i in over],
-    )  # fmt: skip
+    )
     for i, ids in zip(over, cut, strict=True):
         prompts[i] = (ids, True)
     return prompts
 
 
 def _latest_turns(
-    tokenizer: PreTrainedTokenizerBase, question: str, context: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    context: list[dict[str, str]],
     params: TokenizeParams,
-) -> tuple[list[dict[str, str]], list[int]]:  # fmt: skip
+) -> tuple[list[dict[str, str]], list[int]]:
     """The context less its earliest exchanges (a system turn stays) until the prompt fits or no
     earlier turn is left -> (context, the prompt's ids)."""
     system = context[:1] if context and context[0]["role"] == "system" else []

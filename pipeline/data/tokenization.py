@@ -227,9 +227,11 @@ def tokenize_split(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{split}-scratch-", dir=out_dir.parent) as scratch:
         dataset = datasets.Dataset.from_parquet(
-            str(source), features=datasets.Features.from_arrow_schema(SUBSAMPLED_SCHEMA),
-            cache_dir=scratch, columns=SUBSAMPLED_SCHEMA.names,
-        )  # fmt: skip
+            str(source),
+            features=datasets.Features.from_arrow_schema(SUBSAMPLED_SCHEMA),
+            cache_dir=scratch,
+            columns=SUBSAMPLED_SCHEMA.names,
+        )
         kept, report = tokenize_dataset(dataset, tokenizer, params, split, Path(scratch))
         seconds = time.perf_counter() - started  # worker start-up included, as users see it
         report["pairs_per_s"] = round(report["pairs_in"] / seconds, 1)

@@ -277,10 +277,17 @@ def _write_shards(folder: Path, rows: Sequence[SourceRow], shards: int) -> None:
 
 
 def generate_stack_exchange_sample(
-    out_dir: Path, seed: int = 0, train_questions: int = 420, eval_questions: int = 85,
-    train_shards: int = 4, eval_shards: int = 2, overlap_questions: int = 8,
-    label_noise: float = 0.1, reward_questions: int = 360, reward_shards: int = 3,
-) -> Path:  # fmt: skip
+    out_dir: Path,
+    seed: int = 0,
+    train_questions: int = 420,
+    eval_questions: int = 85,
+    train_shards: int = 4,
+    eval_shards: int = 2,
+    overlap_questions: int = 8,
+    label_noise: float = 0.1,
+    reward_questions: int = 360,
+    reward_shards: int = 3,
+) -> Path:
     """Write the hub layout (data/rl, data/evaluation, data/reward) to `out_dir`, atomically.
 
     Defaults give about 2,300 train, 400 evaluation and 2,000 reward pairs. `overlap_questions`
@@ -375,13 +382,15 @@ def generate_conversational_sample(out_dir: Path, seed: int = 0) -> Path:
     rows = [row for q in questions for row in pair_rows(q, rng)]
     rng.shuffle(rows)
     lines = [
-        json.dumps({
-            "prompt": [{"role": "user", "content": row["question"]}],
-            "chosen": [{"role": "assistant", "content": row["response_j"]}],
-            "rejected": [{"role": "assistant", "content": row["response_k"]}],
-        })
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": row["question"]}],
+                "chosen": [{"role": "assistant", "content": row["response_j"]}],
+                "rejected": [{"role": "assistant", "content": row["response_k"]}],
+            }
+        )
         for row in rows
-    ]  # fmt: skip
+    ]
     with atomic_dir(out_dir) as tmp:
         (tmp / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return Path(out_dir)

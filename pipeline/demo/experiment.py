@@ -145,13 +145,21 @@ def venv_env() -> dict[str, str]:
 
 def registered_line(name: str) -> str | None:
     """What the register stage said about experiment `name` (from the experiment's commit)."""
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
-                          capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
     ref = next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
     if ref is None:
         return None
-    shown = subprocess.run(["git", "show", f"{ref}:registry/registered.json"],
-                           capture_output=True, text=True, check=False)  # fmt: skip
+    shown = subprocess.run(
+        ["git", "show", f"{ref}:registry/registered.json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return json.loads(shown.stdout).get("summary") if shown.returncode == 0 else None
 
 
@@ -159,9 +167,11 @@ def where_next(name: str) -> str:
     """The lines a finished demo ends with: the registry's verdict, then where the figures are."""
     store = os.environ.get("MLFLOW_TRACKING_URI")
     browse = f"open {store}" if store else f"mlflow ui {MLFLOW_UI}"
-    lines = [f"{name}: {registered_line(name) or 'no registry verdict found'}",
-             f"compare the experiments:  {COMPARE}",
-             f"browse runs and models:   {browse}"]  # fmt: skip
+    lines = [
+        f"{name}: {registered_line(name) or 'no registry verdict found'}",
+        f"compare the experiments:  {COMPARE}",
+        f"browse runs and models:   {browse}",
+    ]
     return "\n".join(lines)
 
 
@@ -189,10 +199,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="queue the experiment (run the queue with `dvc queue start -j N`) instead of now",
     )
     parser.add_argument(
-        "--model", choices=list(MODELS), default="tiny",
+        "--model",
+        choices=list(MODELS),
+        default="tiny",
         help="tiny: the seeded 221k-weight Qwen3 (minutes); smollm2: SmolLM2-135M-Instruct, a "
         "real pretrained model, with LoRA and its chat template (demo/smollm2.yaml)",
-    )  # fmt: skip
+    )
     parser.add_argument("target", nargs="?", help="stage to run up to (default: all)")
     return parser.parse_args(argv)
 

@@ -227,8 +227,13 @@ def pretrain(
     batches = length_batches(lengths, schedule.batch_size, random.Random(seed))
     model.train()
     recent: list[float] = []
-    steps = bar(itertools.islice(batches, schedule.steps), total=schedule.steps,
-                desc="pretrain the demo model", unit="step", leave=False)  # fmt: skip
+    steps = bar(
+        itertools.islice(batches, schedule.steps),
+        total=schedule.steps,
+        desc="pretrain the demo model",
+        unit="step",
+        leave=False,
+    )
     for batch in steps:
         input_ids, targets = collate([examples[i] for i in batch], pad_id, schedule.answer_only)
         loss = causal_lm_loss(model, input_ids, targets)
@@ -317,8 +322,11 @@ def ensure_demo_model(cache_dir: Path) -> Path:
     trained on all the sample's texts; built once (a complete folder is reused)."""
     target = Path(cache_dir) / MODEL_FOLDER
     if not (target / "config.json").is_file():
-        print(f"building the demo's tiny Qwen3 into {target} (once: under a minute on 2 cores)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"building the demo's tiny Qwen3 into {target} (once: under a minute on 2 cores)",
+            file=sys.stderr,
+            flush=True,
+        )
         # Forked workers of later stages (datasets.map) must not inherit a busy Rust pool.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         dataset = ensure_demo_dataset(cache_dir)

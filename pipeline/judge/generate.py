@@ -102,11 +102,16 @@ def _decoding(model: PreTrainedModel, params: Params, pad_id: int) -> Generation
     top-k 20), so top-k and the repetition penalty are switched off explicitly."""
     judge, sample = params.judge, params.judge.temperature > 0
     return GenerationConfig(
-        do_sample=sample, temperature=judge.temperature if sample else None,
-        top_p=judge.top_p if sample else None, top_k=0, repetition_penalty=1.0,
-        max_new_tokens=judge.max_new_tokens, num_return_sequences=judge.samples,
-        eos_token_id=model.generation_config.eos_token_id, pad_token_id=pad_id,
-    )  # fmt: skip
+        do_sample=sample,
+        temperature=judge.temperature if sample else None,
+        top_p=judge.top_p if sample else None,
+        top_k=0,
+        repetition_penalty=1.0,
+        max_new_tokens=judge.max_new_tokens,
+        num_return_sequences=judge.samples,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=pad_id,
+    )
 
 
 @torch.no_grad()

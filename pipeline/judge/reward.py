@@ -65,9 +65,12 @@ def load_reward_model(
     hf_logging.set_verbosity_error()
     try:
         model = sequence_classifier(config).from_pretrained(
-            path, num_labels=1, dtype=torch.float32, use_safetensors=True,
+            path,
+            num_labels=1,
+            dtype=torch.float32,
+            use_safetensors=True,
             trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_id

@@ -107,9 +107,12 @@ def key_digest(tags: dict[str, Any], gate: Gate = GATES["win_rate"]) -> str:
 
 
 def champion_figures(
-    client: MlflowClient, new: dict[str, Any], champion: ModelVersion, rescore: Rescore,
+    client: MlflowClient,
+    new: dict[str, Any],
+    champion: ModelVersion,
+    rescore: Rescore,
     gate: Gate = GATES["win_rate"],
-) -> Comparison:  # fmt: skip
+) -> Comparison:
     """The champion's figures comparable with the `new` version's tags (see module doc)."""
     theirs, figures = champion.tags, gate.figures
     if all(theirs.get(k) == new.get(k) for k in gate.key_tags):
@@ -129,9 +132,12 @@ def champion_figures(
 
 
 def compare(
-    client: MlflowClient, new: dict[str, Any], champion: ModelVersion | None, rescore: Rescore,
+    client: MlflowClient,
+    new: dict[str, Any],
+    champion: ModelVersion | None,
+    rescore: Rescore,
     gate: Gate,
-) -> Comparison:  # fmt: skip
+) -> Comparison:
     """What the `new` version's tags are compared with: nothing for the first version; nothing
     either when the gate reads the judge's figures and the judge is unreliable (the champion
     keeps its alias); otherwise the champion's figures measured like the new version's."""

@@ -33,9 +33,16 @@ from pipeline.track.runs import provenance_tags
 SERVING_CODE = Path(__file__).with_name("serving.py")
 # The judge's figures every version records, whichever figure decides the champion, and the
 # reward model's accuracy they rest on (judge_reliable is tagged apart, as "true"/"false").
-JUDGE_TAGS = ("gen_win_rate", "gen_win_rate_low", "gen_win_rate_high", "gen_win_rate_lc",
-              "reward_accuracy", "reward_accuracy_low", "reward_accuracy_high",
-              "reward_heldout_pairs")  # fmt: skip
+JUDGE_TAGS = (
+    "gen_win_rate",
+    "gen_win_rate_low",
+    "gen_win_rate_high",
+    "gen_win_rate_lc",
+    "reward_accuracy",
+    "reward_accuracy_low",
+    "reward_accuracy_high",
+    "reward_heldout_pairs",
+)
 MAX_NEW_TOKENS = 64  # default answer length of the served model
 PROMPT_FORMAT_FILE = "prompt_format.json"  # serving.py reads it as the artifact "prompt_format"
 # Explicit requirements: MLflow's inference would import every flavour (torchvision among them).

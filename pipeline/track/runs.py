@@ -152,9 +152,11 @@ def log_split(
         else:
             source = {"source": resolve_dataset_source(str(local.resolve() / folder))}
         dataset = mlflow.data.from_huggingface(
-            load_tokenized(split), name=f"{Path(dataset_name).name}/{folder}",
-            digest=dvc_dir_hash(split), **source,
-        )  # fmt: skip
+            load_tokenized(split),
+            name=f"{Path(dataset_name).name}/{folder}",
+            digest=dvc_dir_hash(split),
+            **source,
+        )
         mlflow.log_input(dataset, context=context)  # infers the schema
 
 

@@ -104,8 +104,13 @@ class DPORecipe:
         resumes from; running out of accelerator memory, `OutOfMemory` naming what to lower."""
         self.policy.train()
         started = time.perf_counter()
-        show = bar(total=self.total, initial=self.step, desc="train", unit="step",
-                   disable=not self.world.is_main)  # fmt: skip
+        show = bar(
+            total=self.total,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.world.is_main,
+        )
         steps, planned = [], -1
         try:
             while self.step < self.total:
@@ -126,8 +131,9 @@ class DPORecipe:
                 last = self.step == self.total  # a row and a checkpoint at the end, a row per epoch
                 if self.step % self.params.log_every == 0 or last or self.step_in_epoch == 0:
                     row = self._log_row(epoch)
-                    show.set_postfix(loss=f"{row['loss']:.4f}",
-                                     margin=f"{row['rewards/margins']:.3f}")  # fmt: skip
+                    show.set_postfix(
+                        loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}"
+                    )
                 if self.step % self.params.save_every == 0 or last:
                     self._save()
         except KeyboardInterrupt:
@@ -153,8 +159,11 @@ class DPORecipe:
         """
         step_pairs = sum(len(m) for m in micro_batches)
         budget = self.params.max_tokens_per_micro_batch
-        parts = [part for m in micro_batches
-                 for part in plan.forward_parts(m, self.lengths, self.world, budget)]  # fmt: skip
+        parts = [
+            part
+            for m in micro_batches
+            for part in plan.forward_parts(m, self.lengths, self.world, budget)
+        ]
         device = self.runtime.device
         sums = torch.zeros(len(STEP_METRIC_KEYS) + 1, dtype=torch.float64, device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
@@ -174,9 +183,14 @@ class DPORecipe:
             finite &= torch.isfinite(loss)
             with distributed.no_sync_unless(i == len(parts) - 1, self.policy):  # once per step
                 loss.backward()
-            means = step_metric_means(out.losses, out.chosen_rewards, out.rejected_rewards,
-                                      logps.policy_chosen, logps.policy_rejected,
-                                      out.nll)  # fmt: skip
+            means = step_metric_means(
+                out.losses,
+                out.chosen_rewards,
+                out.rejected_rewards,
+                logps.policy_chosen,
+                logps.policy_rejected,
+                out.nll,
+            )
             sums[:-1] += means * batch.n_pairs
             sums[-1] += batch.real_tokens
         sums = distributed.all_reduce_sum(sums, self.world)
@@ -266,8 +280,16 @@ class DPORecipe:
         if self.world.is_main:
             position = {name: getattr(self, name) for name in POSITION}
             position["epoch_loss_sum"] = float(self.epoch_loss_sum)  # JSON: a number
-            checkpoint.save(self.checkpoints, model_state, optimizer_state, self.scheduler,
-                            position, self.log, self.key, self.run_id)  # fmt: skip
+            checkpoint.save(
+                self.checkpoints,
+                model_state,
+                optimizer_state,
+                self.scheduler,
+                position,
+                self.log,
+                self.key,
+                self.run_id,
+            )
         distributed.barrier(self.world)
         self.saved = self.step
 
@@ -277,8 +299,10 @@ class DPORecipe:
             return (
                 f"{where}, before the first checkpoint (train.save_every): nothing to resume from"
             )
-        return (f"{where}; the checkpoint of step {self.saved} is kept in {self.checkpoints}: "
-                "run the same command again to resume from it")  # fmt: skip
+        return (
+            f"{where}; the checkpoint of step {self.saved} is kept in {self.checkpoints}: "
+            "run the same command again to resume from it"
+        )
 
     def _out_of_memory(self, micro_batches: list[np.ndarray]) -> str:
         budget = self.params.max_tokens_per_micro_batch
@@ -287,8 +311,10 @@ class DPORecipe:
         if not self.params.gradient_checkpointing:
             lower += " or set train.gradient_checkpointing: true"
         kept = f"; the checkpoint of step {self.saved} is kept, a re-run resumes from it"
-        return (f"out of accelerator memory in step {self.step + 1} (longest sequence {longest} "
-                f"tokens): {lower}" + (kept if self.saved else ""))  # fmt: skip
+        return (
+            f"out of accelerator memory in step {self.step + 1} (longest sequence {longest} "
+            f"tokens): {lower}" + (kept if self.saved else "")
+        )
 
     def summary(self) -> dict[str, Any]:
         """reports/train.json: the run's figures (per-step rows are `log`)."""

@@ -124,15 +124,29 @@ def stage_recipe(params: Params) -> Iterator[DPORecipe]:
             runs.log_reports(REPORTS, ("tokenize", "subsample"))
             trainable = trainable_parameters(scorer)
             mlflow.log_param("train.trainable_parameters", trainable)
-            print(f"train: {len(dataset)} pairs on {world.size} x {runtime.device} (autocast "
-                  f"{runtime.autocast_dtype}), {trainable:,} trainable params, MLflow run "
-                  f"{run_id}")  # fmt: skip
+            print(
+                f"train: {len(dataset)} pairs on {world.size} x {runtime.device} (autocast "
+                f"{runtime.autocast_dtype}), {trainable:,} trainable params, MLflow run "
+                f"{run_id}"
+            )
         trust = params.model.trust_remote_code
         tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
         policy = distributed.wrap(scorer, world, runtime, params.train.parallel)
         pad = pad_token_id(tokenizer)
-        yield DPORecipe(policy, ref, dataset, params.train, params.loss, runtime, pad, folder,
-                        key, on_log, share.rebalance, run_id)  # fmt: skip
+        yield DPORecipe(
+            policy,
+            ref,
+            dataset,
+            params.train,
+            params.loss,
+            runtime,
+            pad,
+            folder,
+            key,
+            on_log,
+            share.rebalance,
+            run_id,
+        )
         distributed.shutdown(world)
 
 
@@ -162,8 +176,10 @@ def save_outputs(recipe: DPORecipe, params: Params) -> None:
         runs.log_flat_metrics(figures, "train_summary/")
         mlflow.set_tag("diverged", str(figures["diverged"]).lower())  # the champion gate reads it
         if figures["diverged"]:
-            print(f"train: the train loss reached {figures['max_loss']:.4g} (above 10 x ln 2): "
-                  "the run diverged; register will keep it from the champion alias")  # fmt: skip
+            print(
+                f"train: the train loss reached {figures['max_loss']:.4g} (above 10 x ln 2): "
+                "the run diverged; register will keep it from the champion alias"
+            )
         mlflow.end_run()
     distributed.barrier(recipe.world)
     if recipe.world.is_main:
