@@ -50,9 +50,10 @@ tune: install
 # MLFLOW_TRACKING_URI picks a team server's registry instead of the local store.
 MODEL ?= qwen3-dpo
 PORT ?= 5001
+# pipeline.stopping: make dies of SIGTERM and would leave the server running; this stops it too.
 serve:  # PATH: MLflow starts the server as `uvicorn`, from this environment
 	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
-	  $(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
+	  $(BIN)/python -m pipeline.stopping $(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
 	  --host 127.0.0.1 --port $(PORT)
 
 # Everything CI runs: lint, the fast tier within its budget, then the slow tier (the end-to-end

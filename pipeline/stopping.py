@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -116,3 +117,20 @@ def _parent_of(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def main(argv: list[str]) -> int:
+    """`python -m pipeline.stopping CMD ...`: run CMD so that it stops however its caller is
+    stopped. Make, for one, dies of SIGTERM and leaves its recipe's server running; this sits
+    between the two, passes a stop on to CMD's process group as SIGINT, and stops it too when
+    the process that started this one is gone. Exits with CMD's status, 130 when stopped."""
+    if not argv:
+        print("usage: python -m pipeline.stopping CMD [ARG ...]", file=sys.stderr)
+        return 2
+    stop_with_parent()
+    status, interrupted = run_to_the_end(argv, dict(os.environ))
+    return 130 if interrupted else status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -102,3 +102,34 @@ def test_the_demo_starts_dvc_with_the_sigint_it_passes_on_at_its_default(tmp_pat
         check=True,
     )
     assert done.stdout.strip() == "True"
+
+
+# A server stand-in: says it is up, writes its pid, and serves until SIGINT (as uvicorn does).
+SERVER = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+print("working", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parent_dies", [False, True])
+def test_a_wrapped_command_stops_with_its_caller(tmp_path, parent_dies) -> None:
+    """`python -m pipeline.stopping CMD`, as `make serve` runs MLflow's server: SIGTERM to the
+    wrapper alone (a script's `&`, SIGINT ignored) stops CMD, and so does the death of the
+    process that started the wrapper (make, killed)."""
+    log, pid_file = tmp_path / "log", tmp_path / "server.pid"
+    server = [sys.executable, "-c", SERVER, str(pid_file)]
+    wrapped = [sys.executable, "-m", "pipeline.stopping", *server]
+    if parent_dies:
+        runner = f"import subprocess; subprocess.run({wrapped!r})"
+        caller = start([sys.executable, "-c", runner], log, preexec_fn=ignoring_sigint)
+        caller.kill()
+        caller.wait()
+    else:
+        caller = start(wrapped, log, preexec_fn=ignoring_sigint)
+        caller.send_signal(signal.SIGTERM)
+        assert caller.wait(timeout=30) == 130
+    assert wait_for_exit(int(pid_file.read_text()), 30), "the wrapped command ran on"
