@@ -199,8 +199,8 @@ class TrainParams:
     # kernels that pick a plan per shape). 0 pads to the longest row only.
     pad_to_multiple_of: int = dataclasses.field(metadata=non_negative())
     # "layers": torch.compile every decoder layer (fused elementwise work, fewer kernel launches;
-    # the first steps of each new shape pay the compilation). "none": eager. Unmeasured on a GPU
-    # so far, hence off; use it with pad_to_multiple_of (e.g. 64).
+    # the first steps of each new shape pay the compilation). "none": eager, the default until a
+    # GPU measurement shows the gain (docs/figures.md); use it with pad_to_multiple_of (e.g. 64).
     compile: Literal["none", "layers"]
 
     # Low-rank adapters (docs/lora.md); off trains every weight.

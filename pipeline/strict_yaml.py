@@ -127,3 +127,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections")
     return raw
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3, "lora": {"rank": 8}}} -> {"train.lr": 1e-3, "train.lora.rank": 8}:
+    the dotted keys `-S`, MLflow and the params checks name."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.demo.experiment import flatten
 from pipeline.stage_io import Interrupted, StageError, repo_root, run_stage
 from pipeline.stopping import default_stop_signals
+from pipeline.strict_yaml import flatten
 
 SPEC_FILE = Path("tune.yaml")
 # Where each objective metric is written (stages evaluate, judge, train).

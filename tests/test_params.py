@@ -168,7 +168,8 @@ def test_a_failed_experiments_leftovers_are_set_back_for_the_demo() -> None:
 def test_the_demo_checks_its_overrides_before_dvc_sees_them() -> None:
     """A typo'd or out-of-range `-S` gets the project's own error, naming the key; the demo's
     own overrides, the SmolLM2 route's included, pass."""
-    from pipeline.demo.experiment import checked, flatten
+    from pipeline.demo.experiment import checked
+    from pipeline.strict_yaml import flatten
 
     assert checked({"train.lrr": 1e-4}, REPO / "params.yaml").startswith("unknown key train.lrr")
     assert checked({"train.lr": -1}, REPO / "params.yaml") == "train.lr must be > 0, got -1"

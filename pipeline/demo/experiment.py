@@ -24,20 +24,9 @@ import yaml
 from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset, ensure_other_dataset
 from pipeline.stage_io import INTERRUPTED_EXIT, asset_cache_dir
 from pipeline.stopping import run_to_the_end
+from pipeline.strict_yaml import flatten
 
 DEMO_PARAMS = Path("demo/params.yaml")
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 # --model: the demo's tiny Qwen3, or a real pretrained model with the keys of its own file

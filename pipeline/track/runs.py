@@ -26,6 +26,7 @@ from pipeline.download.hub import HUB_ID
 from pipeline.fingerprint import dvc_dir_hash
 from pipeline.params import Params
 from pipeline.stage_io import repo_root, write_json_atomic
+from pipeline.strict_yaml import flatten
 
 RUN_FILE = "mlflow_run.json"  # written into models/policy: how evaluate and register find the run
 
@@ -63,17 +64,7 @@ def experiment_id(name: str) -> str:
 
 def flat_params(params: Params) -> dict[str, Any]:
     """{"train.lr": 1e-06, ...}: values are the parsed numbers, not DVC's spelling of them."""
-    return _flatten(dataclasses.asdict(params))
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):  # nested sections: train.lora.rank
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return flatten(dataclasses.asdict(params))
 
 
 def params_hash(params: Params) -> str:
