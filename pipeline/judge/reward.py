@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 from pipeline.data.prompts import Context, encode, encode_completion, encode_prompt
 from pipeline.model.loading import Runtime, freeze, pad_token_id
 from pipeline.params import JudgeParams, TokenizeParams
-from pipeline.stage_io import bar
+from pipeline.stage_io import StageError, bar
 from pipeline.train.schedule import linear_schedule
 
 FORMAT_FILE = "reward_format.json"  # in models/reward: how the judge builds the model's input
@@ -88,7 +88,7 @@ def sequence_classifier(config: PretrainedConfig) -> type[PreTrainedModel]:
     ):
         return AutoModelForSequenceClassification
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(f"{type(config).__name__} is not a causal LM transformers knows")
+        raise StageError(f"{type(config).__name__}: not a causal LM transformers knows")
     return _generic_classifier(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
 
 
