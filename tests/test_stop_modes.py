@@ -113,7 +113,6 @@ def test_every_start_mode_stops_keeps_its_checkpoint_and_resumes(e2e_repo) -> No
         ([*dvc, "repro", "train"], "term", True, True),  # a script's `&`; DVC exits at once
         (["nohup", *dvc, "repro", "train"], "term-group", True, True),
         (["timeout", "900", *dvc, "exp", "run", "train"], "term", False, True),  # as timed out
-        ([*dvc, "exp", "run", "train"], "term", True, True),
         ([*demo, *demo_flags, "--name", "stopped"], "term", True, True),
         (["timeout", "900", *demo, *demo_flags, "--name", "stopped"], "term-group", False, True),
         ([*tune, *demo_flags], "term", True, False),  # a trial of its own: new params
