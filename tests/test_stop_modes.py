@@ -1,13 +1,13 @@
 """Every way a user starts a long run, stopped every way such a run is stopped, on the demo's real
-DAG: `dvc repro`, `dvc exp run`, `python -m pipeline.demo` and `python -m pipeline.tune`, from
-a terminal, from a script's
-`&` (SIGINT ignored), under `nohup` and under `timeout`, signalled alone or as a process group.
+DAG: `dvc repro`, `dvc exp run`, `python -m pipeline.demo` and `python -m pipeline.tune`, from a
+terminal, from a script's `&` (SIGINT ignored), under `nohup` and under `timeout`, signalled
+alone or as a process group.
 
 Each round starts the command while the train stage has a checkpoint to resume from, waits for
 training to save a newer one, stops it, and checks that the command exits 130 or 143 (DVC: 255
-for a stopped stage, with its `interrupted:` line) and that no
-train stage outlives the stop by more than 30 s. The next round resumes from what the last one
-kept; at the end every train run in MLflow ended KILLED, none RUNNING.
+for a stopped stage, below its `interrupted:` line) and that no train stage outlives the stop by
+more than 30 s. The next round resumes from what the last one kept; at the end every train run
+in MLflow ended KILLED, none RUNNING.
 """
 
 from __future__ import annotations
