@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from pipeline.data.prompts import encode, encode_prompt
 from pipeline.data.schema import TURN
@@ -151,9 +151,10 @@ def model_answers(
     reward not yet filled in (NaN)."""
     trust = params.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
-    model = freeze(load_causal_lm(model_dir, runtime, trust))
     longest = params.tokenize.max_prompt_length + params.judge.max_new_tokens
-    check_positions(model.config, {PROMPT_AND_ANSWER: longest}, trust)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+    check_positions(config, {PROMPT_AND_ANSWER: longest}, trust)  # before the weights load
+    model = freeze(load_causal_lm(model_dir, runtime, trust))
     prompts = [encode_prompt(tokenizer, q.text, params.tokenize, q.context)[0] for q in questions]
     written = generate(model, prompts, params, pad_token_id(tokenizer), runtime, source)
     rows = [
