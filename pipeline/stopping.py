@@ -9,6 +9,11 @@ installed explicitly, and children are started with the default dispositions a s
 A stage whose DVC parent is killed outright (SIGTERM makes `dvc repro` exit at once) would run on
 as an orphan, holding the device and its MLflow run: it watches its parent, and the process above
 a shell that DVC ran it through, and stops as on SIGTERM when either is gone.
+
+A stop raised in the middle of a database write (MLflow's or Optuna's SQL store, through
+SQLAlchemy) can leave the transaction open and SQLite's file locked, so that ending the run
+KILLED then fails, or be swallowed by the store's retry loop and never stop the run: while the
+main thread holds a database connection, a stop waits and is raised once it is given back.
 """
 
 from __future__ import annotations
@@ -26,15 +31,62 @@ SHELLS = {"sh", "dash", "bash", "zsh"}  # what DVC runs a stage command through 
 WATCH_EVERY_S = 1.0
 
 
+RETRY_S = 0.05  # how soon a stop that waited for a database write is tried again
+_held = 0  # database connections the main thread has checked out of SQLAlchemy's pools
+_retry: threading.Timer | None = None  # the stop that waits, to be sent again
+
+
 def stop_on_signals() -> None:
     """SIGINT and SIGTERM both raise KeyboardInterrupt in the main thread, whatever dispositions
-    the process inherited."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    the process inherited, outside database writes."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _raise_interrupt)
+    try:
+        from sqlalchemy import event
+        from sqlalchemy.pool import Pool
+    except ImportError:  # no SQL store in this environment
+        return
+    if not event.contains(Pool, "checkout", _checked_out):
+        event.listen(Pool, "checkout", _checked_out)
+        event.listen(Pool, "checkin", _checked_in)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    global _retry
+    if not _held and not _in_database_code(frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    if _retry is None:  # else one is on its way
+        _retry = threading.Timer(RETRY_S, _send_again, args=(signum,))
+        _retry.daemon = True
+        _retry.start()
+
+
+def _send_again(signum: int) -> None:
+    global _retry
+    _retry = None
+    os.kill(os.getpid(), signum)
+
+
+def _in_database_code(frame: Any) -> bool:
+    """Whether the main thread was stopped inside SQLAlchemy (a pool returning a connection,
+    after the checkin event, is one place)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("sqlalchemy."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _checked_out(*args: Any) -> None:
+    global _held
+    if threading.current_thread() is threading.main_thread():
+        _held += 1
+
+
+def _checked_in(*args: Any) -> None:
+    global _held
+    if threading.current_thread() is threading.main_thread() and _held:
+        _held -= 1
 
 
 def default_stop_signals() -> None:

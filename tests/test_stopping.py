@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -63,6 +64,46 @@ def test_a_stage_started_with_sigint_ignored_stops_on_either_signal(tmp_path, st
     stage.send_signal(stop)
     assert stage.wait(timeout=30) == 130
     assert log.read_text().splitlines()[-1] == "interrupted: looping: no output written"
+
+
+# A stop sent while a database write is under way, as MLflow's store makes one.
+WRITING = """
+import os, signal, sys, time
+from sqlalchemy import create_engine, text
+from pipeline.stopping import stop_on_signals
+stop_on_signals()
+engine = create_engine("sqlite:///" + sys.argv[1])
+with engine.connect() as connection:
+    connection.execute(text("create table runs (status text)"))
+    connection.execute(text("insert into runs values ('RUNNING')"))
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.002)  # raised here, the stop would leave the transaction open
+    connection.commit()
+print("written", flush=True)
+try:
+    time.sleep(10)
+except KeyboardInterrupt:
+    with engine.connect() as connection:  # what ending the run KILLED does
+        connection.execute(text("update runs set status = 'KILLED'"))
+        connection.commit()
+    print("stopped", flush=True)
+"""
+
+
+def test_a_stop_during_a_database_write_is_raised_once_the_write_is_done(tmp_path) -> None:
+    database = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", WRITING, str(database)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "written\nstopped\n"), done.stderr
+    with sqlite3.connect(database, timeout=0) as connection:  # and no lock is left behind
+        assert connection.execute("select status from runs").fetchall() == [("KILLED",)]
 
 
 @pytest.mark.slow
