@@ -12,8 +12,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.data.formats import detect, normalize
+from pipeline.data.schema import SUBSAMPLED_SCHEMA
+from pipeline.data.tokenization import TokenizedPair, tokenize_pairs
 from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.model.loading import Runtime
+from pipeline.objective.metrics import STEP_METRIC_KEYS, step_metric_means
 from pipeline.params import ColumnsParams
 
 REPO = Path(__file__).resolve().parents[1]  # the repository under test
@@ -206,3 +209,21 @@ def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
 def input_context(dataset_input: Any) -> str:
     """The context (training, evaluation) an MLflow run's dataset input was logged with."""
     return next(tag.value for tag in dataset_input.tags if tag.key == "mlflow.data.context")
+
+
+def tokenize_pair(
+    tokenizer: Any, question: str | None, chosen: str | None, rejected: str | None, params: Any
+) -> TokenizedPair:
+    """`tokenize_pairs` of one pair."""
+    return tokenize_pairs(tokenizer, [question], [chosen], [rejected], params)[0]
+
+
+def step_metrics(*args: torch.Tensor) -> dict[str, float]:
+    """`step_metric_means` as plain numbers keyed by `STEP_METRIC_KEYS`."""
+    return dict(zip(STEP_METRIC_KEYS, step_metric_means(*args).tolist(), strict=True))
+
+
+def with_ids(table: pa.Table) -> pa.Table:
+    """PAIRS_SCHEMA rows with `pair_id` (the row index), as subsample writes them."""
+    table = table.append_column("pair_id", pa.array(range(len(table)), pa.int64()))
+    return table.cast(SUBSAMPLED_SCHEMA)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.objective.losses import PairLogps, compute_loss
-from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metrics
-from tests.helpers import objective
+from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts
+from tests.helpers import objective, step_metrics
 from tests.plain_dpo import sequence_logps
 
 

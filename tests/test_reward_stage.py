@@ -21,11 +21,10 @@ import pytest
 import yaml
 
 from pipeline.data.schema import SUBSAMPLED_SCHEMA
-from pipeline.data.subsample import with_ids
 from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge.trust import COIN, wilson_interval
 from stages.reward import HEADLINE
-from tests.helpers import REPO, read_pairs
+from tests.helpers import REPO, read_pairs, with_ids
 
 pytestmark = pytest.mark.slow  # seven runs of the stage, each in a fresh process: ~80 s in all
 

@@ -157,12 +157,12 @@ def test_no_run_version_or_metric_point_is_lost(sweep) -> None:
 
 
 def test_one_champion_that_no_version_beats_on_its_pairs(sweep) -> None:
-    from pipeline.track.champion import KEY_TAGS, beats
+    from pipeline.track.champion import GATES, beats
 
     _, _, _, logs, client = sweep
     champion = client.get_model_version_by_alias("qwen3-dpo", "champion")
     for version in client.search_model_versions("name='qwen3-dpo'"):
-        if all(version.tags[k] == champion.tags[k] for k in KEY_TAGS):
+        if all(version.tags[k] == champion.tags[k] for k in GATES["win_rate"].key_tags):
             assert not beats(version.tags, champion.tags), (version.version, champion.version)
     # The experiment on other pairs was judged against the champion re-scored on its pairs.
     assert "re-scored on these held-out pairs" in logs["sweep-eval-200"]

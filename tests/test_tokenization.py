@@ -7,10 +7,9 @@ import pytest
 
 from pipeline.data.prompts import encode_completion, render_prompt
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, SchemaError, load_tokenized
-from pipeline.data.subsample import with_ids
-from pipeline.data.tokenization import TooManyDropped, tokenize_dataset, tokenize_pair
+from pipeline.data.tokenization import TooManyDropped, tokenize_dataset
 from pipeline.params import TokenizeParams
-from tests.helpers import pairs, random_pairs, source_rows, table
+from tests.helpers import pairs, random_pairs, source_rows, table, tokenize_pair, with_ids
 
 PARAMS = TokenizeParams(
     template="Question: {question}\n\nAnswer: ",

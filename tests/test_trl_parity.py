@@ -65,7 +65,7 @@ trl = pytest.importorskip(
 import datasets  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
-from pipeline.data.tokenization import TokenizedPair, tokenize_pair  # noqa: E402
+from pipeline.data.tokenization import TokenizedPair  # noqa: E402
 from pipeline.model.loading import freeze, load_causal_lm, pad_token_id  # noqa: E402
 from pipeline.model.reference import ModelReference  # noqa: E402
 from pipeline.model.scoring import (  # noqa: E402
@@ -75,7 +75,7 @@ from pipeline.model.scoring import (  # noqa: E402
     collate_pairs,
 )
 from pipeline.objective.losses import PairLogps, compute_loss  # noqa: E402
-from pipeline.objective.metrics import completion_token_counts, step_metrics  # noqa: E402
+from pipeline.objective.metrics import completion_token_counts  # noqa: E402
 from pipeline.params import (  # noqa: E402
     LoraParams,
     TokenizeParams,
@@ -85,7 +85,7 @@ from pipeline.params import (  # noqa: E402
 )
 from pipeline.train.adapters import AdaptersOffReference, add_adapters  # noqa: E402
 from pipeline.train.plan import epoch_plan, pair_lengths  # noqa: E402
-from tests.helpers import CPU, REPO, fit, objective  # noqa: E402
+from tests.helpers import CPU, REPO, fit, objective, step_metrics, tokenize_pair  # noqa: E402
 from tests.plain_dpo import full_logits_logps  # noqa: E402
 
 # One intra-op thread (tests/conftest.py). TRL 1.16 calls transformers' deprecated

@@ -29,12 +29,6 @@ BATCH_ROWS = 8192  # rows per record batch: a few tens of MB of stack-exchange t
 KEY_COLUMNS = ["question_id"]
 
 
-def with_ids(table: pa.Table) -> pa.Table:
-    """Append `pair_id` (row index in the fetched split) to PAIRS_SCHEMA rows."""
-    table = table.append_column("pair_id", pa.array(np.arange(len(table)), pa.int64()))
-    return table.cast(SUBSAMPLED_SCHEMA)
-
-
 def question_ids(rows: pa.Table | pa.RecordBatch) -> pa.Array:
     """Each row's prompt identity (download_data wrote it)."""
     column = rows["question_id"]

@@ -62,17 +62,6 @@ def tokenize_pairs(
     ]
 
 
-def tokenize_pair(
-    tokenizer: PreTrainedTokenizerBase,
-    question: str | None,
-    chosen: str | None,
-    rejected: str | None,
-    params: TokenizeParams,
-) -> TokenizedPair:
-    """`tokenize_pairs` of one pair."""
-    return tokenize_pairs(tokenizer, [question], [chosen], [rejected], params)[0]
-
-
 def _decide(
     prompt: tuple[list[int], bool],
     chosen: str | None,

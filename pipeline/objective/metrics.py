@@ -89,8 +89,3 @@ def step_metric_means(
     )
     # Detached: metrics never carry the graph.
     return torch.stack([v.detach().double().mean() for v in values])
-
-
-def step_metrics(*args: Tensor) -> dict[str, float]:
-    """`step_metric_means` as plain numbers keyed by `STEP_METRIC_KEYS`."""
-    return dict(zip(STEP_METRIC_KEYS, step_metric_means(*args).tolist(), strict=True))

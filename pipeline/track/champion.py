@@ -61,7 +61,6 @@ GATES = {
         (("gen_win_rate", 1), ("gen_win_rate_lc", 1)), ("judge_answers", "base_model"), True
     ),
 }
-KEY_TAGS = GATES["win_rate"].key_tags
 # A champion's figures measured like this version's: its ModelVersion -> {figure: value}.
 Rescore = Callable[[ModelVersion], dict[str, float]]
 

@@ -1,0 +1,60 @@
+"""The library holds what the pipeline runs: every public name defined at the top of a module in
+pipeline/ or stages/ is used by the pipeline, its stages, the demo, the benches or the Makefile,
+not by tests alone (a helper only tests call belongs in tests/)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from tests.helpers import REPO
+
+USERS = ("pipeline", "stages", "bench", "demo", ".ci")
+
+
+def top_level_names(path: Path) -> list[str]:
+    names = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return [n for n in names if not n.startswith("_") and n != "main"]
+
+
+def used_only_by_tests(defined: dict[Path, list[str]], production: str, tests: str) -> list[str]:
+    """`module: name` for each name whose only mention outside its definition is in `tests`."""
+    found = []
+    for path, names in defined.items():
+        for name in names:
+            word = re.compile(rf"\b{re.escape(name)}\b")
+            if len(word.findall(production)) <= 1 and word.search(tests):  # 1: its definition
+                found.append(f"{path.relative_to(REPO)}: {name}")
+    return found
+
+
+def read(paths: list[Path]) -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in paths)
+
+
+def test_no_production_name_is_used_by_tests_alone() -> None:
+    library = [p for folder in ("pipeline", "stages") for p in (REPO / folder).rglob("*.py")]
+    users = [p for folder in USERS for p in (REPO / folder).rglob("*.py")]
+    production = read([*users, REPO / "dvc.yaml", REPO / "Makefile"])
+    tests = read(sorted((REPO / "tests").rglob("*.py")))
+    defined = {p: top_level_names(p) for p in library}
+    assert used_only_by_tests(defined, production, tests) == []
+
+
+def test_a_name_only_tests_use_is_found(tmp_path: Path) -> None:
+    module = tmp_path / "mod.py"
+    module.write_text("def kept(): ...\ndef tested(): ...\nLIMIT = 3\n", encoding="utf-8")
+    defined = {module: top_level_names(module)}
+    found = used_only_by_tests(
+        {REPO / "x.py": defined[module]}, "def kept(): ...\nkept()\nLIMIT = 3\n", "tested(); kept()"
+    )
+    assert defined[module] == ["kept", "tested", "LIMIT"]
+    assert found == ["x.py: tested"]
