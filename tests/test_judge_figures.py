@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from scipy.special import expit, log_expit
 
 from pipeline.judge.figures import (
     LC_RIDGE,
+    Answers,
     bootstrap_interval,
     judge_figures,
     length_controlled_win_rate,
@@ -229,18 +232,22 @@ def test_loop_none_and_empty() -> None:
 # --- judge_figures ------------------------------------------------------------------------
 
 
-def hand_made() -> dict[str, np.ndarray]:
+def hand_made() -> dict[str, Any]:
     return {
-        "policy_scores": np.array([[2.0, 0.0], [1.0, 1.0]]),
-        "base_scores": np.array([[1.0, 1.0], [1.0, 0.0]]),  # wins: 1, 0, 0.5, 1
+        "policy": Answers(
+            scores=np.array([[2.0, 0.0], [1.0, 1.0]]),
+            lengths=np.array([[10, 20], [30, 40]]),
+            hit_max=np.array([[True, False], [False, False]]),
+            loops=np.array([[False, False], [True, True]]),
+        ),
+        "base": Answers(
+            scores=np.array([[1.0, 1.0], [1.0, 0.0]]),  # wins: 1, 0, 0.5, 1
+            lengths=np.array([[10, 10], [10, 10]]),
+            hit_max=np.zeros((2, 2), dtype=bool),
+            loops=np.array([[True, False], [False, False]]),
+        ),
         "chosen_scores": np.array([3.0, 5.0]),
-        "policy_lengths": np.array([[10, 20], [30, 40]]),
-        "base_lengths": np.array([[10, 10], [10, 10]]),
         "chosen_lengths": np.array([7, 9]),
-        "policy_hit_max": np.array([[True, False], [False, False]]),
-        "base_hit_max": np.zeros((2, 2), dtype=bool),
-        "policy_loops": np.array([[False, False], [True, True]]),
-        "base_loops": np.array([[True, False], [False, False]]),
     }
 
 
@@ -267,8 +274,9 @@ def test_judge_figures_by_hand() -> None:
     }
     # Prompt means 0.5 and 0.75: replicates 0.5, 0.625, 0.75.
     assert (low, high) == (0.5, 0.75)
-    w = wins(arrays["policy_scores"], arrays["base_scores"])
-    assert lc == length_controlled_win_rate(w, arrays["policy_lengths"], arrays["base_lengths"])
+    policy, base = arrays["policy"], arrays["base"]
+    w = wins(policy.scores, base.scores)
+    assert lc == length_controlled_win_rate(w, policy.lengths, base.lengths)
 
 
 def test_judge_figures_are_plain_json_numbers() -> None:
@@ -283,10 +291,10 @@ def test_judge_figures_bad_shapes_name_them() -> None:
     with pytest.raises(ValueError, match=r"chosen_scores.*\(2,\).*\(2, 2\)"):
         judge_figures(**arrays)
     arrays = hand_made()
-    arrays["policy_loops"] = np.zeros((2, 3), dtype=bool)
-    with pytest.raises(ValueError, match=r"policy_loops.*\(2, 2\).*\(2, 3\)"):
+    arrays["policy"] = dataclasses.replace(arrays["policy"], loops=np.zeros((2, 3), dtype=bool))
+    with pytest.raises(ValueError, match=r"policy\.loops.*\(2, 2\).*\(2, 3\)"):
         judge_figures(**arrays)
     arrays = hand_made()
-    arrays["base_lengths"] = np.zeros((3, 2))
+    arrays["base"] = dataclasses.replace(arrays["base"], lengths=np.zeros((3, 2)))
     with pytest.raises(ValueError, match=re.escape("(2, 2)") + ".*" + re.escape("(3, 2)")):
         judge_figures(**arrays)

@@ -16,6 +16,7 @@ Definitions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -208,17 +209,21 @@ def _expect_shape(shape: tuple[int, ...], **arrays: np.ndarray) -> None:
             raise ValueError(f"{name}: expected shape {shape}; got {np.shape(arr)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Answers:
+    """One model's generated answers, each array (P, S) over prompts and samples."""
+
+    scores: np.ndarray  # the reward model's score of each answer
+    lengths: np.ndarray  # its length in tokens
+    hit_max: np.ndarray  # bool: it stopped at the token limit
+    loops: np.ndarray  # bool: it has a `repetition_loop`
+
+
 def judge_figures(
-    policy_scores: np.ndarray,
-    base_scores: np.ndarray,
+    policy: Answers,
+    base: Answers,
     chosen_scores: np.ndarray,
-    policy_lengths: np.ndarray,
-    base_lengths: np.ndarray,
     chosen_lengths: np.ndarray,
-    policy_hit_max: np.ndarray,
-    base_hit_max: np.ndarray,
-    policy_loops: np.ndarray,
-    base_loops: np.ndarray,
     *,
     resamples: int = 2000,
     seed: int = 0,
@@ -226,40 +231,32 @@ def judge_figures(
     """All judge figures, as plain (JSON-safe) Python numbers.
 
     Args:
-        policy_scores, base_scores: (P, S) reward-model scores of the generated answers.
-        chosen_scores: (P,) score of each prompt's human-chosen answer (the upper reference).
-        policy_lengths, base_lengths: (P, S) generated answer lengths in tokens.
-        chosen_lengths: (P,) the chosen answers' lengths in tokens.
-        policy_hit_max, base_hit_max: (P, S) bool, the answer stopped at the token limit.
-        policy_loops, base_loops: (P, S) bool, the answer has a `repetition_loop`.
+        policy, base: the two models' answers, (P, S) each.
+        chosen_scores, chosen_lengths: (P,) score and length of each prompt's human-chosen
+            answer (the upper reference).
         resamples, seed: of the win rate's 95 % `bootstrap_interval`.
     """
-    outcomes = wins(policy_scores, base_scores)
+    outcomes = wins(policy.scores, base.scores)
     shape = outcomes.shape
-    _expect_shape(
-        shape,
-        policy_hit_max=policy_hit_max,
-        base_hit_max=base_hit_max,
-        policy_loops=policy_loops,
-        base_loops=base_loops,
-    )
+    for name, answers in (("policy", policy), ("base", base)):
+        _expect_shape(shape, **{f"{name}.{k}": v for k, v in vars(answers).items()})
     _expect_shape(shape[:1], chosen_scores=chosen_scores, chosen_lengths=chosen_lengths)
     low, high = bootstrap_interval(outcomes, resamples=resamples, level=0.95, seed=seed)
     return {
         "gen_win_rate": _mean(outcomes),
         "gen_win_rate_low": low,
         "gen_win_rate_high": high,
-        "gen_win_rate_lc": length_controlled_win_rate(outcomes, policy_lengths, base_lengths),
-        "reward_policy": _mean(policy_scores),
-        "reward_base": _mean(base_scores),
+        "gen_win_rate_lc": length_controlled_win_rate(outcomes, policy.lengths, base.lengths),
+        "reward_policy": _mean(policy.scores),
+        "reward_base": _mean(base.scores),
         "reward_chosen": _mean(chosen_scores),
-        "length_policy": _mean(policy_lengths),
-        "length_base": _mean(base_lengths),
+        "length_policy": _mean(policy.lengths),
+        "length_base": _mean(base.lengths),
         "length_chosen": _mean(chosen_lengths),
-        "max_tokens_share_policy": _mean(policy_hit_max),
-        "max_tokens_share_base": _mean(base_hit_max),
-        "loop_share_policy": _mean(policy_loops),
-        "loop_share_base": _mean(base_loops),
+        "max_tokens_share_policy": _mean(policy.hit_max),
+        "max_tokens_share_base": _mean(base.hit_max),
+        "loop_share_policy": _mean(policy.loops),
+        "loop_share_base": _mean(base.loops),
         "prompts": shape[0],
         "samples": shape[1],
     }

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.judge.figures import judge_figures
+from pipeline.judge.figures import Answers, judge_figures
 from pipeline.judge.generate import Question
 
 SAMPLES_FILE = "judge_samples.json"  # the MLflow table, in the run's artifacts
@@ -69,18 +69,16 @@ def figures_of(policy: pa.Table, base: pa.Table, seed: int) -> dict[str, float]:
     """Every judge figure (pipeline/judge/figures.py) of the policy's rows against the base's."""
     base_rows, humans = source(base, "base"), source(base, "human")
     return judge_figures(
-        _grid(policy, "reward"),
-        _grid(base_rows, "reward"),
+        _answers(policy),
+        _answers(base_rows),
         _grid(humans, "reward")[:, 0],
-        _grid(policy, "tokens"),
-        _grid(base_rows, "tokens"),
         _grid(humans, "tokens")[:, 0],
-        _grid(policy, "hit_max"),
-        _grid(base_rows, "hit_max"),
-        _grid(policy, "loop"),
-        _grid(base_rows, "loop"),
         seed=seed,
     )
+
+
+def _answers(table: pa.Table) -> Answers:
+    return Answers(*(_grid(table, c) for c in ("reward", "tokens", "hit_max", "loop")))
 
 
 def side_by_side(policy: pa.Table, base: pa.Table) -> pd.DataFrame:
