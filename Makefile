@@ -38,7 +38,7 @@ report:
 	$(BIN)/python -m pipeline.report $(BASE) $(if $(REV),--rev $(REV))
 
 # Hyperparameter search (tune.yaml): each trial one DVC experiment, the study in Optuna's storage
-# (optuna.db, or OPTUNA_STORAGE). make tune ARGS="--demo --workers 2"; README "Tuning".
+# (optuna.db, or OPTUNA_STORAGE). make tune ARGS="--demo --workers 2"; docs/tuning.md.
 ARGS ?=
 tune: install
 	$(BIN)/python -m pipeline.tune $(ARGS)
@@ -46,7 +46,7 @@ tune: install
 # The registry's champion over HTTP on 127.0.0.1:PORT: MLflow's scoring server in this
 # environment (no new virtualenv). POST /invocations with {"inputs": [question, ...],
 # "params": {"max_new_tokens": N}}: plain questions, asked in the policy's training prompt format
-# ("raw": true sends formatted prompts as they are); README "Serving" has a curl line.
+# ("raw": true sends formatted prompts as they are); docs/tracking.md has a curl line.
 # MLFLOW_TRACKING_URI picks a team server's registry instead of the local store.
 MODEL ?= qwen3-dpo
 PORT ?= 5001

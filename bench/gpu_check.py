@@ -1,4 +1,4 @@
-"""`make gpu-check`: every GPU claim of the README measured in one short call on a CUDA machine.
+"""`make gpu-check`: every GPU claim of the docs measured in one short call on a CUDA machine.
 
     python bench/gpu_check.py [--steps 12]
     python bench/gpu_check.py --smoke      # the same calls on the CPU, tiny: checks the plumbing
@@ -10,7 +10,7 @@ shape with LoRA and QLoRA, one repetition each, steady figures from step STEADY_
 whose package is missing (TRL: the `reference` extra; QLoRA: bitsandbytes) are skipped and
 named; a row that fails (out of memory, a kernel missing) is marked failed, its error kept in
 the JSON, and the others run. Installs nothing. Writes bench/results/gpu-check.json and
-gpu-check.md (the table the README's GPU figures come from, with the commit, device and
+gpu-check.md (the table docs/figures.md's GPU figures come from, with the commit, device and
 versions), printing the table too. Sized for about 8 minutes on one H100/H200 at --steps 12.
 """
 

@@ -314,7 +314,7 @@ class ReferenceParams:
 
 @dataclasses.dataclass(frozen=True)
 class JudgeParams:
-    """The reward model and the generation judge (README: "Judging what the policy writes")."""
+    """The reward model and the generation judge (docs/judge.md)."""
 
     # "" trains a Bradley-Terry reward model on `reward_dir` (the `reward` stage); else a hub id
     # or local folder of a sequence-classification reward model with one output, used as it is.

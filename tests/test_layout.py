@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from pathlib import Path
 
 from tests.helpers import REPO
 
 USERS = ("pipeline", "stages", "bench", "demo", ".ci")
+WORD = re.compile(r"\w+")
 
 
 def top_level_names(path: Path) -> list[str]:
@@ -27,13 +29,13 @@ def top_level_names(path: Path) -> list[str]:
 
 def used_only_by_tests(defined: dict[Path, list[str]], production: str, tests: str) -> list[str]:
     """`module: name` for each name whose only mention outside its definition is in `tests`."""
-    found = []
-    for path, names in defined.items():
-        for name in names:
-            word = re.compile(rf"\b{re.escape(name)}\b")
-            if len(word.findall(production)) <= 1 and word.search(tests):  # 1: its definition
-                found.append(f"{path.relative_to(REPO)}: {name}")
-    return found
+    in_production, in_tests = Counter(WORD.findall(production)), set(WORD.findall(tests))
+    return [
+        f"{path.relative_to(REPO)}: {name}"
+        for path, names in defined.items()
+        for name in names
+        if in_production[name] <= 1 and name in in_tests  # 1: its definition
+    ]
 
 
 def read(paths: list[Path]) -> str:

@@ -44,7 +44,7 @@ def configure() -> str:
 
 
 # MLflow 3 records what an experiment is for in this tag; ours holds model training runs, not
-# GenAI traces. (Which pages the UI opens on is a per-browser choice: see the README.)
+# GenAI traces. (Which pages the UI opens on is a per-browser choice: see docs/tracking.md.)
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
