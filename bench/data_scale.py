@@ -203,8 +203,11 @@ def measure(
 
     work = top / f"fraction-{fraction}"
     work.mkdir()
+    shard = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["tokenize"]
     overrides = {
         **demo_overrides(REPO / "demo" / "params.yaml"),
+        # params.yaml's shard size, not the demo's (sized for its few thousand pairs)
+        "tokenize.pairs_per_shard": shard["pairs_per_shard"],
         "data.dataset": str(dataset),
         "data.fraction": fraction,
         "tokenize.max_prompt_length": args.budget,
@@ -322,6 +325,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 f"{rate:>8.0f} {figures.get('peak_rss_mb', float('nan')):>8.0f}"
             )
     out = REPO / "bench" / "results" / "data_scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
 

@@ -18,14 +18,15 @@ import yaml
 
 from tests.helpers import REPO
 
-# Modules that decide how a stage reads params, writes files and logs to MLflow, never the values
-# of its outputs. They are not deps (adding a train setting must not re-download the model), and
-# their own imports are not followed.
+# Modules that decide how a stage reads params, writes files, logs to MLflow and stops, never the
+# values of its outputs. They are not deps (adding a train setting must not re-download the
+# model), and their own imports are not followed.
 PLUMBING = frozenset(
     {
         "pipeline/params.py",
         "pipeline/strict_yaml.py",
         "pipeline/stage_io.py",
+        "pipeline/stopping.py",
         "pipeline/track/runs.py",
     }
 )

@@ -5,9 +5,10 @@ import datasets
 import pyarrow as pa
 import pytest
 
+from pipeline.data import tokenization
 from pipeline.data.prompts import encode_completion, render_prompt
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, SchemaError, load_tokenized
-from pipeline.data.tokenization import TooManyDropped, tokenize_dataset
+from pipeline.data.tokenization import TooManyDropped, tokenize_pairs, tokenize_split
 from pipeline.params import TokenizeParams
 from tests.helpers import pairs, random_pairs, source_rows, table, tokenize_pair, with_ids
 
@@ -108,8 +109,20 @@ def crafted_dataset() -> datasets.Dataset:
     return datasets.Dataset(with_ids(pairs(table(rows))).cast(SUBSAMPLED_SCHEMA))
 
 
-def test_dataset_report_counts_drops_and_truncations(demo_tokenizer) -> None:
-    kept, report = tokenize_dataset(crafted_dataset(), demo_tokenizer, PARAMS, "train")
+def split_file(folder, dataset: datasets.Dataset):
+    """A subsampled split as the subsample stage writes it, with one extra column."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    table = dataset.data.table.append_column("extra", pa.array(["x"] * len(dataset)))
+    pq.write_table(table, folder / "data.parquet")
+    return folder / "data.parquet"
+
+
+def test_the_report_counts_drops_and_truncations(demo_tokenizer, tmp_path) -> None:
+    source = split_file(tmp_path / "subsampled", crafted_dataset())
+    report = tokenize_split(source, tmp_path / "tokenized" / "train", demo_tokenizer, PARAMS)
+    kept = load_tokenized(tmp_path / "tokenized" / "train")
     assert report["pairs_in"] == 6 and report["pairs_kept"] == 4 == len(kept)
     assert report["dropped"] == {
         "empty_completion": 1,
@@ -127,42 +140,58 @@ def test_dataset_report_counts_drops_and_truncations(demo_tokenizer) -> None:
     ]
 
 
-def test_too_many_drops_fail_loudly(demo_tokenizer) -> None:
+def test_too_many_drops_fail_loudly_and_leave_nothing(demo_tokenizer, tmp_path) -> None:
+    source = split_file(tmp_path / "subsampled", crafted_dataset())
     params = dataclasses.replace(PARAMS, max_drop_share=0.2)
     with pytest.raises(TooManyDropped, match=r"tokenize train: dropped 33.3% .*empty_completion"):
-        tokenize_dataset(crafted_dataset(), demo_tokenizer, params, "train")
-
-
-def split_file(folder, dataset: datasets.Dataset):
-    """A subsampled split as the subsample stage writes it, with one extra column."""
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True)
-    table = dataset.data.table.append_column("extra", pa.array(["x"] * len(dataset)))
-    pq.write_table(table, folder / "data.parquet")
-    return folder / "data.parquet"
-
-
-def test_a_split_file_is_tokenized_on_disk_and_leaves_no_scratch(demo_tokenizer, tmp_path) -> None:
-    """tokenize_split: the same rows and report as the in-memory map, shards memory-mapped from
-    `out_dir`, extra columns ignored, and no scratch folder left, on success as on failure."""
-    from pipeline.data.tokenization import tokenize_split
-
-    source = split_file(tmp_path / "subsampled", crafted_dataset())
-    out = tmp_path / "tokenized" / "train"
-    report = tokenize_split(source, out, demo_tokenizer, PARAMS)
-    kept, expected = tokenize_dataset(crafted_dataset(), demo_tokenizer, PARAMS, "train")
-    report.pop("pairs_per_s"), report.pop("shards")
-    assert report == expected
-    written = load_tokenized(out)
-    assert written.data.table.equals(kept.flatten_indices().data.table)
-    assert all(Path(f["filename"]).parent == out for f in written.cache_files)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["train"]
-
-    params = dataclasses.replace(PARAMS, max_drop_share=0.2)
-    with pytest.raises(TooManyDropped):
         tokenize_split(source, tmp_path / "again" / "train", demo_tokenizer, params)
     assert list((tmp_path / "again").iterdir()) == []
+
+
+def test_a_split_with_every_pair_dropped_saves_an_empty_split(demo_tokenizer, tmp_path) -> None:
+    rows = source_rows(3, 1)
+    for row in rows:
+        row["response_k"] = row["response_j"]
+    subsampled = datasets.Dataset(with_ids(pairs(table(rows))).cast(SUBSAMPLED_SCHEMA))
+    source = split_file(tmp_path / "subsampled", subsampled)
+    report = tokenize_split(source, tmp_path / "tokenized" / "train", demo_tokenizer, PARAMS)
+    assert (report["pairs_in"], report["pairs_kept"], report["shards"]) == (3, 0, 1)
+    assert len(load_tokenized(tmp_path / "tokenized" / "train")) == 0
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_split_is_each_pair_tokenized_alone_in_shards(
+    demo_tokenizer, tmp_path, monkeypatch, num_proc
+) -> None:
+    """tokenize_split, in process or by two workers, tasks and shards smaller than the split:
+    the kept rows are `tokenize_pairs`' in the source's order, extra columns are ignored, the
+    shards hold pairs_per_shard pairs each, and no scratch folder is left."""
+    monkeypatch.setattr(tokenization, "TASK_PAIRS", 7)
+    monkeypatch.setattr(tokenization, "WORKERS_FROM", 1)
+    rows = source_rows(60, 1)
+    rows[3]["response_k"] = rows[3]["response_j"]  # dropped
+    subsampled = datasets.Dataset(with_ids(pairs(table(rows))).cast(SUBSAMPLED_SCHEMA))
+    source = split_file(tmp_path / "subsampled", subsampled)
+    out = tmp_path / "tokenized" / "train"
+    params = dataclasses.replace(PARAMS, num_proc=num_proc, pairs_per_shard=25)
+    report = tokenize_split(source, out, demo_tokenizer, params)
+
+    column = subsampled.data.table.column
+    alone = tokenize_pairs(
+        demo_tokenizer, *(column(c).to_pylist() for c in ("question", "chosen", "rejected")), params
+    )
+    kept = [i for i, pair in enumerate(alone) if not pair.drop_reason]
+    written = load_tokenized(out)
+    assert written["pair_id"] == column("pair_id").to_numpy()[kept].tolist()
+    assert written["prompt_input_ids"] == [alone[i].prompt for i in kept]
+    assert written["chosen_input_ids"] == [alone[i].chosen for i in kept]
+    assert written["rejected_input_ids"] == [alone[i].rejected for i in kept]
+    assert (report["pairs_in"], report["pairs_kept"]) == (len(rows), len(kept))
+    assert report["shards"] == len(written.cache_files) == 3  # 59 pairs, 25 a shard
+    files = [f["filename"] for f in written.cache_files]
+    assert [pa.ipc.open_stream(f).read_all().num_rows for f in files] == [25, 25, 9]
+    assert all(Path(f["filename"]).parent == out for f in written.cache_files)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train"]
 
 
 def test_a_tokenized_split_is_checked_on_read(tmp_path) -> None:
@@ -207,7 +236,6 @@ def test_batched_encoding_gives_each_texts_own_ids(demo_tokenizer) -> None:
 def test_a_batch_of_pairs_is_each_pair_tokenized_alone(demo_tokenizer) -> None:
     """Fitting and over-budget prompts, empty and identical answers: the batch decides as the
     pair alone does."""
-    from pipeline.data.tokenization import tokenize_pairs
 
     questions = [*MIXED_TEXTS, None]
     chosen = [*reversed(MIXED_TEXTS), "x"]

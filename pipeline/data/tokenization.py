@@ -8,28 +8,42 @@ appended to every completion once, before truncation.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import math
+import hashlib
+import json
+import multiprocessing
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import bpe
 from pipeline.data.prompts import Context, completion_heads, encode_prompts
-from pipeline.data.schema import SUBSAMPLED_SCHEMA, check_schema, tokenized_features
+from pipeline.data.schema import SUBSAMPLED_SCHEMA, TOKENIZED_SCHEMA, check_schema
 from pipeline.params import TokenizeParams
-from pipeline.stage_io import StageError
+from pipeline.stage_io import StageError, bar
+from pipeline.stopping import default_stop_signals
 
 # An answer needs at least one token plus EOS; less room than this drops the pair.
 MIN_COMPLETION_TOKENS = 2
 DROP_REASONS = ("empty_completion", "identical_completions", "no_room_for_answer")
+LENGTHS = ("prompt", "chosen", "rejected")
+TASK_PAIRS = 1024  # pairs a worker tokenizes per task
+WORKERS_FROM = 2000  # pairs; below, worker start-up (about a second) costs more than it saves
+TOKENIZED_ARROW = datasets.Features.from_arrow_schema(TOKENIZED_SCHEMA).arrow_schema
+# The workers' rows: the tokenized columns, then why a pair is dropped and what was cut.
+FLAGS_SCHEMA = pa.schema([("drop_reason", pa.string()), ("truncated", pa.list_(pa.bool_()))])
+MAPPED = pa.schema([*TOKENIZED_ARROW, *FLAGS_SCHEMA], metadata=TOKENIZED_ARROW.metadata)
+_JOB: tuple[PreTrainedTokenizerBase, TokenizeParams] | None = None  # forked workers read it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +101,7 @@ def _decide(
 def tokenize_batch(
     batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, params: TokenizeParams
 ) -> dict[str, list[Any]]:
-    """datasets.map(batched=True) function: texts -> ids plus drop reason and truncation flags."""
+    """Columns of subsampled rows -> ids plus drop reason and truncation flags, by column."""
     pairs = tokenize_pairs(
         tokenizer, batch["question"], batch["chosen"], batch["rejected"], params, batch["context"]
     )
@@ -104,7 +118,7 @@ def tokenize_batch(
 
 def split_report(table: Any, lengths: dict[str, np.ndarray]) -> dict[str, Any]:
     """Counts by drop reason, truncation counts and token-length percentiles of kept pairs, from
-    the mapped Arrow table's drop_reason and truncated columns (Arrow compute: no Python row)."""
+    the tokenized rows' drop_reason and truncated columns (Arrow compute: no Python row)."""
     reasons = pc.value_counts(table["drop_reason"])
     counts = dict(
         zip(reasons.field("values").to_pylist(), reasons.field("counts").to_pylist(), strict=True)
@@ -141,73 +155,16 @@ class TooManyDropped(StageError, ValueError):
     """More of a split was dropped than tokenize.max_drop_share allows."""
 
 
-def tokenize_dataset(
-    dataset: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    params: TokenizeParams,
-    split: str,
-    cache: Path | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Tokenize a datasets.Dataset of subsampled rows; return (kept rows, report).
-
-    Runs across `params.num_proc` processes. With a `cache` folder the mapped rows are written
-    there (memory-mapped Arrow files) instead of held in memory. Raises TooManyDropped naming
-    the split and reasons.
-    """
-    # The tokenized schema, plus two columns the drop report reads before they are dropped.
-    features = datasets.Features(
-        {
-            **tokenized_features(),
-            "drop_reason": datasets.Value("string"),
-            "truncated": datasets.List(datasets.Value("bool")),
-        }
-    )
-    bpe.encoder(tokenizer)  # built and checked here once: forked map workers inherit it
-    tokenized = dataset.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=256,
-        num_proc=_procs(params, len(dataset)),
-        remove_columns=dataset.column_names,
-        features=features,
-        fn_kwargs={"tokenizer": tokenizer, "params": params},
-        desc=f"tokenize {split}",
-        cache_file_name=str(cache / f"{split}-mapped.arrow") if cache else None,
-        keep_in_memory=cache is None,
-        # Named here, not hashed: datasets would otherwise pickle the tokenizer (a 151k-token
-        # vocabulary) to fingerprint every map job, for a cache this stage never reuses.
-        new_fingerprint=f"tokenize-{split}-{dataset._fingerprint}",
-    )
-    table = tokenized.data.table  # the map's own output: no indices mapping to apply
-    kept_rows = np.flatnonzero(pc.equal(table["drop_reason"], "").to_numpy(zero_copy_only=False))
-    kept = tokenized.select(kept_rows).remove_columns(["drop_reason", "truncated"])
-    lengths = {
-        name: pc.list_value_length(table[f"{name}_input_ids"]).to_numpy()[kept_rows]
-        for name in ("prompt", "chosen", "rejected")
-    }
-    lengths["pair_total"] = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
-    report = split_report(table, lengths)
-    if report["drop_share"] > params.max_drop_share:
-        raise TooManyDropped(
-            f"tokenize {split}: dropped {report['drop_share']:.1%} of pairs "
-            f"(> tokenize.max_drop_share {params.max_drop_share:.1%}): {report['dropped']}"
-        )
-    return kept, report
-
-
-def _procs(params: TokenizeParams, rows: int) -> int | None:
-    # Worker start-up costs about a second; not worth it for small splits.
-    return params.num_proc if params.num_proc > 1 and rows >= 2000 else None
-
-
 def tokenize_split(
     source: Path, out_dir: Path, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams
 ) -> dict[str, Any]:
     """Tokenize one subsampled parquet split into Arrow shards at `out_dir`; return its report.
 
-    Never the whole split in memory: the parquet file is converted to a memory-mapped Arrow file
-    and mapped batch by batch into another, both in a scratch folder beside `out_dir` that is
-    removed afterwards (also on failure or Ctrl-C)."""
+    Streamed, so memory does not grow with the split: the parquet file is read a task of pairs
+    at a time, `params.num_proc` worker processes tokenize the tasks, and the kept pairs are
+    written as they come, `pairs_per_shard` a shard, in a scratch folder beside `out_dir` that
+    becomes it once complete (nothing is left on failure or Ctrl-C). Raises TooManyDropped
+    naming the split and reasons."""
     check_schema(pq.read_schema(source), SUBSAMPLED_SCHEMA, str(source))
     split = out_dir.name
     if not params.use_chat_template:
@@ -215,18 +172,135 @@ def tokenize_split(
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{split}-scratch-", dir=out_dir.parent) as scratch:
-        dataset = datasets.Dataset.from_parquet(
-            str(source),
-            features=datasets.Features.from_arrow_schema(SUBSAMPLED_SCHEMA),
-            cache_dir=scratch,
-            columns=SUBSAMPLED_SCHEMA.names,
-        )
-        kept, report = tokenize_dataset(dataset, tokenizer, params, split, Path(scratch))
+        shards, flags, lengths = _Shards(Path(scratch) / split, params.pairs_per_shard), [], []
+        for batch in _tokenized(source, tokenizer, params, split):
+            kept = batch.filter(pc.equal(batch["drop_reason"], "")).select(TOKENIZED_SCHEMA.names)
+            flags.append(batch.select(["drop_reason", "truncated"]))
+            lengths.append([pc.list_value_length(kept[f"{n}_input_ids"]) for n in LENGTHS])
+            shards.add(kept)
+        report = split_report(pa.Table.from_batches(flags, FLAGS_SCHEMA), _lengths(lengths))
+        if report["drop_share"] > params.max_drop_share:
+            raise TooManyDropped(
+                f"tokenize {split}: dropped {report['drop_share']:.1%} of pairs "
+                f"(> tokenize.max_drop_share {params.max_drop_share:.1%}): {report['dropped']}"
+            )
         seconds = time.perf_counter() - started  # worker start-up included, as users see it
         report["pairs_per_s"] = round(report["pairs_in"] / seconds, 1)
-        report["shards"] = max(1, math.ceil(len(kept) / params.pairs_per_shard))
-        kept.save_to_disk(str(out_dir), num_shards=report["shards"])
+        report["shards"] = shards.save(out_dir)
     return report
+
+
+def _lengths(batches: list[list[pa.Array]]) -> dict[str, np.ndarray]:
+    """Token counts of the kept pairs, by part, and of each pair's longer side with its prompt."""
+    lengths = {
+        name: np.concatenate([np.zeros(0, np.int64)] + [b[i].to_numpy() for b in batches])
+        for i, name in enumerate(LENGTHS)
+    }
+    lengths["pair_total"] = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
+    return lengths
+
+
+def _tokenized(
+    source: Path, tokenizer: PreTrainedTokenizerBase, params: TokenizeParams, split: str
+) -> Iterator[pa.RecordBatch]:
+    """The split's rows tokenized, a task at a time and in order (TOKENIZED_SCHEMA's columns,
+    then drop_reason and truncated), by `params.num_proc` forked workers when the split is
+    large enough. At most two tasks per worker wait, so reading never runs ahead of them."""
+    global _JOB
+    parquet = pq.ParquetFile(source)
+    tasks = parquet.iter_batches(batch_size=TASK_PAIRS, columns=SUBSAMPLED_SCHEMA.names)
+    rows = parquet.metadata.num_rows
+    procs = params.num_proc if params.num_proc > 1 and rows >= WORKERS_FROM else 1
+    bpe.encoder(tokenizer)  # built and checked here once: forked workers inherit it
+    _JOB = (tokenizer, params)
+    show = bar(total=rows, desc=f"tokenize {split} ({procs} processes)", unit="pair")
+    try:
+        for result in _in_order(tasks, procs):
+            show.update(result.num_rows)
+            yield result
+    finally:
+        show.close()
+        _JOB = None
+
+
+def _in_order(tasks: Iterator[pa.RecordBatch], procs: int) -> Iterator[pa.RecordBatch]:
+    if procs == 1:
+        yield from map(_tokenize_task, tasks)
+        return
+    with multiprocessing.get_context("fork").Pool(procs, default_stop_signals) as pool:
+        waiting: collections.deque[Any] = collections.deque()
+        for task in tasks:
+            waiting.append(pool.apply_async(_tokenize_task, (task,)))
+            while waiting and (len(waiting) > 2 * procs or waiting[0].ready()):
+                yield waiting.popleft().get()
+        while waiting:
+            yield waiting.popleft().get()
+
+
+def _tokenize_task(rows: pa.RecordBatch) -> pa.RecordBatch:
+    tokenizer, params = _JOB
+    return pa.RecordBatch.from_pydict(tokenize_batch(rows.to_pydict(), tokenizer, params), MAPPED)
+
+
+class _Shards:
+    """Kept pairs written straight into the files of the saved dataset, `size` pairs a file, in a
+    folder that becomes the split once all are written. (`Dataset.save_to_disk` would read every
+    pair back through one memory map of the whole split, and keep its pages in memory.)"""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        self.folder, self.size = folder, size
+        self.files: list[tuple[Path, int]] = []  # written so far, and their pairs
+        self.rows, self.writer = 0, None  # the open file's pairs and its writer
+        folder.mkdir()
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            if self.writer is None:
+                self._open()
+            take = min(batch.num_rows, self.size - self.rows)
+            self.writer.write_batch(batch.slice(0, take))
+            self.rows, batch = self.rows + take, batch.slice(take)
+            self.files[-1] = (self.files[-1][0], self.rows)
+            if self.rows == self.size:
+                self.writer = self.writer.close()
+
+    def _open(self) -> None:
+        path = self.folder / f"part-{len(self.files):05d}.arrow"
+        self.writer, self.rows = pa.ipc.new_stream(str(path), TOKENIZED_ARROW), 0
+        self.files.append((path, 0))
+
+    def save(self, out_dir: Path) -> int:
+        """Name the files as `save_to_disk` does, describe them as it does, and move the folder
+        to `out_dir`; return the number of files (at least one: an empty split has one)."""
+        if not self.files:
+            self._open()
+        if self.writer is not None:
+            self.writer = self.writer.close()
+        names = [f"data-{i:05d}-of-{len(self.files):05d}.arrow" for i in range(len(self.files))]
+        for (path, _), name in zip(self.files, names, strict=True):
+            path.rename(self.folder / name)
+        _describe(self.folder, names, [rows for _, rows in self.files])
+        self.folder.rename(out_dir)
+        return len(names)
+
+
+def _describe(folder: Path, names: list[str], rows: list[int]) -> None:
+    """state.json and dataset_info.json for these files, as `save_to_disk` writes them (its own
+    output for an empty dataset of the same columns, then the files listed)."""
+    empty = datasets.Dataset(TOKENIZED_ARROW.empty_table())
+    with tempfile.TemporaryDirectory(dir=folder) as described:
+        quiet = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            empty.save_to_disk(described)
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
+        state = json.loads((Path(described) / "state.json").read_text(encoding="utf-8"))
+        state["_data_files"] = [{"filename": name} for name in names]
+        state["_fingerprint"] = hashlib.sha256(json.dumps([names, rows]).encode()).hexdigest()[:16]
+        (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        (Path(described) / "dataset_info.json").rename(folder / "dataset_info.json")
 
 
 def _no_conversations(source: Path, split: str) -> None:
