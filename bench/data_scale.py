@@ -50,17 +50,16 @@ FORMATS = ("stack-exchange", "conversational", "hh")
 def generate(folder: Path, pairs: int, form: str) -> None:
     """`pairs` train pairs (about) and ~2,000 held-out pairs in the hub layout, seeded, in the
     format `form`."""
-    from pipeline.demo.dataset import generate_stack_exchange_sample
+    from pipeline.demo.dataset import SampleSize, generate_stack_exchange_sample
 
     questions = max(1, round(pairs / PAIRS_PER_QUESTION))
-    generate_stack_exchange_sample(
-        folder,
-        seed=0,
+    size = SampleSize(
         train_questions=questions,
         eval_questions=400,
-        train_shards=max(4, pairs // 50_000),
         reward_questions=10,
+        train_shards=max(4, pairs // 50_000),
     )
+    generate_stack_exchange_sample(folder, seed=0, size=size)
     if form != "stack-exchange":
         for shard in sorted((folder / "data").rglob("*.parquet")):
             rewrite(shard, form)

@@ -60,7 +60,8 @@ def run_ours(args: argparse.Namespace, **train: Any) -> dict:
     from pipeline.model.loading import resolve_runtime
     from pipeline.params import load_params
     from pipeline.train import setup
-    from pipeline.train.recipe import DPORecipe
+    from pipeline.train.checkpoint import Slot
+    from pipeline.train.recipe import DPORecipe, Hooks, Inputs
     from stages.reference import score_split
 
     os.chdir(args.workdir)  # the stages' relative paths: models/base, data/tokenized/train
@@ -93,21 +94,17 @@ def run_ours(args: argparse.Namespace, **train: Any) -> dict:
     reference = setup.load_reference(params, runtime, len(data), policy)
     stamps, folder = [now()], Path(tempfile.mkdtemp())
     recipe = DPORecipe(
-        policy,
-        reference,
-        data,
+        Inputs(policy, reference, data, 0),
         params.train,
         params.loss,
         runtime,
-        0,
-        folder,
-        "bench",
-        on_step=lambda: stamps.append(now()),
+        Slot(folder, "bench"),
+        Hooks(on_step=lambda: stamps.append(now())),
     )
     recipe.train()
     losses = [row["loss"] for row in recipe.log]
     n_params = sum(p.numel() for p in policy.parameters())
-    return summary(losses, stamps, data, args.batch, n_params, args, setup_seconds)
+    return summary(losses, stamps, data, n_params, args, setup_seconds)
 
 
 def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
@@ -175,7 +172,7 @@ def run_trl(args: argparse.Namespace, fast: bool = False) -> dict:
     _check_same_ids(trainer.train_dataset, workdir, order)
     trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
-    return summary(losses, stamps, trainer.train_dataset, batch, n_params, args, 0.0, TRL_COLUMNS)
+    return summary(losses, stamps, trainer.train_dataset, n_params, args, 0.0, TRL_COLUMNS)
 
 
 def _check_same_ids(trl_dataset, workdir: Path, order) -> None:

@@ -47,7 +47,6 @@ def summary(
     losses: list[float],
     stamps: list[float],
     data: Any,
-    batch: int,
     n_params: int,
     args: argparse.Namespace,
     setup: float,
@@ -56,8 +55,10 @@ def summary(
     """Whole-run and steady-state throughput, peak memory, MFU and losses of one run.
 
     `stamps` are the times before the first step and after each step; step k uses the pairs
-    k * batch .. (k + 1) * batch - 1 of `data` (sequential order on both sides).
+    k * batch .. (k + 1) * batch - 1 of `data` (sequential order on both sides), batch being
+    `args.batch`.
     """
+    batch = args.batch
     import torch
 
     steps = len(stamps) - 1

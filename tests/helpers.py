@@ -180,12 +180,12 @@ def fit(policy, reference, dataset, params, runtime, pad_token_id, folder, key, 
     """Train with the train stage's own recipe (checkpoints in `folder` under run key `key`) and
     return it: `.log`, `.epoch_losses`, `.step`, `.summary()`. Without `loss`, params.yaml's,
     reference-free exactly when `reference` is None."""
-    from pipeline.train.recipe import DPORecipe
+    from pipeline.train.checkpoint import Slot
+    from pipeline.train.recipe import DPORecipe, Hooks, Inputs
 
     loss = loss or loss_params(reference_free=reference is None)
-    recipe = DPORecipe(
-        policy, reference, dataset, params, loss, runtime, pad_token_id, folder, key, **hooks
-    )
+    inputs = Inputs(policy, reference, dataset, pad_token_id)
+    recipe = DPORecipe(inputs, params, loss, runtime, Slot(folder, key), Hooks(**hooks))
     recipe.train()
     return recipe
 

@@ -21,6 +21,7 @@ from pipeline.demo.dataset import (
     MAX_PAIRS_PER_QUESTION,
     PROMPT_TEMPLATE,
     TOPICS,
+    SampleSize,
     ensure_demo_dataset,
     generate_questions,
     generate_stack_exchange_sample,
@@ -126,9 +127,8 @@ def test_sizes_fit_the_cpu_demo(
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
     def make(name: str, seed: int) -> dict[str, str]:
-        out = generate_stack_exchange_sample(
-            tmp_path / name, seed=seed, train_questions=40, eval_questions=12, reward_questions=20
-        )
+        size = SampleSize(train_questions=40, eval_questions=12, reward_questions=20)
+        out = generate_stack_exchange_sample(tmp_path / name, seed=seed, size=size)
         return digest(out)
 
     first = make("a", 3)
@@ -150,9 +150,8 @@ def test_failed_build_leaves_nothing_behind(
 
     monkeypatch.setattr(demo_assets, "_write_shards", fail_on_second_folder)
     with pytest.raises(OSError, match="disk full"):
-        generate_stack_exchange_sample(
-            tmp_path / "sample", train_questions=5, eval_questions=3, reward_questions=5
-        )
+        size = SampleSize(train_questions=5, eval_questions=3, reward_questions=5)
+        generate_stack_exchange_sample(tmp_path / "sample", size=size)
     assert len(calls) == 2  # the first folder was written before the failure
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary sibling
 
@@ -269,9 +268,8 @@ def test_reward_questions_are_new_but_for_planted_eval_ones(
 def test_reward_folder_never_shifts_train_or_eval(tmp_path: Path) -> None:
     def make(name: str, reward_questions: int) -> dict[str, str]:
         out = tmp_path / name
-        generate_stack_exchange_sample(
-            out, seed=1, train_questions=40, eval_questions=20, reward_questions=reward_questions
-        )
+        size = SampleSize(train_questions=40, eval_questions=20, reward_questions=reward_questions)
+        generate_stack_exchange_sample(out, seed=1, size=size)
         return {k: v for k, v in digest(out).items() if not k.startswith("data/reward/")}
 
     assert make("small", 10) == make("large", 40)

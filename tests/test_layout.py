@@ -1,6 +1,7 @@
-"""The library holds what the pipeline runs: every public name defined at the top of a module in
-pipeline/ or stages/ is used by the pipeline, its stages, the demo, the benches or the Makefile,
-not by tests alone (a helper only tests call belongs in tests/)."""
+"""The shape of the code. The library holds what the pipeline runs: every public name defined at
+the top of a module in pipeline/ or stages/ is used by the pipeline, its stages, the demo, the
+benches or the Makefile, not by tests alone (a helper only tests call belongs in tests/). And no
+function takes more than MAX_PARAMETERS: more are grouped into what they describe together."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.helpers import REPO
 
 USERS = ("pipeline", "stages", "bench", "demo", ".ci")
 WORD = re.compile(r"\w+")
+MAX_PARAMETERS = 7  # self and cls not counted
 
 
 def top_level_names(path: Path) -> list[str]:
@@ -60,3 +62,31 @@ def test_a_name_only_tests_use_is_found(tmp_path: Path) -> None:
     )
     assert defined[module] == ["kept", "tested", "LIMIT"]
     assert found == ["x.py: tested"]
+
+
+def wide_functions(path: Path, root: Path = REPO) -> list[str]:
+    """`module:line name (count)` for each function of `path` with over MAX_PARAMETERS."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            named = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+            count = len([a for a in named if a.arg not in ("self", "cls")])
+            if count > MAX_PARAMETERS:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({count})")
+    return found
+
+
+def test_no_function_takes_more_than_seven_parameters() -> None:
+    code = [p for folder in ("pipeline", "stages", "bench") for p in (REPO / folder).rglob("*.py")]
+    assert [found for path in code for found in wide_functions(path)] == []
+
+
+def test_a_wide_function_is_found(tmp_path: Path) -> None:
+    module = tmp_path / "wide.py"
+    module.write_text(
+        "class C:\n    def m(self, a, b, c, d, e, f, g): ...\n"
+        "def w(a, b, c, d, e, f, g, *, h): ...\n",
+        encoding="utf-8",
+    )
+    assert wide_functions(module, tmp_path) == ["wide.py:3 w (8)"]

@@ -276,40 +276,44 @@ def _write_shards(folder: Path, rows: Sequence[SourceRow], shards: int) -> None:
         pq.write_table(table, folder / f"train-{i:05d}-of-{shards:05d}.parquet")
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleSize:
+    """How much a generated sample holds: questions per folder, and shards per folder. The
+    defaults give about 2,300 train, 400 evaluation and 2,000 reward pairs."""
+
+    train_questions: int = 420
+    eval_questions: int = 85
+    reward_questions: int = 360
+    train_shards: int = 4
+    eval_shards: int = 2
+    reward_shards: int = 3
+    # evaluation questions also planted in data/rl (same URL and pairs), and as many others in
+    # data/reward, so the pipeline's held-out filters have an overlap to remove
+    overlap_questions: int = 8
+
+
 def generate_stack_exchange_sample(
-    out_dir: Path,
-    seed: int = 0,
-    train_questions: int = 420,
-    eval_questions: int = 85,
-    train_shards: int = 4,
-    eval_shards: int = 2,
-    overlap_questions: int = 8,
-    label_noise: float = 0.1,
-    reward_questions: int = 360,
-    reward_shards: int = 3,
+    out_dir: Path, seed: int = 0, size: SampleSize = SampleSize(), label_noise: float = 0.1
 ) -> Path:
     """Write the hub layout (data/rl, data/evaluation, data/reward) to `out_dir`, atomically.
 
-    Defaults give about 2,300 train, 400 evaluation and 2,000 reward pairs. `overlap_questions`
-    evaluation questions are also planted in data/rl (same URL and pairs), and as many others in
-    data/reward, so the pipeline's held-out filters have an overlap to remove. Rows are shuffled
-    across shards, as on the hub. Same seed, same bytes. Returns `out_dir`.
+    Rows are shuffled across shards, as on the hub. Same seed, same bytes. Returns `out_dir`.
     """
-    questions = generate_questions(seed, train_questions + eval_questions, label_noise)
-    train_q, eval_q = questions[:train_questions], questions[train_questions:]
+    questions = generate_questions(seed, size.train_questions + size.eval_questions, label_noise)
+    train_q, eval_q = questions[: size.train_questions], questions[size.train_questions :]
     rng = random.Random(f"pairs-{seed}")  # separate stream: pairing never shifts the texts
     train = [row for q in train_q for row in pair_rows(q, rng)]
     eval_groups = [pair_rows(q, rng) for q in eval_q]
     evaluation = [row for group in eval_groups for row in group]
-    train += [row for group in eval_groups[:overlap_questions] for row in group]
+    train += [row for group in eval_groups[: size.overlap_questions] for row in group]
     rng.shuffle(train)
     rng.shuffle(evaluation)
-    planted = eval_groups[overlap_questions : 2 * overlap_questions]
-    reward = _reward_rows(seed, reward_questions, questions, planted, label_noise)
+    planted = eval_groups[size.overlap_questions : 2 * size.overlap_questions]
+    reward = _reward_rows(seed, size.reward_questions, questions, planted, label_noise)
     with atomic_dir(out_dir) as tmp:
-        _write_shards(tmp / "data" / "rl", train, train_shards)
-        _write_shards(tmp / "data" / "evaluation", evaluation, eval_shards)
-        _write_shards(tmp / "data" / "reward", reward, reward_shards)
+        _write_shards(tmp / "data" / "rl", train, size.train_shards)
+        _write_shards(tmp / "data" / "evaluation", evaluation, size.eval_shards)
+        _write_shards(tmp / "data" / "reward", reward, size.reward_shards)
     return Path(out_dir)
 
 

@@ -45,22 +45,30 @@ def run_key(train: TrainParams, loss: LossParams, model_dir: Path, train_split: 
     return fingerprint({**config, "loss": dataclasses.asdict(loss)}, model_dir, train_split)
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where a run keeps its checkpoints: the folder, the fingerprint (`run_key`) a checkpoint
+    must carry to be resumed, and the MLflow run a resumed run continues (None: no run)."""
+
+    folder: Path
+    key: str
+    run_id: str | None = None
+
+
 def save(
-    folder: Path,
+    slot: Slot,
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     scheduler: Any,
     position: dict[str, Any],
     log_rows: list[dict[str, float]],
-    key: str,
-    run_id: str | None = None,
 ) -> Path:
-    """Write checkpoint `folder/step-N` atomically, then remove older ones.
+    """Write checkpoint `slot.folder/step-N` atomically, then remove older ones.
 
     The states are full (unsharded) ones, `distributed.full_states`: resumable by any world size.
-    `position` is where in the data the run is (its "step" names the folder); `run_id` is the
-    MLflow run a resumed run continues.
+    `position` is where in the data the run is (its "step" names the folder).
     """
+    folder = slot.folder
     target = folder / f"{PREFIX}{position['step']:08d}"
     tensors, aliases = _untie(model_state)
     with atomic_dir(target) as tmp:
@@ -76,9 +84,9 @@ def save(
         write_json_atomic(
             tmp / "meta.json",
             {
-                "fingerprint": key,
+                "fingerprint": slot.key,
                 "log": log_rows,
-                "run_id": run_id,
+                "run_id": slot.run_id,
                 "aliases": aliases,
                 "position": position,
             },

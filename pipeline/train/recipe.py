@@ -12,10 +12,10 @@ distributed (DDP/FSDP), checkpoint (files).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,33 +49,46 @@ class OutOfMemory(StageError, RuntimeError):
     """The accelerator ran out of memory in a step; the message names the settings to lower."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a run trains on: the policy (DDP-wrapped or FSDP-sharded under torchrun), the
+    reference's log-probs (None exactly when loss.reference_free), the tokenized pairs and the
+    token id their batches are padded with."""
+
+    policy: torch.nn.Module
+    reference: ReferenceScores | None
+    dataset: Any
+    pad_token_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """The caller's code in the loop: `on_log` gets every log row (rank 0), `on_step` runs after
+    every optimizer step."""
+
+    on_log: Callable[[dict[str, float]], None] | None = None
+    on_step: Callable[[], None] | None = None
+
+
 class DPORecipe:
-    """Trains `policy` in place on tokenized pairs. Under torchrun every rank builds one, with
-    `policy` DDP-wrapped or FSDP-sharded. `reference` is None exactly when loss.reference_free;
-    `on_log` gets every log row (rank 0), `on_step` runs after every optimizer step."""
+    """Trains `inputs.policy` in place on the tokenized pairs. Under torchrun every rank builds
+    one. Checkpoints go to `slot`, and a run resumes from the newest one with the slot's key."""
 
     def __init__(
         self,
-        policy: torch.nn.Module,
-        reference: ReferenceScores | None,
-        dataset: Any,
+        inputs: Inputs,
         params: TrainParams,
         loss: LossParams,
         runtime: Runtime,
-        pad_token_id: int,
-        checkpoints: Path,
-        key: str,
-        on_log: Callable[[dict[str, float]], None] | None = None,
-        on_step: Callable[[], None] | None = None,
-        run_id: str | None = None,
+        slot: checkpoint.Slot,
+        hooks: Hooks = Hooks(),
     ) -> None:
-        if (reference is None) != loss.reference_free:
+        policy, dataset = inputs.policy, inputs.dataset
+        if (inputs.reference is None) != loss.reference_free:
             raise ValueError("pass reference=None exactly when loss.reference_free is true")
-        self.policy, self.reference, self.dataset = policy, reference, dataset
+        self.policy, self.reference, self.dataset = policy, inputs.reference, dataset
         self.params, self.loss, self.runtime = params, loss, runtime
-        self.pad_token_id = pad_token_id
-        self.checkpoints, self.key, self.run_id = checkpoints, key, run_id
-        self.on_log, self.on_step = on_log, on_step
+        self.pad_token_id, self.slot, self.hooks = inputs.pad_token_id, slot, hooks
         self.world = distributed.current_world()
         torch.manual_seed(params.seed)
         self.lengths = plan.pair_lengths(dataset)  # (N, 2) prompt and answer tokens per pair
@@ -126,8 +139,8 @@ class DPORecipe:
                 self._count(sums, grad_norm, pairs, step_started)
                 self._advance(sums[0], pairs, len(steps))
                 show.update(1)
-                if self.on_step is not None:
-                    self.on_step()  # the stage re-divides its CPU threads here
+                if self.hooks.on_step is not None:
+                    self.hooks.on_step()  # the stage re-divides its CPU threads here
                 last = self.step == self.total  # a row and a checkpoint at the end, a row per epoch
                 if self.step % self.params.log_every == 0 or last or self.step_in_epoch == 0:
                     row = self._log_row(epoch)
@@ -243,8 +256,8 @@ class DPORecipe:
         row["pairs/s"] = window["pairs"] / seconds
         self.done["tokens"] += int(tokens)
         self.log.append(row)
-        if self.on_log is not None and self.world.is_main:
-            self.on_log(row)
+        if self.hooks.on_log is not None and self.world.is_main:
+            self.hooks.on_log(row)
         return row
 
     def _advance(self, loss_sum: torch.Tensor, pairs: int, steps_in_epoch: int) -> None:
@@ -263,7 +276,7 @@ class DPORecipe:
 
     def _resume(self) -> None:
         """Load the newest checkpoint made from the same inputs, if any."""
-        found = checkpoint.latest(self.checkpoints, self.key)
+        found = checkpoint.latest(self.slot.folder, self.slot.key)
         if found is None:
             return
         model_state, optimizer_state, meta = checkpoint.restore(found, self.scheduler)
@@ -281,14 +294,7 @@ class DPORecipe:
             position = {name: getattr(self, name) for name in POSITION}
             position["epoch_loss_sum"] = float(self.epoch_loss_sum)  # JSON: a number
             checkpoint.save(
-                self.checkpoints,
-                model_state,
-                optimizer_state,
-                self.scheduler,
-                position,
-                self.log,
-                self.key,
-                self.run_id,
+                self.slot, model_state, optimizer_state, self.scheduler, position, self.log
             )
         distributed.barrier(self.world)
         self.saved = self.step
@@ -300,7 +306,7 @@ class DPORecipe:
                 f"{where}, before the first checkpoint (train.save_every): nothing to resume from"
             )
         return (
-            f"{where}; the checkpoint of step {self.saved} is kept in {self.checkpoints}: "
+            f"{where}; the checkpoint of step {self.saved} is kept in {self.slot.folder}: "
             "run the same command again to resume from it"
         )
 

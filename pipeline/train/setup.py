@@ -50,7 +50,7 @@ from pipeline.stage_io import (
 )
 from pipeline.train import checkpoint, distributed, export
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, trainable_parameters
-from pipeline.train.recipe import LOG_KEYS, DPORecipe
+from pipeline.train.recipe import LOG_KEYS, DPORecipe, Hooks, Inputs
 
 TRAIN_SPLIT = DATA_TOKENIZED / "train"
 # What metrics/train.json holds for `dvc exp show`; the whole summary goes to reports/ and MLflow.
@@ -134,18 +134,12 @@ def stage_recipe(params: Params) -> Iterator[DPORecipe]:
         policy = distributed.wrap(scorer, world, runtime, params.train.parallel)
         pad = pad_token_id(tokenizer)
         yield DPORecipe(
-            policy,
-            ref,
-            dataset,
+            Inputs(policy, ref, dataset, pad),
             params.train,
             params.loss,
             runtime,
-            pad,
-            folder,
-            key,
-            on_log,
-            share.rebalance,
-            run_id,
+            checkpoint.Slot(folder, key, run_id),
+            Hooks(on_log, share.rebalance),
         )
         distributed.shutdown(world)
 
@@ -168,7 +162,7 @@ def save_outputs(recipe: DPORecipe, params: Params) -> None:
             dtype = export.base_dtype(MODEL_BASE, trust)
             export.save_policy(tmp, scorer, tokenizer, state, dtype, MODEL_BASE, trust)
             save_resolved(params, tmp, "train")
-            runs.write_run_file(tmp, recipe.run_id)
+            runs.write_run_file(tmp, recipe.slot.run_id)
         figures = recipe.summary()
         write_csv_atomic(PLOTS / "train.csv", recipe.log, LOG_KEYS)
         write_json_atomic(REPORTS / "train.json", figures)
@@ -183,4 +177,4 @@ def save_outputs(recipe: DPORecipe, params: Params) -> None:
         mlflow.end_run()
     distributed.barrier(recipe.world)
     if recipe.world.is_main:
-        shutil.rmtree(recipe.checkpoints, ignore_errors=True)
+        shutil.rmtree(recipe.slot.folder, ignore_errors=True)
