@@ -58,11 +58,11 @@ def run_ours(args: argparse.Namespace, **train: Any) -> dict:
 
     from pipeline.data.schema import load_tokenized
     from pipeline.model.loading import resolve_runtime
+    from pipeline.model.reference import score_split
     from pipeline.params import load_params
     from pipeline.train import setup
     from pipeline.train.checkpoint import Slot
     from pipeline.train.recipe import DPORecipe, Hooks, Inputs
-    from stages.reference import score_split
 
     os.chdir(args.workdir)  # the stages' relative paths: models/base, data/tokenized/train
     params = load_params(REPO / "params.yaml")

@@ -1,83 +1,18 @@
 """register: models/policy + reports/eval.json + reports/judge.json -> a Model Registry version
 with an alias, and registry/registered.json (name, version, alias, run id, metrics, what it was
-compared with, and the stage's one-line summary).
-
-register.gate picks the figure that decides the champion. When the champion was measured on
-other held-out pairs (gate win_rate) or other judged answers (gate gen_win_rate), it is first
-measured like this version with the evaluate stage's code (models/base, data/tokenized/eval,
-data/reference/eval) or the judge stage's (models/reward, data/judge_base).
-
-A judge whose reward model cannot be told from a coin (reports/judge.json's judge_reliable is
-false) is named on the summary line whatever the gate; gen_win_rate then refuses to decide: the
-version is registered as the challenger, the champion keeps its alias, and the line says why."""
+compared with, and the stage's one-line summary). register.gate picks the figure that decides
+the champion (pipeline/track/champion.py); a champion measured on other pairs or answers is
+measured again like this version first (pipeline/track/rescore.py)."""
 
 import dataclasses
 import json
-import tempfile
-from pathlib import Path
 
-import mlflow
-import pyarrow.parquet as pq
-from mlflow.entities.model_registry import ModelVersion
-
-from pipeline.evaluate.heldout import score_heldout
-from pipeline.evaluate.metrics import headline
-from pipeline.judge.generate import ANSWERS_FILE, model_answers, scored
-from pipeline.judge.verdict import figures_of, questions_of, same_answer_same_reward
-from pipeline.model.loading import resolve_runtime
-from pipeline.params import Params, load_params
-from pipeline.resources import stage_share
-from pipeline.stage_io import (
-    DATA_JUDGE_BASE,
-    MODEL_POLICY,
-    REGISTRY,
-    REPORTS,
-    run_stage,
-    write_json_atomic,
-)
-from pipeline.track.champion import GATES, Rescore
-from pipeline.track.registry import log_policy, policy_folder, register_policy, version_tags
+from pipeline.params import load_params
+from pipeline.stage_io import MODEL_POLICY, REGISTRY, REPORTS, run_stage, write_json_atomic
+from pipeline.track.champion import GATES
+from pipeline.track.registry import log_policy, register_policy, version_tags
+from pipeline.track.rescore import rescorer
 from pipeline.track.runs import configure, read_run_id
-
-
-def champion_scorer(params: Params, run_id: str) -> Rescore:
-    """Scores a registered version on this run's held-out pairs, recorded in this run."""
-
-    def rescore(champion: ModelVersion) -> dict[str, float]:
-        print(f"register: scoring champion v{champion.version} on this run's held-out pairs")
-        runtime = resolve_runtime(params.eval.device)
-        with tempfile.TemporaryDirectory() as tmp, stage_share(params.eval.device):
-            folder = policy_folder(champion.name, champion.version, Path(tmp))
-            figures = headline(score_heldout(folder, params, runtime, "champion")[0])
-        with mlflow.start_run(run_id=run_id):
-            # The champion's figures this version was judged against (NaN tau is no figure).
-            logged = ("win_rate", "eval_loss", "kendall_tau")
-            mlflow.log_metrics(
-                {f"register/champion_{k}": figures[k] for k in logged if figures[k] == figures[k]}
-            )
-        return figures
-
-    return rescore
-
-
-def champion_judge(params: Params, run_id: str) -> Rescore:
-    """Judges a registered version on this run's questions, recorded in this run."""
-
-    def rejudge(champion: ModelVersion) -> dict[str, float]:
-        print(f"register: judging champion v{champion.version} on this run's questions")
-        runtime = resolve_runtime(params.judge.device)
-        base = pq.read_table(DATA_JUDGE_BASE / ANSWERS_FILE)
-        with tempfile.TemporaryDirectory() as tmp, stage_share(params.judge.device):
-            folder = policy_folder(champion.name, champion.version, Path(tmp))
-            answers = model_answers(folder, "policy", questions_of(base), params, runtime)
-            judged = same_answer_same_reward(scored(answers, params, runtime), base)
-            figures = figures_of(judged, base, params.judge.seed)
-        with mlflow.start_run(run_id=run_id):
-            logged = ("gen_win_rate", "gen_win_rate_lc")
-            mlflow.log_metrics({f"register/champion_{k}": figures[k] for k in logged})
-        return figures
-
-    return rejudge
 
 
 def main() -> None:
@@ -86,17 +21,15 @@ def main() -> None:
     run_id = read_run_id(MODEL_POLICY)
     report = json.loads((REPORTS / "eval.json").read_text())
     judged = json.loads((REPORTS / "judge.json").read_text())
-    model_uri = log_policy(run_id, MODEL_POLICY, params.tokenize)
-    gate = params.register.gate
-    measure = champion_judge if gate == "gen_win_rate" else champion_scorer
+    aliases = (params.register.champion_alias, params.register.challenger_alias)
     reg = register_policy(
-        model_uri,
+        log_policy(run_id, MODEL_POLICY, params.tokenize),
         run_id,
         params.register.model_name,
-        (params.register.champion_alias, params.register.challenger_alias),
+        aliases,
         version_tags(report, judged, run_id),
-        measure(params, run_id),
-        GATES[gate],
+        rescorer(params, run_id),
+        GATES[params.register.gate],
     )
     summary = reg.describe(params.register.champion_alias)
     write_json_atomic(REGISTRY / "registered.json", {**dataclasses.asdict(reg), "summary": summary})

@@ -180,7 +180,7 @@ def test_rescoring_is_the_evaluate_stage_computation(sweep, monkeypatch) -> None
     from pipeline.params import load_params
     from pipeline.stage_io import MODEL_BASE
     from pipeline.track.registry import log_policy
-    from stages.register import champion_scorer
+    from pipeline.track.rescore import champion_scorer
 
     repo, env, _, _, client = sweep
     run(repo, env, *DVC, "exp", "apply", "sweep-base")
