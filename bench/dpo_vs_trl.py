@@ -58,7 +58,7 @@ def run_ours(args: argparse.Namespace, **train: Any) -> dict:
 
     from pipeline.data.schema import load_tokenized
     from pipeline.model.loading import resolve_runtime
-    from pipeline.model.reference import score_split
+    from pipeline.model.precompute import score_split
     from pipeline.params import load_params
     from pipeline.train import setup
     from pipeline.train.checkpoint import Slot

@@ -10,7 +10,7 @@ DPO's reference must be the policy's own starting point (docs/lora.md).
 from transformers import AutoTokenizer
 
 from pipeline.model.loading import pad_token_id, resolve_runtime
-from pipeline.model.reference import check_devices, score_split
+from pipeline.model.precompute import check_devices, score_split
 from pipeline.params import load_params, save_resolved
 from pipeline.resources import stage_share
 from pipeline.stage_io import DATA_REFERENCE, MODEL_BASE, atomic_dir, run_stage

@@ -22,7 +22,7 @@ def test_the_bench_path_imports_neither_mlflow_nor_dvc() -> None:
         "import dpo_vs_trl, gpu_check\n"
         "from pipeline.train import setup\n"
         "from pipeline.train.recipe import DPORecipe\n"
-        "from pipeline.model.reference import score_split\n"
+        "from pipeline.model.precompute import score_split\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -59,7 +59,7 @@ def test_no_bitsandbytes_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -
 def test_the_stages_refuse_before_loading_anything(
     params_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.model import reference as reference_stage
+    from pipeline.model import precompute as reference_stage
 
     text = params_file.read_text().replace("enabled: false", "enabled: true")
     params_file.write_text(text.replace("quantize: none", "quantize: nf4"))

@@ -16,20 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline.data.schema import load_tokenized
 from pipeline.fingerprint import fingerprint
-from pipeline.model.loading import (
-    Quantize,
-    Runtime,
-    assert_frozen,
-    attention_implementation,
-    check_quantize,
-    freeze,
-    resolve_runtime,
-)
-from pipeline.model.scoring import PairBatch, batch_logps, load_scorer, score_pairs, to_device
-from pipeline.params import Params
-from pipeline.stage_io import DATA_TOKENIZED, MODEL_BASE, StageError, write_json_atomic
+from pipeline.model.loading import Quantize, Runtime, assert_frozen, attention_implementation
+from pipeline.model.scoring import PairBatch, batch_logps, to_device
+from pipeline.stage_io import StageError, write_json_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOGPS_FILE = "logps.npy"  # (N, 2) float32: chosen, rejected; row i is pair i of the split
@@ -112,25 +102,3 @@ def load(folder: Path, identity: dict[str, Any], n_pairs: int) -> np.ndarray:
     if logps.shape != (n_pairs, 2):
         raise StaleReference(f"{folder}: {logps.shape[0]} cached pairs, the split has {n_pairs}")
     return logps
-
-
-def check_devices(params: Params) -> None:
-    """Refuse a 4-bit base off CUDA for either split before any work (QLoRA needs a GPU)."""
-    if params.train.lora.quantize == "none":
-        return
-    for key, device in (("train.device", params.train.device), ("eval.device", params.eval.device)):
-        check_quantize(params.train.lora.quantize, resolve_runtime(device), key)
-
-
-def score_split(params: Params, split: str, runtime: Runtime, pad: int, out: Path) -> None:
-    """One tokenized split's reference log-probs, by the frozen base model, and their
-    fingerprint, into `out / split`."""
-    quantize = params.train.lora.quantize
-    model = freeze(load_scorer(MODEL_BASE, runtime, params.model.trust_remote_code, quantize))
-    dataset = load_tokenized(DATA_TOKENIZED / split)
-    chosen, rejected = score_pairs(
-        model, dataset, params.reference.batch_size, runtime, pad, f"reference {split}"
-    )
-    identity = describe(MODEL_BASE, DATA_TOKENIZED / split, runtime, quantize)
-    save(out / split, np.stack([chosen, rejected], axis=1), identity)
-    print(f"{split}: reference log-probs of {len(dataset)} pairs on {runtime.device}")
