@@ -289,12 +289,12 @@ def _describe(folder: Path, names: list[str], rows: list[int]) -> None:
     output for an empty dataset of the same columns, then the files listed)."""
     empty = datasets.Dataset(TOKENIZED_ARROW.empty_table())
     with tempfile.TemporaryDirectory(dir=folder) as described:
-        quiet = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
+        bars_shown = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # an empty save's bar would only be noise
         try:
             empty.save_to_disk(described)
         finally:
-            if quiet:
+            if bars_shown:
                 datasets.enable_progress_bars()
         state = json.loads((Path(described) / "state.json").read_text(encoding="utf-8"))
         state["_data_files"] = [{"filename": name} for name in names]
