@@ -32,8 +32,12 @@ WATCH_EVERY_S = 1.0
 
 
 RETRY_S = 0.05  # how soon a stop that waited for a database write is tried again
+# A write takes milliseconds; a connection held longer than this (leaked, or a store that does
+# not answer) must not hold off the stop: it is raised then, wherever the main thread is.
+WAIT_AT_MOST_S = 10.0
 _held = 0  # database connections the main thread has checked out of SQLAlchemy's pools
 _retry: threading.Timer | None = None  # the stop that waits, to be sent again
+_waiting_since: float | None = None  # when the stop that waits first arrived
 
 
 def stop_on_signals() -> None:
@@ -52,8 +56,12 @@ def stop_on_signals() -> None:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    global _retry
-    if not _held and not _in_database_code(frame):
+    global _retry, _waiting_since
+    now = time.monotonic()
+    _waiting_since = _waiting_since or now
+    waited_enough = now - _waiting_since >= WAIT_AT_MOST_S
+    if waited_enough or (not _held and not _in_database_code(frame)):
+        _waiting_since = None
         raise KeyboardInterrupt(signal.Signals(signum).name)
     if _retry is None:  # else one is on its way
         _retry = threading.Timer(RETRY_S, _send_again, args=(signum,))

@@ -106,6 +106,38 @@ def test_a_stop_during_a_database_write_is_raised_once_the_write_is_done(tmp_pat
         assert connection.execute("select status from runs").fetchall() == [("KILLED",)]
 
 
+# A connection that is never given back (leaked, or a store that does not answer).
+HELD = """
+import os, signal, sys, time
+from sqlalchemy import create_engine, text
+from pipeline import stopping
+stopping.stop_on_signals()
+stopping.WAIT_AT_MOST_S = 0.5
+connection = create_engine("sqlite:///" + sys.argv[1]).connect()
+connection.execute(text("select 1"))
+sent = time.monotonic()
+os.kill(os.getpid(), signal.SIGTERM)
+try:
+    while time.monotonic() - sent < 10:
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    print(f"{time.monotonic() - sent:.2f}", flush=True)
+"""
+
+
+def test_a_stop_waits_for_a_held_connection_only_so_long(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", HELD, str(tmp_path / "store.db")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout, done.stderr
+    assert 0.5 <= float(done.stdout) < 5  # raised once it had waited WAIT_AT_MOST_S
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("through_shell", [False, True])
 def test_a_stage_stops_when_the_process_that_ran_it_dies(tmp_path, through_shell) -> None:
