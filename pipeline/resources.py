@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from pipeline.model.loading import Runtime, resolve_runtime
+from pipeline.params import Device
 from pipeline.stage_io import repo_root
 
 POLL_SECONDS = 1.0
@@ -147,6 +149,15 @@ def stage_share(device: str, processes: int = 1) -> Iterator[Share]:
         if share.gpus:
             torch.cuda.set_device(share.gpus[0])
         yield share
+
+
+@contextlib.contextmanager
+def on_device(device: Device) -> Iterator[Runtime]:
+    """A one-process stage on `device` (eval.device, judge.device, ...): its runtime, used inside
+    the stage's share of the machine (`stage_share`) for as long as the block runs."""
+    runtime = resolve_runtime(device)
+    with stage_share(device):
+        yield runtime
 
 
 def rank_environment(share: Share) -> dict[str, str]:

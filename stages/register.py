@@ -9,8 +9,8 @@ import json
 
 from pipeline.params import load_params
 from pipeline.stage_io import MODEL_POLICY, REGISTRY, REPORTS, run_stage, write_json_atomic
+from pipeline.track import registry
 from pipeline.track.champion import GATES
-from pipeline.track.registry import log_policy, register_policy, version_tags
 from pipeline.track.rescore import rescorer
 from pipeline.track.runs import configure, read_run_id
 
@@ -22,12 +22,14 @@ def main() -> None:
     report = json.loads((REPORTS / "eval.json").read_text())
     judged = json.loads((REPORTS / "judge.json").read_text())
     aliases = (params.register.champion_alias, params.register.challenger_alias)
-    reg = register_policy(
-        log_policy(run_id, MODEL_POLICY, params.tokenize),
+    name = params.register.model_name
+    tags = registry.version_tags(report, judged, run_id)
+    reg = registry.already_registered(name, run_id, tags, aliases) or registry.register_policy(
+        registry.log_policy(run_id, MODEL_POLICY, params.tokenize),
         run_id,
-        params.register.model_name,
+        name,
         aliases,
-        version_tags(report, judged, run_id),
+        tags,
         rescorer(params, run_id),
         GATES[params.register.gate],
     )

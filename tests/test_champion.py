@@ -344,3 +344,25 @@ def test_the_register_line_names_an_unreliable_judge_whatever_the_gate() -> None
         "registered m v2 as @champion (win rate 0.9000, eval loss 0.4000, gen win rate 0.700, "
         "beats champion v1)"
     )
+
+
+def test_a_run_registered_with_the_same_figures_is_not_registered_again(client, store) -> None:
+    from pipeline.track.registry import already_registered
+    from pipeline.track.runs import provenance_tags
+
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    tags = {"win_rate": 0.9, "eval_loss": 0.4, **KEY, "run_id": run}
+    held = {**{k: str(v) for k, v in tags.items()}, "dvc_exp_name": "first", "git_commit": "abc"}
+    version = client.create_model_version("m", str(store), run_id=run, tags=held).version
+    client.set_registered_model_alias("m", "champion", version)
+    # Registered from another experiment and commit: the same run and figures all the same.
+    again = already_registered("m", run, {**tags, **provenance_tags()}, ALIASES)
+    assert again is not None and (again.version, again.alias) == (str(version), "champion")
+    assert again.describe("champion") == (
+        f"m v{version} (@champion) holds this run: {gate.ALREADY}"
+    )
+    assert already_registered("m", run, {**tags, "eval_loss": 0.41}, ALIASES) is None
+    other = client.create_run(client.create_experiment("f")).info.run_id
+    assert already_registered("m", other, {**tags, "run_id": other}, ALIASES) is None
+    client.delete_registered_model_alias("m", "champion")
+    assert already_registered("m", run, tags, ALIASES).alias == ""

@@ -136,7 +136,7 @@ def figures(accuracy: float, pairs: int) -> dict:
 
 
 def test_the_judge_stage_line_says_whether_it_can_be_trusted() -> None:
-    from stages.judge import verdict_line
+    from pipeline.judge.verdict import verdict_line
 
     head = (
         "gen_win_rate 0.700 [0.600, 0.800] against the base model over 20 questions x 2 "

@@ -1,7 +1,9 @@
 """The shape of the code. The library holds what the pipeline runs: every public name defined at
 the top of a module in pipeline/ or stages/ is used by the pipeline, its stages, the demo, the
-benches or the Makefile, not by tests alone (a helper only tests call belongs in tests/). And no
-function takes more than MAX_PARAMETERS: more are grouped into what they describe together."""
+benches or the Makefile, not by tests alone (a helper only tests call belongs in tests/). No
+function takes more than MAX_PARAMETERS: more are grouped into what they describe together. And a
+stage script reads params, calls the library and writes outputs: STAGE_LINES lines at most, from
+at most STAGE_IMPORTS pipeline modules."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from tests.helpers import REPO
 USERS = ("pipeline", "stages", "bench", "demo", ".ci")
 WORD = re.compile(r"\w+")
 MAX_PARAMETERS = 7  # self and cls not counted
+STAGE_LINES, STAGE_IMPORTS = 45, 6
 
 
 def top_level_names(path: Path) -> list[str]:
@@ -90,3 +93,30 @@ def test_a_wide_function_is_found(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert wide_functions(module, tmp_path) == ["wide.py:3 w (8)"]
+
+
+def stage_shape(path: Path) -> tuple[int, int]:
+    """(lines, pipeline modules imported) of a stage script."""
+    text = path.read_text(encoding="utf-8")
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline")
+    }
+    return len(text.splitlines()), len(imported)
+
+
+def test_every_stage_script_is_thin() -> None:
+    thick = {
+        path.name: shape
+        for path in (REPO / "stages").glob("*.py")
+        if (shape := stage_shape(path))[0] > STAGE_LINES or shape[1] > STAGE_IMPORTS
+    }
+    assert thick == {}, f"over {STAGE_LINES} lines or {STAGE_IMPORTS} pipeline imports"
+
+
+def test_a_thick_stage_is_measured(tmp_path: Path) -> None:
+    stage = tmp_path / "s.py"
+    imports = "".join(f"from pipeline.m{i} import x\n" for i in range(7))
+    stage.write_text(imports + "from pipeline.m0 import y\nimport os\n", encoding="utf-8")
+    assert stage_shape(stage) == (9, 7)

@@ -22,8 +22,8 @@ import yaml
 
 from pipeline.data.schema import SUBSAMPLED_SCHEMA
 from pipeline.demo.dataset import SOURCE_SCHEMA
+from pipeline.judge.build import HEADLINE
 from pipeline.judge.trust import COIN, wilson_interval
-from stages.reward import HEADLINE
 from tests.helpers import REPO, read_pairs, with_ids
 
 pytestmark = pytest.mark.slow  # seven runs of the stage, each in a fresh process: ~80 s in all

@@ -254,6 +254,10 @@ class Team:
     # `dvc repro` in the clone after `dvc pull`: its exit status, then its output.
     repro_clone: str = field(repr=False)
     client: MlflowClient = field(repr=False)
+    # `dvc exp run --temp` in the clone with a second extra held-out set: its output, and the
+    # experiment's metrics/eval.json.
+    extra_set: str = field(repr=False)
+    extra_set_metrics: dict = field(repr=False)
 
 
 @pytest.fixture(scope="module", params=[BACKEND])
@@ -299,6 +303,15 @@ def team(request, tmp_path_factory, e2e_repo):
             [*dvc, "repro"], cwd=clone, env=env, capture_output=True, text=True, timeout=900
         )
         repro_clone = f"exit status {done.returncode}\n{done.stdout}{done.stderr}"
+        # A teammate adds a second extra held-out set, as an experiment on the committed run.
+        other = yaml.safe_load((clone / "params.yaml").read_text())["eval"]["datasets"][0]
+        sets = f"[{{name: other, dataset: {other['dataset']}, split: test, size: 150, judge: 16}}, "
+        sets += f"{{name: small, dataset: {other['dataset']}, split: test, size: 40}}]"
+        extra = [*dvc, "exp", "run", "--temp", "-n", "extra-set", "-S", f"eval.datasets={sets}"]
+        extra_set = run(clone, env, *extra)
+        ref = git(clone, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+        ref = next(r for r in ref if r.endswith("/extra-set"))
+        extra_metrics = json.loads(git(clone, "show", f"{ref}:metrics/eval.json"))
         print(f"team fixture: {time.monotonic() - started:.0f} s")
         yield Team(
             backend,
@@ -312,6 +325,8 @@ def team(request, tmp_path_factory, e2e_repo):
             status,
             repro_clone,
             MlflowClient(tracking_uri=server, registry_uri=server),
+            extra_set,
+            extra_metrics,
         )
 
 
@@ -384,3 +399,12 @@ def test_a_clone_pulls_every_output_and_reruns_nothing(team) -> None:
     assert (team.clone / "metrics/eval.json").read_text() == (
         team.first / "metrics/eval.json"
     ).read_text()
+
+
+def test_another_extra_set_reruns_only_the_stages_that_score_the_sets(team) -> None:
+    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in team.extra_set}
+    assert ran == {"eval_sets", "evaluate", "judge_sets"}, team.extra_set[-3000:]
+    for stage in set(STAGES) - ran:  # register among them: no copy of the version
+        assert f"Stage '{stage}' didn't change, skipping" in team.extra_set, stage
+    assert set(team.extra_set_metrics["sets"]) == {"other", "small"}
+    assert team.extra_set_metrics["sets"]["small"]["pairs"] > 0

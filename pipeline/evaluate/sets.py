@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from huggingface_hub import HfFileSystem
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.data.schema import load_tokenized
 from pipeline.data.subsample import held_out_split, source_files
@@ -20,8 +20,8 @@ from pipeline.data.tokenization import tokenize_split
 from pipeline.download.hub import reaching_the_hub
 from pipeline.download.shards import fetch_split, list_shards, open_dataset
 from pipeline.model import reference
-from pipeline.model.loading import Runtime
-from pipeline.model.scoring import score_pairs
+from pipeline.model.loading import Runtime, freeze, pad_token_id
+from pipeline.model.scoring import load_scorer, score_pairs
 from pipeline.params import EvalSetParams, Params
 from pipeline.stage_io import EVAL_SET_PAIRS, MODEL_BASE, eval_set
 
@@ -68,3 +68,20 @@ def prepare_set(
     identity = reference.describe(MODEL_BASE, tokenized, runtime, params.train.lora.quantize)
     reference.save(cache, np.stack([chosen, rejected], axis=1), identity)
     return report
+
+
+def prepare_sets(params: Params, runtime: Runtime, out: Path) -> dict[str, dict[str, Any]]:
+    """`prepare_set` of every set of eval.datasets into out/<name>/, the base model loaded once
+    on `runtime` (where evaluate scores the policy) -> each set's report by name."""
+    trust = params.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_BASE, trust_remote_code=trust)
+    model = freeze(load_scorer(MODEL_BASE, runtime, trust, params.train.lora.quantize))
+    pad = pad_token_id(tokenizer)
+    reports = {}
+    for spec in params.eval.datasets:
+        reports[spec.name] = prepare_set(
+            spec, params, tokenizer, model, runtime, pad, out / spec.name
+        )
+        kept = reports[spec.name]["tokenize"]["pairs_kept"]
+        print(f"{spec.name}: {kept} held-out pairs of {spec.dataset} ({spec.split})")
+    return reports

@@ -33,7 +33,7 @@ from pipeline.judge.reward import (
     pair_rows,
     train_reward_model,
 )
-from pipeline.judge.trust import accuracy_interval
+from pipeline.judge.trust import COIN, accuracy_interval, reliable
 from pipeline.model.loading import Runtime, pad_token_id
 from pipeline.model.positions import check_positions
 from pipeline.params import ModelParams, Params, TokenizeParams
@@ -181,3 +181,30 @@ def _measure(
     accuracy = pair_accuracy(model, pairs, params.judge.batch_size, runtime)
     (out / FORMAT_FILE).write_text(json.dumps(dataclasses.asdict(form), indent=2) + "\n")
     return {**accuracy_interval(accuracy, len(pairs)), "heldout_pairs": len(pairs)}
+
+
+# metrics/reward.json: the accuracy and its interval (dvc exp show); the rest is in reports/.
+HEADLINE = ("reward_accuracy", "reward_accuracy_low", "reward_accuracy_high")
+
+
+def build_reward(params: Params, held_out: pa.Table, runtime: Runtime, out: Path) -> dict[str, Any]:
+    """The judge's reward model into `out`: judge.model adopted, else one trained -> report."""
+    build = adopt_reward if params.judge.model else train_reward
+    return build(params, held_out, runtime, out)
+
+
+def reward_line(params: Params, report: dict[str, Any]) -> str:
+    """The reward stage's one line: where the model comes from and its held-out accuracy with
+    its interval; said here, before any policy is judged with it, when the judge's figures will
+    be marked unreliable."""
+    source = params.judge.model or f"{report['train_pairs']} pairs of {params.judge.reward_dir}"
+    warning = (
+        ""
+        if reliable(report["reward_accuracy_low"])
+        else f"; lower end at or below {COIN}: the judge's figures will be marked unreliable"
+    )
+    return (
+        f"reward model ({source}): held-out pair accuracy {report['reward_accuracy']:.4f} "
+        f"[{report['reward_accuracy_low']:.4f}, {report['reward_accuracy_high']:.4f}] "
+        f"on {report['heldout_pairs']} pairs{warning}"
+    )

@@ -24,7 +24,7 @@ from pipeline.judge.reward import open_reward_model, score_rows
 from pipeline.model.loading import Runtime, freeze, load_causal_lm, pad_token_id
 from pipeline.model.positions import check_positions
 from pipeline.params import Params
-from pipeline.stage_io import MODEL_REWARD, bar
+from pipeline.stage_io import MODEL_BASE, MODEL_REWARD, bar
 
 ANSWERS_FILE = "answers.parquet"  # in data/judge_base
 # One row per answer: who wrote it (base, policy or human: the dataset's best answer), for which
@@ -213,3 +213,11 @@ def scored(table: pa.Table, params: Params, runtime: Runtime) -> pa.Table:
     rewards = score_rows(model, rows, params.judge.batch_size, runtime, desc="reward")
     index = table.schema.get_field_index("reward")
     return table.set_column(index, "reward", pa.array(rewards, pa.float64()))
+
+
+def base_side(questions: list[Question], params: Params, runtime: Runtime) -> pa.Table:
+    """What the policy's answers are judged against: the base model's answers to `questions`
+    and the dataset's best answers, scored."""
+    answers = model_answers(MODEL_BASE, "base", questions, params, runtime)
+    humans = human_answers(MODEL_BASE, questions, params)
+    return scored(pa.concat_tables([answers, humans]), params, runtime)

@@ -3,6 +3,8 @@ side-by-side samples, and in the policy's MLflow run."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -10,9 +12,31 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from pipeline.fingerprint import fingerprint
 from pipeline.judge.figures import Answers, judge_figures
-from pipeline.judge.generate import Question
+from pipeline.judge.generate import (
+    ANSWERS_FILE,
+    Question,
+    base_side,
+    judge_questions,
+    model_answers,
+    scored,
+)
+from pipeline.judge.trust import judge_trust, reward_model_phrase, unreliable_reason
+from pipeline.model.loading import Runtime
+from pipeline.params import EvalSetParams, Params
+from pipeline.stage_io import (
+    DATA_EVAL_SETS,
+    DATA_JUDGE_BASE,
+    EVAL_SET_PAIRS,
+    METRICS,
+    MODEL_POLICY,
+    REPORTS,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 SAMPLES_FILE = "judge_samples.json"  # the MLflow table, in the run's artifacts
 # The figures dvc exp show lists (the reward model's accuracy and its interval are in
@@ -112,3 +136,56 @@ def log_to_run(run_id: str, figures: dict[str, Any], samples: pd.DataFrame) -> N
         if "judge_reliable" in figures:
             mlflow.set_tag("judge_reliable", str(bool(figures["judge_reliable"])).lower())
         mlflow.log_table(samples, artifact_file=SAMPLES_FILE)
+
+
+def base_answers() -> pa.Table:
+    """The base_answers stage's scored answers (data/judge_base)."""
+    return pq.read_table(DATA_JUDGE_BASE / ANSWERS_FILE)
+
+
+def reward_trust() -> dict[str, Any]:
+    """`judge_trust` of the reward stage's report (reports/reward.json). Read before generating:
+    a report without the accuracy's interval stops a stage before it spends minutes."""
+    return judge_trust(json.loads((REPORTS / "reward.json").read_text()))
+
+
+def judged_answers(
+    policy_dir: Path, questions: list[Question], base: pa.Table, params: Params, runtime: Runtime
+) -> pa.Table:
+    """The answers of the policy in `policy_dir` to `questions`, scored, an answer equal to
+    the base's taking the base's reward."""
+    answers = model_answers(policy_dir, "policy", questions, params, runtime)
+    return same_answer_same_reward(scored(answers, params, runtime), base)
+
+
+def judge_set(spec: EvalSetParams, params: Params, runtime: Runtime) -> dict[str, Any]:
+    """The judge's figures on `spec.judge` held-out prompts of one extra set (judge_sets stage):
+    the base model answers them here too, with the main judge's decoding and seeds."""
+    held_out = pq.read_table(DATA_EVAL_SETS / spec.name / EVAL_SET_PAIRS)
+    questions = judge_questions(held_out, spec.judge, params.judge.seed)
+    base = base_side(questions, params, runtime)
+    policy = judged_answers(MODEL_POLICY, questions, base, params, runtime)
+    return figures_of(policy, base, params.judge.seed)
+
+
+def write_verdict(figures: dict[str, Any], samples: pd.DataFrame) -> None:
+    """reports/judge.json (every figure, and the key of what they were measured on: questions,
+    base answers, decoding, reward model; the champion gate compares gen_win_rate only between
+    versions with the same key), metrics/judge.json (HEADLINE) and reports/judge_samples.json."""
+    key = fingerprint({}, DATA_JUDGE_BASE)
+    write_json_atomic(REPORTS / "judge.json", {**figures, "judge_key": key})
+    write_json_atomic(METRICS / "judge.json", {k: figures[k] for k in HEADLINE})
+    write_text_atomic(REPORTS / SAMPLES_FILE, samples.to_json(orient="records", indent=1))
+
+
+def verdict_line(figures: dict[str, Any]) -> str:
+    """The judge stage's one line: the win rate with its interval, and the reward model it rests
+    on; a judge that cannot be told from a coin says so, with why."""
+    line = (
+        f"gen_win_rate {figures['gen_win_rate']:.3f} [{figures['gen_win_rate_low']:.3f}, "
+        f"{figures['gen_win_rate_high']:.3f}] against the base model over "
+        f"{figures['prompts']} questions x {figures['samples']} (length-controlled "
+        f"{figures['gen_win_rate_lc']:.3f}"
+    )
+    reason = unreliable_reason(figures)  # it names the reward model's figures itself
+    return f"{line}; {reward_model_phrase(figures)})" if reason is None else f"{line}); {reason}"

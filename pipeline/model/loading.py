@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
 
+from pipeline.params import Device
 from pipeline.stage_io import StageError
 
 Quantize = Literal["none", "nf4"]  # train.lora.quantize
@@ -57,7 +58,7 @@ class Runtime:
         return stack
 
 
-def resolve_runtime(device: Literal["auto", "cpu", "cuda"]) -> Runtime:
+def resolve_runtime(device: Device) -> Runtime:
     """`auto`: CUDA (bf16 autocast where supported) when present, else CPU fp32."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device/eval.device is cuda but no CUDA device is available")

@@ -64,19 +64,20 @@ GATES = {
 # A champion's figures measured like this version's: its ModelVersion -> {figure: value}.
 Rescore = Callable[[ModelVersion], dict[str, float]]
 
-FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE = (
+FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE, ALREADY = (
     "first version",
     "same held-out pairs",
     "champion re-scored on these held-out pairs",
     "champion trained from another base model, not compared",
     "its training diverged (a train loss above 10 x ln 2): never the champion",
     "kept, not compared: the gen_win_rate gate does not decide on an unreliable judge",
+    "already registered with these figures: nothing new registered",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    basis: str  # one of FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE
+    basis: str  # FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE, ALREADY
     champion: str | None = None  # the version compared with
     champion_figures: dict[str, float] | None = None  # its figures the decision used
 

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from pipeline.judge.trust import unreliable_reason
 from pipeline.params import TokenizeParams
 from pipeline.track.champion import (
+    ALREADY,
     DIVERGED,
     FIRST,
     RESCORED,
@@ -62,6 +63,9 @@ class Registration:
     def describe(self, champion_alias: str) -> str:
         """One line for the stage's output: what happened and why."""
         seen = self.comparison
+        if seen.basis == ALREADY:
+            held = f" (@{self.alias})" if self.alias else ""
+            return f"{self.name} v{self.version}{held} holds this run: {ALREADY}"
         if seen.basis in (FIRST, DIVERGED):
             verdict = seen.basis
         elif seen.champion_figures is None:
@@ -156,6 +160,24 @@ def policy_folder(name: str, version: str, dest: Path) -> Path:
     # pyfunc stores an artifact under its source folder's name; the MLmodel file maps the key.
     flavor = mlflow.models.Model.load(str(model)).flavors["python_function"]
     return model / flavor["artifacts"]["policy"]["path"]
+
+
+def already_registered(
+    name: str, run_id: str, tags: dict[str, Any], aliases: tuple[str, str]
+) -> Registration | None:
+    """The version of `name` that already holds `run_id` with these figures and keys (`tags` but
+    where they were registered from), if any. The register stage re-runs with unchanged inputs
+    when DVC cannot restore it from its run cache; it must not add a copy of that version."""
+    same = {k: str(v) for k, v in tags.items() if k not in provenance_tags()}
+    client = MlflowClient()
+    for held in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if all(held.tags.get(k) == v for k, v in same.items()):
+            now = client.get_model_version(name, held.version).aliases
+            alias = next((a for a in aliases if a in now), "")
+            return Registration(
+                name, str(held.version), alias, run_id, held.source, Comparison(ALREADY), tags
+            )
+    return None
 
 
 def register_policy(

@@ -13,17 +13,13 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import pyarrow.parquet as pq
 from mlflow.entities.model_registry import ModelVersion
 
 from pipeline.evaluate.heldout import score_heldout
 from pipeline.evaluate.metrics import headline
-from pipeline.judge.generate import ANSWERS_FILE, model_answers, scored
-from pipeline.judge.verdict import figures_of, questions_of, same_answer_same_reward
-from pipeline.model.loading import resolve_runtime
+from pipeline.judge.verdict import base_answers, figures_of, judged_answers, questions_of
 from pipeline.params import Params
-from pipeline.resources import stage_share
-from pipeline.stage_io import DATA_JUDGE_BASE
+from pipeline.resources import on_device
 from pipeline.track.champion import Rescore
 from pipeline.track.registry import policy_folder
 
@@ -42,8 +38,7 @@ def champion_scorer(params: Params, run_id: str) -> Rescore:
 
     def rescore(champion: ModelVersion) -> dict[str, float]:
         print(f"register: scoring champion v{champion.version} on this run's held-out pairs")
-        runtime = resolve_runtime(params.eval.device)
-        with tempfile.TemporaryDirectory() as tmp, stage_share(params.eval.device):
+        with tempfile.TemporaryDirectory() as tmp, on_device(params.eval.device) as runtime:
             folder = policy_folder(champion.name, champion.version, Path(tmp))
             figures = headline(score_heldout(folder, params, runtime, "champion")[0])
         with mlflow.start_run(run_id=run_id):
@@ -62,12 +57,10 @@ def champion_judge(params: Params, run_id: str) -> Rescore:
 
     def rejudge(champion: ModelVersion) -> dict[str, float]:
         print(f"register: judging champion v{champion.version} on this run's questions")
-        runtime = resolve_runtime(params.judge.device)
-        base = pq.read_table(DATA_JUDGE_BASE / ANSWERS_FILE)
-        with tempfile.TemporaryDirectory() as tmp, stage_share(params.judge.device):
+        base = base_answers()
+        with tempfile.TemporaryDirectory() as tmp, on_device(params.judge.device) as runtime:
             folder = policy_folder(champion.name, champion.version, Path(tmp))
-            answers = model_answers(folder, "policy", questions_of(base), params, runtime)
-            judged = same_answer_same_reward(scored(answers, params, runtime), base)
+            judged = judged_answers(folder, questions_of(base), base, params, runtime)
             figures = figures_of(judged, base, params.judge.seed)
         with mlflow.start_run(run_id=run_id):
             logged = ("gen_win_rate", "gen_win_rate_lc")
