@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 
 # The whole DAG on the offline demo (tiny Qwen3 + generated pairs), CPU, as a DVC experiment.
 demo: install
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m demo
 
 # This commit's experiments, best first (held-out win rate, then eval loss), in 80 columns.
 compare: install
@@ -86,14 +86,14 @@ ci-pull:
 	else echo "no DVC remote: nothing to pull"; fi
 ci-repro:
 	if [ "$(PIPELINE)" = real ]; then $(BIN)/dvc exp run --name $(EXP); \
-	else $(BIN)/python -m pipeline.demo --name $(EXP); fi
+	else $(BIN)/python -m demo --name $(EXP); fi
 ci-comment:
 	cml comment update --target=pr --publish report/report.md
 ci-push:
 	if [ -n "$$($(BIN)/dvc remote list)" ]; then $(BIN)/dvc exp push origin $(EXP); \
 	else echo "no DVC remote: the experiment stays on this runner"; fi
 
-# The real-model tier: SmolLM2-135M-Instruct through every stage (`python -m pipeline.demo
+# The real-model tier: SmolLM2-135M-Instruct through every stage (`python -m demo
 # --model smollm2`), twice. And `dvc repro` on a tiny model of each family tests/test_families.py
 # covers (not in the full suite: a few minutes a family).
 test-real: install

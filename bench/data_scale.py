@@ -50,7 +50,7 @@ FORMATS = ("stack-exchange", "conversational", "hh")
 def generate(folder: Path, pairs: int, form: str) -> None:
     """`pairs` train pairs (about) and ~2,000 held-out pairs in the hub layout, seeded, in the
     format `form`."""
-    from pipeline.demo.dataset import SampleSize, generate_stack_exchange_sample
+    from demo.dataset import SampleSize, generate_stack_exchange_sample
 
     questions = max(1, round(pairs / PAIRS_PER_QUESTION))
     size = SampleSize(
@@ -198,7 +198,7 @@ def measure(
     dataset: Path, fraction: float, args: argparse.Namespace, top: Path, old: Path | None
 ) -> dict[str, Any]:
     """The three stages at one fraction, then the old revision's stages and the baseline."""
-    from pipeline.demo.experiment import demo_overrides
+    from demo.experiment import demo_overrides
 
     work = top / f"fraction-{fraction}"
     work.mkdir()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = (sys.executable, "-m", "dvc")
-DEMO = (sys.executable, "-m", "pipeline.demo")
+DEMO = (sys.executable, "-m", "demo")
 LRS = ("3e-4", "6e-4", "9e-4")
 
 

@@ -55,7 +55,7 @@ def make_workspace(workdir: Path, n_pairs: int, seed: int = 0, model: str = "tin
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from pipeline.demo.dataset import ensure_demo_dataset
+    from demo.dataset import ensure_demo_dataset
 
     cache = workdir / "cache"
     if model in MODEL_SHAPES:
@@ -88,7 +88,7 @@ def _random_qwen3(folder: Path, cache: Path, shape: str, seed: int) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from pipeline.demo.model import ensure_demo_model
+    from demo.model import ensure_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(cache))
     torch.manual_seed(seed)

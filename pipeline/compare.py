@@ -143,7 +143,7 @@ def table(rows: Sequence[dict[str, Any]], precision: int = 4) -> str:
     if len(groups) > 1:
         lines.append("figures on other held-out pairs do not compare: each section ranks its own")
     if not best and not waiting:
-        lines.append("no experiments yet: `python -m pipeline.demo` or `dvc exp run` makes one")
+        lines.append("no experiments yet: `python -m demo` or `dvc exp run` makes one")
     return "\n".join(lines)
 
 

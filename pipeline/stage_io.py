@@ -48,7 +48,7 @@ REPORTS = Path("reports")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 # Resumable training state, at the real repository root (`repo_root`): a re-run in a new temporary
-# copy (`dvc exp run --temp`, a queued run, `python -m pipeline.demo`) finds it there.
+# copy (`dvc exp run --temp`, a queued run, `python -m demo`) finds it there.
 CHECKPOINTS = Path("checkpoints/train")
 REGISTRY = Path("registry")
 # Name of the resolved-params file saved beside every artifact.
@@ -138,12 +138,6 @@ def repo_root() -> Path:
     """The repository root: DVC_ROOT when DVC runs the stage in a temporary or queued copy (the
     copy is deleted afterwards; what must outlive it lives at the real root), else the cwd."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-def asset_cache_dir() -> Path:
-    """Cache for the locally built demo model and dataset (like the hub's download cache)."""
-    default = Path.home() / ".cache" / "dpo-qwen3"
-    return Path(os.environ.get("DPO_QWEN3_CACHE", default))
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 The search is declared in `tune.yaml` (the keys, their ranges, the objective metric, the number
 of trials, the sampler's seed). Each trial is exactly what a user would type: `dvc exp run --temp
--S key=value ... -n <study>-<number>` (with `--demo`: `python -m pipeline.demo -S ...`), so it
+-S key=value ... -n <study>-<number>` (with `--demo`: `python -m demo -S ...`), so it
 is one DVC experiment, one MLflow run and one registry version through the normal DAG; its
 objective is read from that experiment's metrics. The study lives in Optuna's RDB storage:
 SQLite beside the MLflow store by default, or the URL in OPTUNA_STORAGE (PostgreSQL for a team),
@@ -133,7 +133,7 @@ def trial_command(
     flags = [arg for item in fixed for arg in ("-S", item)]
     flags += [arg for key, value in values.items() for arg in ("-S", f"{key}={value:.6g}")]
     if demo:
-        return [sys.executable, "-m", "pipeline.demo", *flags, "--name", name]
+        return [sys.executable, "-m", "demo", *flags, "--name", name]
     return [sys.executable, "-m", "dvc", "exp", "run", "--temp", *flags, "-n", name]
 
 
@@ -318,7 +318,7 @@ def best_summary(study: Any, spec: Spec, demo: bool) -> list[str]:
     )
     fixed = [f"-S {item}" for item in study.user_attrs.get("fixed", [])]
     values = " ".join([*fixed, *(f"-S {k}={v:.6g}" for k, v in best.params.items())])
-    again = "python -m pipeline.demo" if demo else "dvc exp run"
+    again = "python -m demo" if demo else "dvc exp run"
     return [
         f"best: trial {best.number} ({name}): {figures}; "
         + ", ".join(f"{k} {v:.4g}" for k, v in best.params.items()),

@@ -11,9 +11,9 @@ ASSETS = REPO / ".pytest_cache" / "dpo-qwen3-assets"  # git-ignored with pytest'
 
 
 def main() -> None:
-    from pipeline.demo.dataset import ensure_demo_dataset, ensure_other_dataset
-    from pipeline.demo.model import ensure_demo_model
-    from pipeline.demo.real_assets import ensure_qwen3_tokenizer, ensure_smollm2
+    from demo.dataset import ensure_demo_dataset, ensure_other_dataset
+    from demo.model import ensure_demo_model
+    from demo.real_assets import ensure_qwen3_tokenizer, ensure_smollm2
 
     ASSETS.mkdir(parents=True, exist_ok=True)
     builders = (ensure_demo_model, ensure_demo_dataset, ensure_other_dataset)

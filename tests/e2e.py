@@ -1,4 +1,4 @@
-"""Run the real entry points (dvc, python -m pipeline.demo) in a throwaway copy of the repo."""
+"""Run the real entry points (dvc, python -m demo) in a throwaway copy of the repo."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from demo.dataset import SOURCE_SCHEMA
 from pipeline.data.formats import detect, normalize
 from pipeline.data.schema import SUBSAMPLED_SCHEMA
 from pipeline.data.tokenization import TokenizedPair, tokenize_pairs
-from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.model.loading import Runtime
 from pipeline.objective.metrics import STEP_METRIC_KEYS, step_metric_means
 from pipeline.params import ColumnsParams

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from demo.dvc_cli import actionable
 from pipeline.compare import table
-from pipeline.demo.dvc_cli import actionable
 
 
 def row(name: str, win_rate, eval_loss, **extra) -> dict:

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.demo import dataset as demo_assets
-from pipeline.demo.dataset import (
+from demo import dataset as demo_assets
+from demo.dataset import (
     DEMO_SEED,
     MAX_PAIRS_PER_QUESTION,
     PROMPT_TEMPLATE,
@@ -28,7 +28,7 @@ from pipeline.demo.dataset import (
     pair_rows,
     pretraining_documents,
 )
-from pipeline.demo.model import (
+from demo.model import (
     Pretraining,
     TinyShape,
     build_tiny_qwen3,

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from demo.dataset import SOURCE_SCHEMA
 from pipeline.data.schema import PAIRS_SCHEMA, SchemaError, read_split
-from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.download.data import fetch_data
 from pipeline.download.shards import Shard, list_shards, open_dataset, shards_for
 from pipeline.params import DataParams

@@ -371,9 +371,7 @@ def test_an_orca_shaped_folder_trains_and_evaluates_as_a_dvc_experiment(
         "tokenize.use_chat_template": "true",
     }
     flags = [arg for key, value in keys.items() for arg in ("-S", f"{key}={value}")]
-    said = run(
-        repo, env, sys.executable, "-m", "pipeline.demo", *flags, "--name", "orca", "evaluate"
-    )
+    said = run(repo, env, sys.executable, "-m", "demo", *flags, "--name", "orca", "evaluate")
     assert "Running stage 'train'" in said and "Running stage 'judge'" not in said, said[-3000:]
     assert "train: 80 pairs (data.columns)" in said and "eval: 20 pairs (data.columns)" in said
     figures = json.loads(exp_file(repo, "orca", "metrics/eval.json"))

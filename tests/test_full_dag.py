@@ -59,7 +59,7 @@ def readme_commands() -> dict[str, list[str]]:
     commands = {}
     for line in readme_block("demo-experiments").splitlines():
         words = shlex.split(line)
-        if words[:3] == ["python", "-m", "pipeline.demo"]:
+        if words[:3] == ["python", "-m", "demo"]:
             commands[words[words.index("--name") + 1]] = [sys.executable, *words[1:]]
         elif words[:3] == ["python", "-m", "pipeline.compare"]:
             commands["show"] = [sys.executable, *words[1:]]
@@ -171,7 +171,7 @@ def demo_runs(e2e_repo):
     params_before = (repo / "params.yaml").read_bytes()
     readme = readme_commands()
     outputs = {"demo-lr-1e-6": run(repo, env, *readme["demo-lr-1e-6"])}
-    demo = [sys.executable, "-m", "pipeline.demo"]
+    demo = [sys.executable, "-m", "demo"]
     # The default demo is the CI workflow's run: its steps reproduce it, report it against the
     # lr-1e-6 experiment, post the report and push the experiment.
     outputs["workflow"] = run_workflow(repo, env, base="demo-lr-1e-6", exp="demo-default")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from demo.dataset import SOURCE_SCHEMA
 from pipeline.data.prompts import encode, encode_prompt
-from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge.generate import Answer, Question, _left_padded, generate, judge_questions
 from pipeline.model.loading import freeze, load_causal_lm, pad_token_id
 from pipeline.params import Params, load_params

@@ -120,3 +120,16 @@ def test_a_thick_stage_is_measured(tmp_path: Path) -> None:
     imports = "".join(f"from pipeline.m{i} import x\n" for i in range(7))
     stage.write_text(imports + "from pipeline.m0 import y\nimport os\n", encoding="utf-8")
     assert stage_shape(stage) == (9, 7)
+
+
+def test_the_library_and_its_stages_import_nothing_of_the_demo() -> None:
+    code = [p for folder in ("pipeline", "stages") for p in (REPO / folder).rglob("*.py")]
+    importers = []
+    for path in code:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n.split(".")[0] == "demo" for n in names):
+                importers.append(str(path.relative_to(REPO)))
+    assert importers == []

@@ -110,7 +110,7 @@ def test_demo_overrides_are_valid_params(
     params_file: Path, asset_cache: Path, demo_model_dir: Path, demo_dataset_dir: Path
 ) -> None:
     """The demo points model.name and data.dataset at its local folders, as a user would."""
-    from pipeline.demo.experiment import demo_overrides
+    from demo.experiment import demo_overrides
     from tests.helpers import apply_overrides
 
     apply_overrides(params_file, demo_overrides(REPO / "demo" / "params.yaml", asset_cache))
@@ -156,7 +156,7 @@ def test_a_4bit_base_needs_adapters_and_is_not_sharded(params_file: Path) -> Non
 
 
 def test_a_failed_experiments_leftovers_are_set_back_for_the_demo() -> None:
-    from pipeline.demo.experiment import committed_values_back
+    from demo.experiment import committed_values_back
 
     committed = {"train": {"beta": 0.1, "lr": 5e-6, "seed": 42}, "data": {"seed": 42}}
     workspace = {"train": {"beta": 0.5, "lr": "abc", "seed": 42}, "data": {"seed": 42}}
@@ -168,7 +168,7 @@ def test_a_failed_experiments_leftovers_are_set_back_for_the_demo() -> None:
 def test_the_demo_checks_its_overrides_before_dvc_sees_them() -> None:
     """A typo'd or out-of-range `-S` gets the project's own error, naming the key; the demo's
     own overrides, the SmolLM2 route's included, pass."""
-    from pipeline.demo.experiment import checked
+    from demo.experiment import checked
     from pipeline.strict_yaml import flatten
 
     assert checked({"train.lrr": 1e-4}, REPO / "params.yaml").startswith("unknown key train.lrr")

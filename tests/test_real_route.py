@@ -43,11 +43,11 @@ def first_loss(train_csv: str) -> float:
 def test_the_smollm2_route_trains_a_real_model_end_to_end(
     e2e_repo, smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    """`python -m pipeline.demo --model smollm2` as the README gives it: every stage on the real
+    """`python -m demo --model smollm2` as the README gives it: every stage on the real
     model, a first loss of ln 2, a policy that ranks held-out pairs better than the reference
     (0.5), a judge that states its interval, and a second run that reuses every stage."""
     repo, env = e2e_repo("smollm2")
-    command = [sys.executable, "-m", "pipeline.demo", "--model", "smollm2", "--name", "smol"]
+    command = [sys.executable, "-m", "demo", "--model", "smollm2", "--name", "smol"]
     said = run(repo, env, *command, timeout=1800)
     assert "smol: registered smollm2-dpo v1 as @champion" in said, said[-3000:]
     store = f"sqlite:///{repo / 'mlflow.db'}"

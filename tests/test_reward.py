@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from demo.dataset import SOURCE_SCHEMA
 from pipeline.data.prompts import encode_prompt
 from pipeline.data.schema import PAIRS_SCHEMA
-from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge import reward as reward_module
 from pipeline.judge.build import reward_format, without_questions
 from pipeline.judge.reward import (

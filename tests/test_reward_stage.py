@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from demo.dataset import SOURCE_SCHEMA
 from pipeline.data.schema import SUBSAMPLED_SCHEMA
-from pipeline.demo.dataset import SOURCE_SCHEMA
 from pipeline.judge.build import HEADLINE
 from pipeline.judge.trust import COIN, wilson_interval
 from tests.helpers import REPO, read_pairs, with_ids
@@ -122,8 +122,8 @@ def other_reward_model(tmp_path_factory: pytest.TempPathFactory, demo_dataset_di
     import torch
     from transformers import Qwen3ForSequenceClassification
 
-    from pipeline.demo.dataset import sample_texts
-    from pipeline.demo.model import TinyShape, tiny_config, train_tokenizer
+    from demo.dataset import sample_texts
+    from demo.model import TinyShape, tiny_config, train_tokenizer
 
     texts = [text for _, text in zip(range(400), sample_texts(demo_dataset_dir), strict=False)]
     tokenizer = train_tokenizer(texts, vocab_size=400)

@@ -98,7 +98,7 @@ def test_ctrl_c_through_the_demos_stage_shell_ends_with_the_stages_130(
     and DVC reported "exited with -2"; the demo's environment picks a shell that waits."""
     import signal
 
-    from pipeline.demo.experiment import venv_env
+    from demo.experiment import venv_env
 
     script = tmp_path / "slow_stage.py"
     script.write_text(

@@ -1,5 +1,5 @@
 """Every way a user starts a long run, stopped every way such a run is stopped, on the demo's real
-DAG: `dvc repro`, `dvc exp run`, `python -m pipeline.demo` and `python -m pipeline.tune`, from a
+DAG: `dvc repro`, `dvc exp run`, `python -m demo` and `python -m pipeline.tune`, from a
 terminal, from a script's `&` (SIGINT ignored), under `nohup` and under `timeout`, signalled
 alone or as a process group.
 
@@ -107,7 +107,7 @@ RESUMED, KEPT = r"resuming from .* \(step (\d+)\)", r"the checkpoint of step (\d
 def test_every_start_mode_stops_keeps_its_checkpoint_and_resumes(e2e_repo) -> None:
     repo, env = e2e_repo("stop-modes", demo_params=True, **TRAIN)
     run(repo, env, "dvc", "repro", "reference", timeout=900)  # the stages before training
-    dvc, demo = ["dvc"], [sys.executable, "-m", "pipeline.demo"]
+    dvc, demo = ["dvc"], [sys.executable, "-m", "demo"]
     demo_flags = [arg for key, value in TRAIN.items() for arg in ("-S", f"{key}={value}")]
     tune = [sys.executable, "-m", "pipeline.tune", "--demo", "--n-trials", "1", "--study", "stop"]
     rounds = [  # command, how it is stopped, started with SIGINT ignored, resumes the last round

@@ -37,7 +37,7 @@ def readme_sweep() -> tuple[list[list[str]], list[str]]:
     queued, start = [], []
     for line in readme_block("sweep").splitlines():
         words = shlex.split(line, comments=True)
-        if words[:3] == ["python", "-m", "pipeline.demo"]:
+        if words[:3] == ["python", "-m", "demo"]:
             queued.append([sys.executable, *words[1:]])
         elif words[:3] == ["dvc", "queue", "start"]:
             start = [*DVC, *words[1:]]
@@ -104,7 +104,7 @@ def sweep(e2e_repo):
     same clone: its two queued lines plus one on other held-out pairs, then the two lines again,
     shorter."""
     repo, env = e2e_repo("sweep")
-    demo = (sys.executable, "-m", "pipeline.demo")
+    demo = (sys.executable, "-m", "demo")
     run(repo, env, *demo, "--name", "sweep-base")
     queued, start = readme_sweep()
     assert len(queued) == 2 and start[-2:] == ["-j", "2"], (queued, start)

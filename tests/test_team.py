@@ -30,7 +30,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.demo.dataset import MODEL_FOLDER
+from demo.dataset import MODEL_FOLDER
 from tests.e2e import git, run
 from tests.test_full_dag import STAGES
 
@@ -276,7 +276,7 @@ def team(request, tmp_path_factory, e2e_repo):
         server = stack.enter_context(mlflow_server(backend_uri, artifacts, top / "mlflow.log"))
 
         # `dvc repro` with the demo's values written into params.yaml and committed, not
-        # `python -m pipeline.demo`: that is a `dvc exp run --temp`, whose results live in an
+        # `python -m demo`: that is a `dvc exp run --temp`, whose results live in an
         # experiment ref (shared with `dvc exp push`), not in the workspace. Here they land in the
         # workspace and dvc.lock, which are what a team commits, pushes and pulls.
         first, env = e2e_repo("team-first", demo_params=True, **LIGHT)

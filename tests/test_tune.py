@@ -83,7 +83,7 @@ def test_a_trial_is_the_command_a_user_types() -> None:
     values = {"train.lr": 0.00123456789, "loss.beta": 0.2}
     assert tune.trial_command(values, "s-3", demo=True)[1:] == [
         "-m",
-        "pipeline.demo",
+        "demo",
         "-S",
         "train.lr=0.00123457",
         "-S",
@@ -271,8 +271,6 @@ def test_a_study_ends_in_plots_a_summary_and_a_parent_run_over_the_trials(
     best = study.best_trial
     lines = tune.best_summary(study, SPEC, demo=True)
     assert f"dvc exp apply p-{best.number}" in lines[1]
-    assert (
-        lines[2].startswith("run it again:") and "python -m pipeline.demo -S train.lr=" in lines[2]
-    )
+    assert lines[2].startswith("run it again:") and "python -m demo -S train.lr=" in lines[2]
     assert client.get_run(parent).info.status == "FINISHED"
     assert tune.log_parent_run(study, SPEC, plots) == parent  # a resumed study keeps its parent

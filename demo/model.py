@@ -31,8 +31,7 @@ from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from pipeline.data.prompts import encode, encode_completion
-from pipeline.demo.dataset import (
+from demo.dataset import (
     DEMO_SEED,
     MODEL_FOLDER,
     PROMPT_TEMPLATE,
@@ -40,6 +39,7 @@ from pipeline.demo.dataset import (
     pretraining_documents,
     sample_texts,
 )
+from pipeline.data.prompts import encode, encode_completion
 from pipeline.stage_io import atomic_dir, bar
 
 # Qwen's special tokens in Qwen's order, appended after the learned vocabulary as in Qwen3.

@@ -6,7 +6,7 @@
 * "failed to run: python -m stages.<name>, exited with 130": the stage was interrupted and has
   already said so in one line, with what was kept and how to resume.
 
-Everything else DVC prints is left as it is. Run as `python -m pipeline.demo.dvc_cli ARGS`.
+Everything else DVC prints is left as it is. Run as `python -m demo.dvc_cli ARGS`.
 """
 
 from __future__ import annotations

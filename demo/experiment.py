@@ -1,7 +1,7 @@
 """The offline CPU demo: the real DAG with the keys of demo/params.yaml overridden, and
 model.name / data.dataset pointing at the demo's model and pairs, built as local folders.
 
-`python -m pipeline.demo` runs it as a DVC experiment in a temporary copy (`dvc exp run --temp`),
+`python -m demo` runs it as a DVC experiment in a temporary copy (`dvc exp run --temp`),
 so params.yaml keeps the real defaults and `dvc exp show` lists the demo beside real runs.
 """
 
@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.demo.dataset import MODEL_FOLDER, ensure_demo_dataset, ensure_other_dataset
-from pipeline.stage_io import INTERRUPTED_EXIT, asset_cache_dir
+from demo import asset_cache_dir
+from demo.dataset import MODEL_FOLDER, ensure_demo_dataset, ensure_other_dataset
+from pipeline.stage_io import INTERRUPTED_EXIT
 from pipeline.stopping import run_to_the_end
 from pipeline.strict_yaml import flatten
 
@@ -67,12 +68,12 @@ def demo_sources(cache_dir: Path, model: str = "tiny") -> dict[str, Any]:
 def model_folder(cache_dir: Path, model: str) -> Path:
     """The tiny Qwen3 or SmolLM2-135M-Instruct, built on first use (torch imported only then)."""
     if model == "smollm2":
-        from pipeline.demo.real_assets import ensure_smollm2
+        from demo.real_assets import ensure_smollm2
 
         return ensure_smollm2(cache_dir)
     folder = cache_dir / MODEL_FOLDER
     if not (folder / "config.json").is_file():
-        from pipeline.demo.model import ensure_demo_model
+        from demo.model import ensure_demo_model
 
         ensure_demo_model(cache_dir)
     return folder
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         dvc_args += ["-S", extra]
     dvc_args += [*(["-n", name] if name else []), *([args.target] if args.target else [])]
     print("+ dvc", " ".join(dvc_args), flush=True)
-    cmd = [sys.executable, "-m", "pipeline.demo.dvc_cli", *dvc_args]
+    cmd = [sys.executable, "-m", "demo.dvc_cli", *dvc_args]
     status, interrupted = run_to_the_end(cmd, venv_env())
     if interrupted:
         return INTERRUPTED_EXIT
