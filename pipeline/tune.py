@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import subprocess
@@ -30,100 +29,23 @@ from typing import Any
 
 import yaml
 
-from pipeline.stage_io import Interrupted, StageError, repo_root, run_stage
+from pipeline.search_space import (
+    METRICS,
+    SPEC_FILE,
+    Spec,
+    TrialFailed,
+    TuneError,
+    fixed_settings,
+    load_spec,
+    value_of,
+)
+from pipeline.stage_io import Interrupted, repo_root, run_stage
 from pipeline.stopping import default_stop_signals
 from pipeline.strict_yaml import flatten
+from pipeline.tune_results import best_summary, log_parent_run, write_plots
 
-SPEC_FILE = Path("tune.yaml")
-# Where each objective metric is written (stages evaluate, judge, train).
-METRICS = {
-    **dict.fromkeys(("win_rate", "eval_loss", "kendall_tau", "pairwise_tau"), "metrics/eval.json"),
-    **dict.fromkeys(("gen_win_rate", "gen_win_rate_lc"), "metrics/judge.json"),
-    "final_loss": "metrics/train.json",
-}
-# The tie-break's weight in the value Optuna sees: below a win rate's resolution on a few hundred
-# held-out pairs (1/309 on the demo), so it only orders trials whose objective is equal.
-TIE_WEIGHT = 1e-4
 # A running trial's heartbeat, and how many may be missed before the trial is marked FAIL.
 HEARTBEAT_SECONDS, GRACE_BEATS = 30, 4
-
-
-class TuneError(StageError, ValueError):
-    """A tune.yaml problem, named by its key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dimension:
-    key: str  # a params.yaml key, as -S takes it
-    low: float
-    high: float
-    log: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    space: tuple[Dimension, ...]
-    objective: str
-    direction: str  # "maximize" or "minimize"
-    tie_break: str | None  # lower is better
-    n_trials: int
-    seed: int
-
-
-def load_spec(path: Path, params: dict[str, Any], demo: bool) -> Spec:
-    """tune.yaml (with its `demo:` keys on top when `demo`), checked against params.yaml's keys
-    (`params`, flattened). Raises TuneError naming the key at the first problem."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if demo:
-        raw = {**raw, **(raw.get("demo") or {})}
-    space = tuple(_dimension(key, rng, params) for key, rng in (raw.get("space") or {}).items())
-    if not space:
-        raise TuneError(f"{path}: space: name at least one params key to search")
-    objective, tie_break = raw.get("objective", "win_rate"), raw.get("tie_break")
-    for name, metric in (("objective", objective), ("tie_break", tie_break)):
-        if metric is not None and metric not in METRICS:
-            known = ", ".join(METRICS)
-            raise TuneError(f"{path}: {name}: unknown metric {metric!r} (one of: {known})")
-    direction = raw.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
-        raise TuneError(f"{path}: direction: {direction!r} is neither maximize nor minimize")
-    n_trials, seed = raw.get("n_trials", 12), raw.get("seed", 42)
-    if not isinstance(n_trials, int) or n_trials < 1:
-        raise TuneError(f"{path}: n_trials: {n_trials!r} is not a positive whole number")
-    return Spec(space, objective, direction, tie_break, n_trials, int(seed))
-
-
-def _dimension(key: str, rng: Any, params: dict[str, Any]) -> Dimension:
-    where = f"{SPEC_FILE}: space: {key}"
-    if key not in params:
-        raise TuneError(f"{where}: not a key of params.yaml")
-    if not isinstance(rng, dict) or not {"low", "high"} <= set(rng):
-        raise TuneError(f"{where}: give a range as {{low: ..., high: ..., log: true|false}}")
-    try:
-        low, high = float(rng["low"]), float(rng["high"])
-    except (TypeError, ValueError):
-        raise TuneError(f"{where}: low and high must be numbers") from None
-    log = bool(rng.get("log", False))
-    if not low < high:
-        raise TuneError(f"{where}: low {low:g} is not below high {high:g}")
-    if log and low <= 0:
-        raise TuneError(f"{where}: a log range must be above 0 (low is {low:g})")
-    return Dimension(key, low, high, log)
-
-
-def fixed_settings(sets: list[str], params: dict[str, Any], spec: Spec) -> tuple[str, ...]:
-    """`-S key=value` flags every trial of a study gets (e.g. a shorter schedule to search on),
-    checked: a params.yaml key, and not one the search sets. Returned as `key=value` strings."""
-    searched = {d.key for d in spec.space}
-    for item in sets:
-        key, equals, _ = item.partition("=")
-        if not equals:
-            raise TuneError(f"-S {item}: give key=value")
-        if key not in params:
-            raise TuneError(f"-S {item}: {key} is not a key of params.yaml")
-        if key in searched:
-            raise TuneError(f"-S {item}: {key} is searched ({SPEC_FILE} space); it cannot be fixed")
-    return tuple(sets)
 
 
 def trial_command(
@@ -146,10 +68,6 @@ def experiment_metrics(name: str) -> dict[str, float]:
         text = read_at(name, path)
         found.update(json.loads(text) if text else {})
     return found
-
-
-class TrialFailed(Exception):
-    """A trial's experiment failed or wrote no objective; its log says why."""
 
 
 class TrialStopped(TrialFailed):
@@ -201,17 +119,6 @@ def run_experiment(
 
 
 Runner = Callable[[dict[str, float], str], dict[str, float]]
-
-
-def value_of(spec: Spec, metrics: dict[str, float]) -> float:
-    """The number Optuna optimises: the objective, nudged by the tie-break (lower is better)."""
-    if not math.isfinite(metrics.get(spec.objective, math.nan)):
-        raise TrialFailed(f"no {spec.objective} in the experiment's metrics")
-    value = float(metrics[spec.objective])
-    if spec.tie_break and math.isfinite(metrics.get(spec.tie_break, math.nan)):
-        sign = 1 if spec.direction == "maximize" else -1
-        value -= sign * TIE_WEIGHT * min(float(metrics[spec.tie_break]), 10.0)
-    return value
 
 
 def default_storage() -> str:
@@ -307,84 +214,6 @@ def run_study(study: Any, spec: Spec, runner: Runner, workers: int) -> None:
             callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=complete), progress],
         )
     bar.close()
-
-
-def best_summary(study: Any, spec: Spec, demo: bool) -> list[str]:
-    """What a user reads at the end: the best trial and how to get it back."""
-    best = study.best_trial
-    name, metrics = best.user_attrs["experiment"], best.user_attrs.get("metrics", {})
-    figures = ", ".join(
-        f"{m} {metrics[m]:.4f}" for m in (spec.objective, spec.tie_break) if m and m in metrics
-    )
-    fixed = [f"-S {item}" for item in study.user_attrs.get("fixed", [])]
-    values = " ".join([*fixed, *(f"-S {k}={v:.6g}" for k, v in best.params.items())])
-    again = "python -m demo" if demo else "dvc exp run"
-    return [
-        f"best: trial {best.number} ({name}): {figures}; "
-        + ", ".join(f"{k} {v:.4g}" for k, v in best.params.items()),
-        f"its results in the workspace:  dvc exp apply {name}",
-        f"run it again:                  {again} {values}",
-    ]
-
-
-def write_plots(study: Any, spec: Spec, folder: Path) -> list[Path]:
-    """Optimisation history, parameter importances and (for two or more keys) the contour of the
-    first two keys, as PNG files in `folder`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
-
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = [d.key for d in spec.space]
-    drawings = {"history": lambda: plots.plot_optimization_history(study)}
-    if len(keys) > 1:
-        drawings["importances"] = lambda: plots.plot_param_importances(study)
-        drawings["contour"] = lambda: plots.plot_contour(study, params=keys[:2])
-    written = []
-    for name, draw in drawings.items():
-        axes = draw()
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        figure.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
-        written.append(folder / f"{name}.png")
-    return written
-
-
-def log_parent_run(study: Any, spec: Spec, plots: list[Path]) -> str:
-    """One MLflow run for the study, named tune-<study>, with the best figures and the plots;
-    each trial's training run becomes its child (the `mlflow.parentRunId` tag)."""
-    import mlflow
-
-    from pipeline.track.runs import configure, experiment_id
-
-    configure()
-    client = mlflow.MlflowClient()
-    experiment = experiment_id("qwen3-dpo")
-    tag = f"tags.tune_study = '{study.study_name}'"
-    found = client.search_runs([experiment], filter_string=f"{tag} and tags.tune_parent = 'true'")
-    parent = (
-        found[0].info.run_id
-        if found
-        else client.create_run(
-            experiment,
-            run_name=f"tune-{study.study_name}",
-            tags={"tune_study": study.study_name, "tune_parent": "true"},
-        ).info.run_id
-    )
-    for trial in study.get_trials(deepcopy=False):
-        name = trial.user_attrs.get("experiment")
-        runs = client.search_runs([experiment], filter_string=f"tags.dvc_exp_name = '{name}'")
-        for child in runs if name else []:
-            client.set_tag(child.info.run_id, "mlflow.parentRunId", parent)
-            client.set_tag(child.info.run_id, "tune_study", study.study_name)
-    best = study.best_trial
-    for key, value in best.params.items():
-        client.log_param(parent, f"best.{key}", f"{value:.6g}")
-    client.log_metric(parent, f"best_{spec.objective}", best.user_attrs["metrics"][spec.objective])
-    for path in plots:
-        client.log_artifact(parent, str(path), artifact_path="tune")
-    client.set_terminated(parent)  # FINISHED; a resumed study logs to it again
-    return parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

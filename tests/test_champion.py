@@ -359,7 +359,8 @@ def test_a_run_registered_with_the_same_figures_is_not_registered_again(client, 
     again = already_registered("m", run, {**tags, **provenance_tags()}, ALIASES)
     assert again is not None and (again.version, again.alias) == (str(version), "champion")
     assert again.describe("champion") == (
-        f"m v{version} (@champion) holds this run: {gate.ALREADY}"
+        f"nothing new registered: m v{version} (@champion) already holds this run with these "
+        "figures"
     )
     assert already_registered("m", run, {**tags, "eval_loss": 0.41}, ALIASES) is None
     other = client.create_run(client.create_experiment("f")).info.run_id

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import compile_layers, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
-from pipeline.model.scoring import CompletionScorer, collate_pairs
+from pipeline.model.scoring import CompletionScorer
 from pipeline.params import LoraParams, ParamsError
 from pipeline.train import recipe
 from pipeline.train.adapters import AdaptersOffReference, add_adapters

@@ -23,16 +23,12 @@ import transformers
 
 from pipeline.judge.generate import Answer, generate
 from pipeline.judge.reward import load_reward_model, score_rows, train_reward_model
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import decoder_layers, freeze, load_causal_lm
 from pipeline.model.positions import check_positions, learned_positions
+from pipeline.model.probes import UnsupportedModel
 from pipeline.model.reference import ModelReference
-from pipeline.model.scoring import (
-    CompletionScorer,
-    UnsupportedModel,
-    batch_logps,
-    check_architecture,
-    collate_pairs,
-)
+from pipeline.model.scoring import CompletionScorer, batch_logps, check_architecture
 from pipeline.params import AdapterParams, load_params
 from pipeline.stage_io import StageError
 from pipeline.train.adapters import AdaptersOffReference, add_adapters

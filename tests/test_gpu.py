@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import enable_activation_checkpointing, freeze, resolve_runtime
 from pipeline.model.reference import ModelReference
-from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
+from pipeline.model.scoring import CompletionScorer, batch_logps
 from tests.helpers import fit, random_pairs, tiny_qwen3, train_params
 from tests.plain_dpo import full_logits_logps
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import freeze
-from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
+from pipeline.model.scoring import CompletionScorer, batch_logps
 from pipeline.params import LoraParams
 from pipeline.train.adapters import AdaptersOffReference, add_adapters, trainable_parameters
 from tests.helpers import CPU, fit, random_pairs, tiny_qwen3, train_params

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.model import loading, reference
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import Runtime, check_quantize, load_causal_lm, nf4_config
 from pipeline.model.reference import StaleReference
-from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
+from pipeline.model.scoring import CompletionScorer, batch_logps
 from pipeline.params import LoraParams, load_params
 from pipeline.stage_io import StageError
 from pipeline.train import export, setup

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from pipeline.model import reference
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import freeze
 from pipeline.model.reference import CachedReference, ModelReference, StaleReference
-from pipeline.model.scoring import CompletionScorer, collate_pairs, score_pairs
+from pipeline.model.scoring import CompletionScorer, score_pairs
 from tests.helpers import CPU, fit, random_pairs, tiny_qwen3, train_params
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs, token_logps
+from pipeline.model.batches import collate_pairs
+from pipeline.model.scoring import CompletionScorer, batch_logps, token_logps
 from tests.helpers import CPU, random_pairs, tiny_qwen3
 from tests.plain_dpo import full_logits_logps
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import assert_frozen, enable_activation_checkpointing, freeze
 from pipeline.model.reference import ModelReference
-from pipeline.model.scoring import CompletionScorer, batch_logps, collate_pairs
+from pipeline.model.scoring import CompletionScorer, batch_logps
 from pipeline.params import LossParams, TrainParams
 from pipeline.train.plan import epoch_order, optimizer_steps
 from pipeline.train.recipe import NonFiniteLoss

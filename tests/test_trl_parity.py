@@ -66,14 +66,10 @@ import datasets  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from pipeline.data.tokenization import TokenizedPair  # noqa: E402
+from pipeline.model.batches import PairBatch, collate_pairs  # noqa: E402
 from pipeline.model.loading import freeze, load_causal_lm, pad_token_id  # noqa: E402
 from pipeline.model.reference import ModelReference  # noqa: E402
-from pipeline.model.scoring import (  # noqa: E402
-    CompletionScorer,
-    PairBatch,
-    batch_logps,
-    collate_pairs,
-)
+from pipeline.model.scoring import CompletionScorer, batch_logps  # noqa: E402
 from pipeline.objective.losses import PairLogps, compute_loss  # noqa: E402
 from pipeline.objective.metrics import completion_token_counts  # noqa: E402
 from pipeline.params import (  # noqa: E402

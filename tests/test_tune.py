@@ -16,14 +16,14 @@ import optuna
 import pytest
 import yaml
 
-from pipeline import tune
+from pipeline import search_space, tune, tune_results
 from tests.helpers import REPO
 
 SPACE = (
-    tune.Dimension("train.lr", 1e-4, 1e-2, True),
-    tune.Dimension("loss.beta", 0.01, 0.5, False),
+    search_space.Dimension("train.lr", 1e-4, 1e-2, True),
+    search_space.Dimension("loss.beta", 0.01, 0.5, False),
 )
-SPEC = tune.Spec(SPACE, "win_rate", "maximize", "eval_loss", 6, 7)
+SPEC = search_space.Spec(SPACE, "win_rate", "maximize", "eval_loss", 6, 7)
 
 
 def bowl(values: dict[str, float], name: str) -> dict[str, float]:
@@ -73,8 +73,8 @@ def test_a_bad_tune_yaml_is_one_error_line_before_any_trial(tmp_path, change, sa
 
 def test_the_shipped_search_spaces_load() -> None:
     params = tune.flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
-    real = tune.load_spec(REPO / "tune.yaml", params, demo=False)
-    demo = tune.load_spec(REPO / "tune.yaml", params, demo=True)
+    real = search_space.load_spec(REPO / "tune.yaml", params, demo=False)
+    demo = search_space.load_spec(REPO / "tune.yaml", params, demo=True)
     assert [d.key for d in real.space] == ["train.lr", "loss.beta"] == [d.key for d in demo.space]
     assert real.space[0].high == 1e-4 and demo.space[0].high == 1e-2 and real.n_trials == 12
 
@@ -102,7 +102,7 @@ def test_a_trial_is_the_command_a_user_types() -> None:
 
 def test_fixed_settings_come_first_and_are_checked() -> None:
     params = tune.flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
-    fixed = tune.fixed_settings(["train.max_steps=20"], params, SPEC)
+    fixed = search_space.fixed_settings(["train.max_steps=20"], params, SPEC)
     command = tune.trial_command({"train.lr": 0.002}, "s-0", demo=False, fixed=fixed)
     assert command[6:10] == ["-S", "train.max_steps=20", "-S", "train.lr=0.002"]
     for bad, said in (
@@ -110,25 +110,25 @@ def test_fixed_settings_come_first_and_are_checked() -> None:
         ("train.lr=1e-5", "train.lr is searched"),
         ("train.max_steps", "give key=value"),
     ):
-        with pytest.raises(tune.TuneError, match=said):
-            tune.fixed_settings([bad], params, SPEC)
+        with pytest.raises(search_space.TuneError, match=said):
+            search_space.fixed_settings([bad], params, SPEC)
 
 
 def test_a_study_keeps_its_fixed_settings(tmp_path) -> None:
     study = tune.open_study("f", f"sqlite:///{tmp_path}/o.db", SPEC)
     tune.keep_fixed(study, ("train.max_steps=20",))
     tune.keep_fixed(study, ("train.max_steps=20",))  # the same again: resumed
-    with pytest.raises(tune.TuneError, match="runs its trials with -S train.max_steps=20"):
+    with pytest.raises(search_space.TuneError, match="runs its trials with -S train.max_steps=20"):
         tune.keep_fixed(study, ())
 
 
 def test_the_tie_break_orders_only_equal_objectives() -> None:
-    lower_loss = tune.value_of(SPEC, {"win_rate": 0.75, "eval_loss": 0.4})
-    higher_loss = tune.value_of(SPEC, {"win_rate": 0.75, "eval_loss": 0.9})
-    one_pair_more = tune.value_of(SPEC, {"win_rate": 0.75 + 1 / 309, "eval_loss": 9.0})
+    lower_loss = search_space.value_of(SPEC, {"win_rate": 0.75, "eval_loss": 0.4})
+    higher_loss = search_space.value_of(SPEC, {"win_rate": 0.75, "eval_loss": 0.9})
+    one_pair_more = search_space.value_of(SPEC, {"win_rate": 0.75 + 1 / 309, "eval_loss": 9.0})
     assert higher_loss < lower_loss < one_pair_more
-    with pytest.raises(tune.TrialFailed, match="no win_rate"):
-        tune.value_of(SPEC, {"eval_loss": 0.4})
+    with pytest.raises(search_space.TrialFailed, match="no win_rate"):
+        search_space.value_of(SPEC, {"eval_loss": 0.4})
 
 
 def test_the_same_seed_and_storage_propose_the_same_trials(tmp_path) -> None:
@@ -144,7 +144,7 @@ def test_the_same_seed_and_storage_propose_the_same_trials(tmp_path) -> None:
 def test_a_second_run_of_a_study_resumes_it(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path}/o.db"
     tune.run_study(tune.open_study("s", storage, SPEC), SPEC, bowl, workers=1)
-    more = tune.Spec(SPACE, "win_rate", "maximize", "eval_loss", 9, 7)
+    more = search_space.Spec(SPACE, "win_rate", "maximize", "eval_loss", 9, 7)
     study = tune.open_study("s", storage, more)
     tune.run_study(study, more, bowl, workers=1)
     assert [t.number for t in study.trials] == list(range(9))  # 3 more, numbered on
@@ -175,8 +175,9 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(storage, tmp_path) -
     share it): 8 complete trials, each run once under its own name."""
     ran = tmp_path / "ran"
     script = (
-        "import sys, time; from pipeline import tune; from tests.test_tune import SPACE, bowl\n"
-        "spec = tune.Spec(SPACE, 'win_rate', 'maximize', None, 8, 3)\n"
+        "import sys, time; from pipeline import search_space, tune\n"
+        "from tests.test_tune import SPACE, bowl\n"
+        "spec = search_space.Spec(SPACE, 'win_rate', 'maximize', None, 8, 3)\n"
         "def run(values, name):\n"
         f"    open({str(ran)!r}, 'a').write(name + '\\n')\n"
         "    time.sleep(0.3)\n"
@@ -255,12 +256,12 @@ def test_a_study_ends_in_plots_a_summary_and_a_parent_run_over_the_trials(
 
     study = tune.open_study("p", f"sqlite:///{tmp_path}/optuna.db", SPEC)
     tune.run_study(study, SPEC, trained, workers=1)
-    plots = tune.write_plots(study, SPEC, tmp_path / "plots")
+    plots = tune_results.write_plots(study, SPEC, tmp_path / "plots")
     assert [p.name for p in plots] == ["history.png", "importances.png", "contour.png"]
     for path in plots:
         with Image.open(path) as image:
             assert image.width > 300 and image.height > 200
-    parent = tune.log_parent_run(study, SPEC, plots)
+    parent = tune_results.log_parent_run(study, SPEC, plots)
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_name for r in children) == [f"p-{n}" for n in range(6)]
     assert {a.path for a in client.list_artifacts(parent, "tune")} == {
@@ -269,8 +270,10 @@ def test_a_study_ends_in_plots_a_summary_and_a_parent_run_over_the_trials(
         "tune/contour.png",
     }
     best = study.best_trial
-    lines = tune.best_summary(study, SPEC, demo=True)
+    lines = tune_results.best_summary(study, SPEC, demo=True)
     assert f"dvc exp apply p-{best.number}" in lines[1]
     assert lines[2].startswith("run it again:") and "python -m demo -S train.lr=" in lines[2]
     assert client.get_run(parent).info.status == "FINISHED"
-    assert tune.log_parent_run(study, SPEC, plots) == parent  # a resumed study keeps its parent
+    assert (
+        tune_results.log_parent_run(study, SPEC, plots) == parent
+    )  # a resumed study keeps its parent

@@ -5,7 +5,8 @@ one-second heartbeat, until the study has 4 complete trials."""
 import sys
 import time
 
-from pipeline.tune import Dimension, Spec, open_study, run_study
+from pipeline.search_space import Dimension, Spec
+from pipeline.tune import open_study, run_study
 
 SPEC = Spec((Dimension("train.lr", 1e-4, 1e-2, True),), "win_rate", "maximize", None, 4, 0)
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import fingerprint
+from pipeline.model.batches import PairBatch, to_device
 from pipeline.model.loading import Quantize, Runtime, assert_frozen, attention_implementation
-from pipeline.model.scoring import PairBatch, batch_logps, to_device
+from pipeline.model.scoring import batch_logps
 from pipeline.stage_io import StageError, write_json_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"

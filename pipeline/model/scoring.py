@@ -10,10 +10,7 @@ plain way, and the tests check that both give the same numbers.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +19,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from pipeline.model.batches import PairBatch, collate_pairs, scored_positions
 from pipeline.model.loading import (
     Quantize,
     Runtime,
-    is_quantized,
     load_causal_lm,
     use_packing,
 )
-from pipeline.stage_io import StageError, bar
+from pipeline.model.probes import causal_kernel_masks, check_scorer, miniature
+from pipeline.stage_io import bar
 
 # Logit elements per LM-head chunk: 256 tokens x 151,936 fp32 = 156 MB per tensor in flight
 # (logits, log-softmax temporaries and their gradient in backward: a few at the peak). Measured
@@ -212,61 +210,6 @@ def pack_rows(
     return input_ids[keep], positions, rows, completion_mask[keep].bool()
 
 
-def causal_kernel_masks(model: PreTrainedModel) -> dict[str, None] | None:
-    """The prepared attention masks for a batch that needs only causality, where the decoder
-    takes them: None for each layer type, so SDPA and flash attention run their causal kernels
-    without transformers reading the batch back to decide. Some decoders accept such a mapping
-    in place of a 2D mask, others (most families) do not, so it is probed once, on a short
-    batch, against the plain path (no mask: transformers builds the causal mask itself). None
-    (the plain path) for attention implementations that need the mask itself, for
-    sliding-window layers, and for a decoder that refuses the mapping or reads it otherwise."""
-    config = model.config
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if config._attn_implementation not in ("sdpa", "flash_attention_2"):
-        return None
-    if layer_types != {"full_attention"} or not can_probe(model):
-        return None
-    masks = {"full_attention": None}
-    ids = probe_ids(model)
-    with probing(model):
-        plain = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-        try:
-            fast = model.get_decoder()(input_ids=ids, attention_mask=masks, use_cache=False)
-        except (AttributeError, KeyError, TypeError, ValueError):
-            return None
-    return masks if close(fast.last_hidden_state, plain) else None
-
-
-class UnsupportedModel(StageError):
-    """A model whose log-probs the scorer cannot reproduce."""
-
-
-def check_scorer(scorer: CompletionScorer) -> None:
-    """Raise UnsupportedModel unless the scorer's log-probs are the model's own: the completion
-    tokens of a short probe batch scored by `scorer` against log-softmax of the logits the
-    model's forward returns. Made once at load; it catches a family whose forward treats its
-    hidden states or logits in a way `LogitRule` does not know."""
-    model = scorer.model
-    if not can_probe(model):
-        return
-    ids = probe_ids(model)
-    mask = torch.ones_like(ids)
-    completion = mask.clone()
-    completion[:, : ids.shape[1] // 2] = 0  # the first half is the prompt
-    with probing(model):
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        got = scorer(ids, mask, completion)
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    expected = (logps * completion[:, 1:]).sum(dim=1)
-    if not close(got, expected):
-        error = (got - expected).abs().max().item()
-        raise UnsupportedModel(
-            f"{type(model).__name__} (model_type {model.config.model_type}) is not supported: "
-            f"the scorer's log-probs differ from the model's own logits by {error:.3g}; its "
-            "forward transforms hidden states or logits in a way the pipeline does not apply"
-        )
-
-
 def check_architecture(config: PretrainedConfig, trust_remote_code: bool) -> None:
     """`CompletionScorer`'s load-time checks before any weight is read, so that a family the
     scorer cannot serve fails in download_model, in one line, whatever the model's size: they
@@ -277,72 +220,6 @@ def check_architecture(config: PretrainedConfig, trust_remote_code: bool) -> Non
     CompletionScorer(model.float())
 
 
-def miniature(config: PretrainedConfig) -> PretrainedConfig:
-    """`config` with as few layers as cover each of its layer types (sliding and full attention
-    both, where it mixes them), a 512-token vocabulary, a narrow MLP, and no quantization: the
-    same code paths at a few million weights."""
-    small = copy.deepcopy(config)
-    types = list(getattr(config, "layer_types", None) or [])
-    layers = next((i + 1 for i in range(len(types)) if set(types[: i + 1]) == set(types)), 2)
-    small.num_hidden_layers = min(layers, config.num_hidden_layers)
-    if types:
-        small.layer_types = types[: small.num_hidden_layers]
-    small.vocab_size = min(config.vocab_size, 512)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(small, key, None)
-        if isinstance(value, int) and value >= small.vocab_size:
-            setattr(small, key, None)
-    if isinstance(getattr(small, "intermediate_size", None), int):
-        small.intermediate_size = min(small.intermediate_size, 256)
-    if hasattr(small, "quantization_config"):
-        del small.quantization_config
-    return small
-
-
-def probe_ids(model: PreTrainedModel) -> torch.Tensor:
-    """A fixed (2, 8) batch of token ids within the model's vocabulary, on its device."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    device = model.get_input_embeddings().weight.device
-    return (torch.arange(16, device=device) * 7919 + 11).remainder(vocab).reshape(2, 8)
-
-
-def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Equal up to float rounding at the tensors' scale (fp32 on the CPU, bf16 compute on a
-    GPU); a wrong mask or logit rule misses by orders of magnitude more."""
-    scale = expected.abs().max().item() + 1.0
-    return bool((got.float() - expected.float()).abs().max().item() <= 1e-3 * scale)
-
-
-@contextlib.contextmanager
-def probing(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout: a probe draws no random numbers) without gradients,
-    then as it was."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
-
-
-def can_probe(model: PreTrainedModel) -> bool:
-    """False for a 4-bit model on the CPU: bitsandbytes' CPU backend repacks its weights for
-    inference at the first eval forward without gradients, after which they cannot train. (The
-    stages run 4-bit models on CUDA only; the tests run them on the CPU.)"""
-    device = next(model.parameters()).device
-    return not (is_quantized(model) and device.type == "cpu")
-
-
-def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
-    """(N, T) completion mask -> (K,) flat indices into the (N, T) positions whose logit DPO
-    reads, row-major: position t of a row predicts its token t + 1, so t is scored when token
-    t + 1 is a completion token."""
-    predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
-    predicts[:, :-1] = completion_mask[:, 1:].bool()
-    return predicts.flatten().nonzero().squeeze(1)
-
-
 def load_scorer(
     path: Path, runtime: Runtime, trust_remote_code: bool, quantize: Quantize = "none"
 ) -> CompletionScorer:
@@ -350,58 +227,6 @@ def load_scorer(
     `quantize="nf4"` on a 4-bit base (`loading.load_causal_lm`)."""
     model = load_causal_lm(path, runtime, trust_remote_code, quantize)
     return CompletionScorer(model, packed=use_packing(model))
-
-
-@dataclasses.dataclass(frozen=True)
-class PairBatch:
-    input_ids: torch.Tensor  # (2B, T) prompt + completion, right-padded; chosen rows first
-    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
-    completion_mask: torch.Tensor  # (2B, T) 1 on completion tokens (the ones DPO scores)
-    scored: torch.Tensor  # (K,) `scored_positions(completion_mask)`, found on the host
-    n_pairs: int  # B
-    real_tokens: int  # tokens that are not padding, counted on the host (reading it never syncs)
-
-    def to(self, device: torch.device) -> PairBatch:
-        tensors = (self.input_ids, self.attention_mask, self.completion_mask, self.scored)
-        return PairBatch(*(to_device(t, device) for t in tensors), self.n_pairs, self.real_tokens)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`. On CUDA through pinned memory, without waiting: a plain copy
-    from pageable memory would wait for every queued kernel; this one overlaps them."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def collate_pairs(
-    columns: Mapping[str, Sequence[Sequence[int]]], pad_token_id: int, multiple: int = 0
-) -> PairBatch:
-    """Build a PairBatch from tokenized columns (`dataset[indices]` of the tokenized shards),
-    padded to the longest row, rounded up to a multiple of `multiple` when it is above 0.
-
-    Prompt and completion ids were tokenized separately and are concatenated here, so no token
-    merges across the boundary; the completion mask starts where the prompt ends.
-    """
-    prompts = columns["prompt_input_ids"]
-    sequences, prompt_lengths = [], []
-    for side in ("chosen", "rejected"):
-        for prompt, completion in zip(prompts, columns[f"{side}_input_ids"], strict=True):
-            sequences.append(list(prompt) + list(completion))
-            prompt_lengths.append(len(prompt))
-    width = max(len(s) for s in sequences)
-    if multiple > 0:
-        width = -(-width // multiple) * multiple
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (seq, start) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[i, : len(seq)] = 1
-        completion[i, start : len(seq)] = 1
-    real = sum(len(seq) for seq in sequences)
-    scored = scored_positions(completion)
-    return PairBatch(input_ids, attention, completion, scored, len(prompts), real)
 
 
 def batch_logps(scorer: torch.nn.Module, batch: PairBatch, runtime: Runtime) -> torch.Tensor:

@@ -71,7 +71,7 @@ FIRST, SAME_PAIRS, RESCORED, OTHER_BASE, DIVERGED, UNRELIABLE_JUDGE, ALREADY = (
     "champion trained from another base model, not compared",
     "its training diverged (a train loss above 10 x ln 2): never the champion",
     "kept, not compared: the gen_win_rate gate does not decide on an unreliable judge",
-    "already registered with these figures: nothing new registered",
+    "already holds this run with these figures",
 )
 
 

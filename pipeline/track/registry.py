@@ -65,7 +65,7 @@ class Registration:
         seen = self.comparison
         if seen.basis == ALREADY:
             held = f" (@{self.alias})" if self.alias else ""
-            return f"{self.name} v{self.version}{held} holds this run: {ALREADY}"
+            return f"nothing new registered: {self.name} v{self.version}{held} {ALREADY}"
         if seen.basis in (FIRST, DIVERGED):
             verdict = seen.basis
         elif seen.champion_figures is None:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from pipeline.model.batches import PairBatch
 from pipeline.model.loading import Runtime, is_quantized
-from pipeline.model.scoring import CompletionScorer, PairBatch, batch_logps
+from pipeline.model.scoring import CompletionScorer, batch_logps
 from pipeline.params import AdapterParams
 from pipeline.stage_io import StageError
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.model.batches import collate_pairs
 from pipeline.model.loading import Runtime, assert_frozen
 from pipeline.model.reference import ModelReference, ReferenceScores
-from pipeline.model.scoring import batch_logps, collate_pairs
+from pipeline.model.scoring import batch_logps
 from pipeline.objective.losses import PairLogps, compute_loss
 from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metric_means
 from pipeline.params import LossParams, TrainParams
