@@ -330,6 +330,11 @@ class JudgeParams:
     lr: float = dataclasses.field(metadata=positive())
     epochs: int = dataclasses.field(metadata=positive())
     batch_size: int = dataclasses.field(metadata=positive())
+    # Reward model training, as train.*: share of steps in linear warmup, gradient clipping norm.
+    warmup_ratio: float = dataclasses.field(
+        metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+    )
+    max_grad_norm: float = dataclasses.field(metadata=positive())
     # Longest prompt + answer the reward model reads, in tokens (the answer's end is cut).
     max_length: int = dataclasses.field(metadata=check(lambda v: v >= 16, "must be >= 16"))
     # Held-out questions both models answer (distinct questions, a seeded choice).

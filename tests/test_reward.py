@@ -364,3 +364,27 @@ def test_without_a_reward_split_the_reward_model_gets_the_train_pairs_the_policy
     )
     fetched = source_table([pair(f"https://so.com/questions/{i}", i, f"t{i}") for i in range(4)])
     assert without_policy_pairs(fetched)["chosen"].to_pylist() == ["t1", "t3"]
+
+
+def test_a_non_finite_loss_stops_reward_training_naming_its_step(
+    demo_model_dir: Path,
+    tok: PreTrainedTokenizerBase,
+    demo_pairs: tuple[Pairs, Pairs],
+    repo_params: Params,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.judge import reward
+    from pipeline.train.steps import NonFiniteLoss
+
+    plain, calls = reward.bradley_terry_loss, []
+
+    def nan_at_step_2(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = plain(chosen, rejected)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(reward, "bradley_terry_loss", nan_at_step_2)
+    params = judge(repo_params, lr=1e-3, epochs=1, batch_size=8, device="cpu", seed=0)
+    with pytest.raises(NonFiniteLoss, match="non-finite reward model loss at step 2"):
+        train_reward_model(fresh_model(demo_model_dir, tok), demo_pairs[0][:32], params, CPU)
+    assert len(calls) == 4  # the epoch's steps ran; the check reads their flags at its end

@@ -15,8 +15,8 @@ from pipeline.model.reference import ModelReference
 from pipeline.model.scoring import CompletionScorer, batch_logps
 from pipeline.params import LossParams, TrainParams
 from pipeline.train.plan import epoch_order, optimizer_steps
-from pipeline.train.recipe import NonFiniteLoss
 from pipeline.train.schedule import linear_schedule
+from pipeline.train.steps import NonFiniteLoss
 from tests.helpers import CPU, REPO, fit, loss_params, random_pairs, tiny_qwen3, train_params
 
 PARAMS = train_params(epochs=2, seed=7, save_every=2)
@@ -460,7 +460,8 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.train.recipe import DPORecipe, OutOfMemory
+    from pipeline.train.recipe import DPORecipe
+    from pipeline.train.steps import OutOfMemory
 
     real_step, calls = DPORecipe._optimizer_step, []
 

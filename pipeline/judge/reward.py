@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,10 +39,9 @@ from pipeline.model.loading import Runtime, freeze, pad_token_id
 from pipeline.params import JudgeParams, TokenizeParams
 from pipeline.stage_io import StageError, bar
 from pipeline.train.schedule import linear_schedule
+from pipeline.train.steps import FiniteFlags, Window
 
 FORMAT_FILE = "reward_format.json"  # in models/reward: how the judge builds the model's input
-WARMUP_SHARE = 0.1  # of the reward model's optimizer steps
-MAX_GRAD_NORM = 1.0
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -209,38 +209,45 @@ def train_reward_model(
     params: JudgeParams,
     runtime: Runtime,
 ) -> list[dict[str, float]]:
-    """Bradley-Terry training: AdamW, linear warmup then decay, clipped gradients, a seeded
-    shuffle per epoch. Returns one row per epoch (mean loss and accuracy on the train pairs)."""
+    """Bradley-Terry training: AdamW, linear warmup (judge.warmup_ratio of the steps) then decay,
+    gradients clipped at judge.max_grad_norm, a seeded shuffle per epoch. Steps as the DPO
+    recipe's (`pipeline.train.steps`): figures summed on the device and read once per epoch, and
+    a NaN/inf loss or gradient norm stops the stage. Returns one row per epoch (mean loss and
+    accuracy on the train pairs)."""
     steps_per_epoch = math.ceil(len(pairs) / params.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.0)
     total = steps_per_epoch * params.epochs
-    schedule = linear_schedule(optimizer, math.ceil(WARMUP_SHARE * total), total)
+    schedule = linear_schedule(optimizer, math.ceil(params.warmup_ratio * total), total)
     rng, history = np.random.default_rng(params.seed), []
+    finite = FiniteFlags("reward model")
     model.train()
     for epoch in range(params.epochs):
-        order, losses, correct = rng.permutation(len(pairs)), [], []
-        show = bar(range(steps_per_epoch), desc=f"reward epoch {epoch + 1}", unit="step")
-        for step in show:
+        order, window = rng.permutation(len(pairs)), Window()
+        for step in bar(range(steps_per_epoch), desc=f"reward epoch {epoch + 1}", unit="step"):
+            started = time.perf_counter()
             batch = [pairs[i] for i in order[step * params.batch_size :][: params.batch_size]]
-            ids = _padded(
-                [r for pair in batch for r in pair], model.config.pad_token_id, runtime.device
+            rows = [r for pair in batch for r in pair]
+            scores = rewards(
+                model, _padded(rows, model.config.pad_token_id, runtime.device), runtime
             )
-            scores = rewards(model, ids, runtime)
             loss = bradley_terry_loss(scores[0::2], scores[1::2])
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+            finite.add(epoch * steps_per_epoch + step + 1, torch.isfinite(loss), grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
             margin = (scores[0::2] - scores[1::2]).detach()
-            correct.append(((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item())
-            show.set_postfix(loss=f"{losses[-1]:.4f}")
+            correct = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+            figures = torch.stack([loss.detach(), correct]).double()
+            window.add(figures, grad_norm.detach().double(), len(batch), started)
+        finite.check()
+        (loss_sum, correct_sum), _, _ = window.close()
         history.append(
             {
                 "epoch": epoch + 1,
-                "loss": float(np.mean(losses)),
-                "accuracy": float(np.mean(correct)),
+                "loss": loss_sum / steps_per_epoch,
+                "accuracy": correct_sum / steps_per_epoch,
             }
         )
     model.eval()

@@ -7,13 +7,12 @@ per epoch; each step is a forward over `[chosen; rejected]`, the loss
 (`pipeline.objective.losses`), backward, clipping and the AdamW update. Metrics are averaged over
 the pairs of each log window; a checkpoint is written every save_every steps. The train stage
 builds it from the workspace with `pipeline.train.setup`. Leaf modules: plan (batch order),
-distributed (DDP/FSDP), checkpoint (files).
+distributed (DDP/FSDP), checkpoint (files), steps (log window, finite and divergence checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,25 +28,15 @@ from pipeline.model.scoring import batch_logps
 from pipeline.objective.losses import PairLogps, compute_loss
 from pipeline.objective.metrics import STEP_METRIC_KEYS, completion_token_counts, step_metric_means
 from pipeline.params import LossParams, TrainParams
-from pipeline.stage_io import Interrupted, StageError, bar
+from pipeline.stage_io import Interrupted, bar
 from pipeline.train import checkpoint, distributed, plan
 from pipeline.train.schedule import linear_schedule
+from pipeline.train.steps import FiniteFlags, OutOfMemory, Window, diverged
 
 # Every row of plots/train.csv (and of the MLflow step metrics) has exactly these keys.
 LOG_KEYS = ("step", "epoch", *STEP_METRIC_KEYS, "grad_norm", "lr", "tokens/s", "pairs/s")
-# A logged train loss above this (10 x ln 2, the loss of a policy equal to its reference) means
-# the run diverged, even when the loss later settles: the champion gate keeps such a run out.
-DIVERGED_LOSS = 10 * math.log(2)
 # Where in the data a run is: saved with every checkpoint, restored on resume.
 POSITION = ("step", "epoch", "step_in_epoch", "epoch_loss_sum", "epoch_pairs", "epoch_losses")
-
-
-class NonFiniteLoss(StageError, FloatingPointError):
-    """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
-
-
-class OutOfMemory(StageError, RuntimeError):
-    """The accelerator ran out of memory in a step; the message names the settings to lower."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +94,8 @@ class DPORecipe:
         self.step = self.epoch = self.step_in_epoch = self.epoch_pairs = self.saved = 0
         self.epoch_loss_sum: float | torch.Tensor = 0.0  # a device scalar between epoch ends
         self.epoch_losses, self.log = [], []
-        # Since the last log row. The step's figures stay on the device (metric sums weighted by
-        # pairs, then tokens; the grad norm sum; each step's finite flags) and are read back once
-        # per row: a step never waits for the device. Counts known on the host stay there.
-        self.window: dict[str, Any] = {}
-        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm] finite)
+        # Since the last log row, on the device: metric sums weighted by pairs, then tokens.
+        self.window, self.finite = Window(), FiniteFlags("DPO")
         self.done = {"pairs": 0, "tokens": 0, "seconds": 0.0}  # this process's own train() calls
         self._resume()
 
@@ -137,7 +123,8 @@ class DPORecipe:
                     sums, grad_norm, pairs = self._optimizer_step(micro_batches)
                 except torch.cuda.OutOfMemoryError as error:
                     raise OutOfMemory(self._out_of_memory(micro_batches)) from error
-                self._count(sums, grad_norm, pairs, step_started)
+                self.window.add(sums, grad_norm.double(), pairs, step_started)
+                self.done["pairs"] += pairs
                 self._advance(sums[0], pairs, len(steps))
                 show.update(1)
                 if self.hooks.on_step is not None:
@@ -209,52 +196,24 @@ class DPORecipe:
             sums[-1] += batch.real_tokens
         sums = distributed.all_reduce_sum(sums, self.world)
         grad_norm = distributed.global_grad_norm(self.policy, self.params.max_grad_norm)
-        self.unchecked.append((self.step + 1, torch.stack([finite, torch.isfinite(grad_norm)])))
+        self.finite.add(self.step + 1, finite, grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return sums, grad_norm.double(), step_pairs
-
-    def _count(
-        self, sums: torch.Tensor, grad_norm: torch.Tensor, pairs: int, started: float
-    ) -> None:
-        """Add a step (begun at `started`) to the log window, its figures on the device, and to
-        this process's pairs."""
-        self.window.setdefault("started", started)
-        added = {"sums": sums, "grad_norm": grad_norm, "steps": 1, "pairs": pairs}
-        for key, value in added.items():
-            self.window[key] = self.window[key] + value if key in self.window else value
-        self.done["pairs"] += pairs
-
-    def _check_finite(self) -> None:
-        """One read of the finite flags of the steps since the last check; NonFiniteLoss names the
-        first step whose loss or grad norm was NaN/inf. Runs before every log row and checkpoint,
-        so no checkpoint holds the weights such a step updated."""
-        if not self.unchecked:
-            return
-        steps, flags = zip(*self.unchecked, strict=True)
-        self.unchecked = []
-        for step, (loss_ok, grad_ok) in zip(steps, torch.stack(flags).tolist(), strict=True):
-            if not loss_ok:
-                raise NonFiniteLoss(f"non-finite DPO loss at step {step}")
-            if not grad_ok:
-                raise NonFiniteLoss(f"non-finite gradient norm at step {step}")
+        return sums, grad_norm, step_pairs
 
     def _log_row(self, epoch: float) -> dict[str, float]:
         """Close the window into a log row (pair-weighted metric means), hand it on, return it."""
-        self._check_finite()
-        window, self.window = self.window, {}
-        *metric_sums, tokens = window["sums"].tolist()  # the one read of the window's figures
-        # Wall time from the window's first step to this read, which waited for the device: the
-        # steps only queue their work, so their own durations would leave the GPU's time out.
-        seconds = time.perf_counter() - window["started"]
+        self.finite.check()
+        pairs = self.window.pairs
+        (*metric_sums, tokens), grad_norm, seconds = self.window.close()
         row: dict[str, float] = {"step": self.step, "epoch": epoch}
         sums = zip(STEP_METRIC_KEYS, metric_sums, strict=True)
-        row.update({key: value / window["pairs"] for key, value in sums})
-        row["grad_norm"] = float(window["grad_norm"]) / window["steps"]
+        row.update({key: value / pairs for key, value in sums})
+        row["grad_norm"] = grad_norm
         row["lr"] = self.scheduler.get_last_lr()[0]
         row["tokens/s"] = tokens / seconds
-        row["pairs/s"] = window["pairs"] / seconds
+        row["pairs/s"] = pairs / seconds
         self.done["tokens"] += int(tokens)
         self.log.append(row)
         if self.hooks.on_log is not None and self.world.is_main:
@@ -289,7 +248,7 @@ class DPORecipe:
 
     def _save(self) -> None:
         """Every rank gathers (a collective under FSDP), rank 0 writes, the others wait for it."""
-        self._check_finite()
+        self.finite.check()
         model_state, optimizer_state = distributed.full_states(self.policy, self.optimizer)
         if self.world.is_main:
             position = {name: getattr(self, name) for name in POSITION}
@@ -303,9 +262,7 @@ class DPORecipe:
     def _interrupted(self) -> str:
         where = f"stopped after step {self.step} of {self.total}"
         if not self.saved:
-            return (
-                f"{where}, before the first checkpoint (train.save_every): nothing to resume from"
-            )
+            return f"{where} before the first checkpoint (train.save_every): nothing to resume"
         return (
             f"{where}; the checkpoint of step {self.saved} is kept in {self.slot.folder}: "
             "run the same command again to resume from it"
@@ -334,7 +291,7 @@ class DPORecipe:
             "steps": self.step,
             "final_loss": self.log[-1]["loss"],
             "max_loss": max_loss,
-            "diverged": bool(max_loss > DIVERGED_LOSS),
+            "diverged": diverged(max_loss),
             "epoch_losses": epochs,
             "train_seconds": round(seconds, 2),
             "pairs_per_s": round(self.done["pairs"] / seconds, 3),
