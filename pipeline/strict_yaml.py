@@ -139,3 +139,23 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def stage_param_keys(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
+    """The params keys dvc.yaml lists for `stage` (sections or dotted keys): one source of truth."""
+    stages = read_yaml(dvc_file).get("stages", {})
+    if stage not in stages:
+        raise KeyError(f"no stage {stage!r} in {dvc_file}")
+    return [key for key in stages[stage].get("params", []) if isinstance(key, str)]
+
+
+def resolve_keys(params: Any, keys: list[str]) -> dict[str, Any]:
+    """Nested dict of the values behind `keys` ("train", "train.lr" or "train.lora.quantize")."""
+    resolved: dict[str, Any] = {}
+    for key in keys:
+        section, *path = key.split(".")
+        node, name, value = resolved, section, dataclasses.asdict(getattr(params, section))
+        for part in path:  # down one level per dot, keeping the nesting of params.yaml
+            node, name, value = node.setdefault(name, {}), part, value[part]
+        node[name] = value
+    return resolved

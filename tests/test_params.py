@@ -1,10 +1,13 @@
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, resolve_keys, stage_param_keys
+from pipeline.params import EvalSetParams, Params, load_params
+from pipeline.strict_yaml import ParamsError, resolve_keys, stage_param_keys
 from tests.helpers import REPO
 
 
@@ -176,3 +179,70 @@ def test_the_demo_checks_its_overrides_before_dvc_sees_them() -> None:
     for name in ("params.yaml", "smollm2.yaml"):
         demo = flatten(yaml.safe_load((REPO / "demo" / name).read_text()))
         assert checked(demo, REPO / "params.yaml") is None, name
+
+
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>\w+):(?P<rest>.*)$")
+
+
+def key_comments(text: str) -> dict[str, str]:
+    """Each dotted key of a params.yaml text -> what its comments say: the one at the end of its
+    line, else the comment lines right above it."""
+    found: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    above: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            above.append(line.strip().lstrip("#").strip())
+            continue
+        match = KEY_LINE.match(line)
+        if match is None:
+            above = []
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = ".".join([*(name for _, name in stack), match["key"]])
+        trailing = re.search(r"\s#\s(.*)$", match["rest"])
+        found[key] = trailing.group(1) if trailing else " ".join(above)
+        stack.append((indent, match["key"]))
+        above = []
+    return found
+
+
+def field_keys(cls: type, prefix: str = "") -> list[str]:
+    """The dotted keys of a params dataclass, nested sections and their keys both."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys += field_keys(hint, f"{prefix}{name}.")
+    return keys
+
+
+def test_every_key_is_documented_once_beside_it_in_params_yaml() -> None:
+    comments = key_comments((REPO / "params.yaml").read_text(encoding="utf-8"))
+    sections = typing.get_type_hints(Params)
+    keys = [k for name, cls in sections.items() for k in field_keys(cls, f"{name}.")]
+    assert [k for k in keys if not comments.get(k)] == []
+    # The items of eval.datasets have no line of their own: its comment names each of their keys.
+    words = set(re.findall(r"\w+", comments["eval.datasets"]))
+    assert [f.name for f in dataclasses.fields(EvalSetParams) if f.name not in words] == []
+    # And pipeline/params.py says nothing of its own about a key: no comment above a field.
+    source = (REPO / "pipeline" / "params.py").read_text(encoding="utf-8").splitlines()
+    field = re.compile(r"^    \w+: ")
+    described = [
+        line for n, line in enumerate(source) if field.match(line) and "#" in source[n - 1]
+    ]
+    assert described == []
+
+
+def test_a_key_without_a_comment_is_found() -> None:
+    text = "train:\n  # peak rate\n  lr: 1\n  epochs: 3   # passes\n  seed: 4\nloss:\n  beta: 1\n"
+    assert key_comments(text) == {
+        "train": "",
+        "train.lr": "peak rate",
+        "train.epochs": "passes",
+        "train.seed": "",
+        "loss": "",
+        "loss.beta": "",
+    }
