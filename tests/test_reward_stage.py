@@ -123,7 +123,8 @@ def other_reward_model(tmp_path_factory: pytest.TempPathFactory, demo_dataset_di
     from transformers import Qwen3ForSequenceClassification
 
     from demo.dataset import sample_texts
-    from demo.model import TinyShape, tiny_config, train_tokenizer
+    from demo.model import TinyShape, tiny_config
+    from demo.tokenizer import train_tokenizer
 
     texts = [text for _, text in zip(range(400), sample_texts(demo_dataset_dir), strict=False)]
     tokenizer = train_tokenizer(texts, vocab_size=400)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,14 +28,13 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.data import bpe
 from pipeline.data.prompts import Context, completion_heads, encode_prompts
 from pipeline.data.schema import SUBSAMPLED_SCHEMA, TOKENIZED_SCHEMA, check_schema
+from pipeline.data.tokenize_report import LENGTHS, kept_lengths, split_report
 from pipeline.params import TokenizeParams
 from pipeline.stage_io import StageError, bar
 from pipeline.stopping import default_stop_signals
 
 # An answer needs at least one token plus EOS; less room than this drops the pair.
 MIN_COMPLETION_TOKENS = 2
-DROP_REASONS = ("empty_completion", "identical_completions", "no_room_for_answer")
-LENGTHS = ("prompt", "chosen", "rejected")
 TASK_PAIRS = 1024  # pairs a worker tokenizes per task
 WORKERS_FROM = 2000  # pairs; below, worker start-up (about a second) costs more than it saves
 TOKENIZED_ARROW = datasets.Features.from_arrow_schema(TOKENIZED_SCHEMA).arrow_schema
@@ -116,41 +114,6 @@ def tokenize_batch(
     }
 
 
-def split_report(table: Any, lengths: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Counts by drop reason, truncation counts and token-length percentiles of kept pairs, from
-    the tokenized rows' drop_reason and truncated columns (Arrow compute: no Python row)."""
-    reasons = pc.value_counts(table["drop_reason"])
-    counts = dict(
-        zip(reasons.field("values").to_pylist(), reasons.field("counts").to_pylist(), strict=True)
-    )
-    pairs, dropped = len(table), {reason: counts.get(reason, 0) for reason in DROP_REASONS}
-    truncated = {
-        name: int(pc.sum(pc.list_element(table["truncated"], i)).as_py() or 0)
-        for i, name in enumerate(("prompt", "chosen", "rejected"))
-    }
-    return {
-        "pairs_in": pairs,
-        "pairs_kept": pairs - sum(dropped.values()),
-        "dropped": dropped,
-        "truncated": truncated,
-        "drop_share": sum(dropped.values()) / max(pairs, 1),
-        "lengths": {name: percentiles(values) for name, values in lengths.items()},
-    }
-
-
-def percentiles(values: np.ndarray) -> dict[str, float]:
-    if len(values) == 0:
-        return {}
-    points = np.percentile(np.asarray(values), [50, 90, 99])
-    return {
-        "p50": float(points[0]),
-        "p90": float(points[1]),
-        "p99": float(points[2]),
-        "max": float(max(values)),
-        "mean": float(np.mean(values)),
-    }
-
-
 class TooManyDropped(StageError, ValueError):
     """More of a split was dropped than tokenize.max_drop_share allows."""
 
@@ -178,7 +141,7 @@ def tokenize_split(
             flags.append(batch.select(["drop_reason", "truncated"]))
             lengths.append([pc.list_value_length(kept[f"{n}_input_ids"]) for n in LENGTHS])
             shards.add(kept)
-        report = split_report(pa.Table.from_batches(flags, FLAGS_SCHEMA), _lengths(lengths))
+        report = split_report(pa.Table.from_batches(flags, FLAGS_SCHEMA), kept_lengths(lengths))
         if report["drop_share"] > params.max_drop_share:
             raise TooManyDropped(
                 f"tokenize {split}: dropped {report['drop_share']:.1%} of pairs "
@@ -188,16 +151,6 @@ def tokenize_split(
         report["pairs_per_s"] = round(report["pairs_in"] / seconds, 1)
         report["shards"] = shards.save(out_dir)
     return report
-
-
-def _lengths(batches: list[list[pa.Array]]) -> dict[str, np.ndarray]:
-    """Token counts of the kept pairs, by part, and of each pair's longer side with its prompt."""
-    lengths = {
-        name: np.concatenate([np.zeros(0, np.int64)] + [b[i].to_numpy() for b in batches])
-        for i, name in enumerate(LENGTHS)
-    }
-    lengths["pair_total"] = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
-    return lengths
 
 
 def _tokenized(
@@ -312,12 +265,3 @@ def _no_conversations(source: Path, split: str) -> None:
             f"tokenize {split}: pair {first} has a system turn or earlier turns, which "
             "tokenize.template cannot show; set tokenize.use_chat_template: true"
         )
-
-
-def describe_report(report: dict[str, dict[str, Any]]) -> str:
-    """The stage's summary lines, one per split."""
-    return "\n".join(
-        f"{split}: kept {r['pairs_kept']}/{r['pairs_in']} pairs in {r['shards']} shards, "
-        f"dropped {r['dropped']}, truncated {r['truncated']}, {r['pairs_per_s']} pairs/s"
-        for split, r in report.items()
-    )
