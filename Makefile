@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # Optional dependency groups (pyproject.toml). CI adds qlora, so the 4-bit tests run on its CPU.
 # real: gguf, to convert SmolLM2's GGUF file for the real-tokenizer tests (built once, cached).
-EXTRAS ?= test,reference,real
+# tune and report: what `make tune` and `make report` run on (optuna, matplotlib, vl-convert);
+# a plain `pip install dpo-qwen3` leaves them out.
+EXTRAS ?= test,reference,real,tune,report
 
 .PHONY: install demo compare report serve tune test lint assets test-real test-families check check-newest bench gpu-check ci-pull ci-repro ci-comment ci-push
 install: $(VENV)/.installed

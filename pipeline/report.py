@@ -21,7 +21,7 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
-from pipeline.stage_io import atomic_dir
+from pipeline.stage_io import atomic_dir, require, run_stage
 
 WORKSPACE = "workspace"
 REGISTERED = "registry/registered.json"
@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
     args = parser.parse_args(argv)
+    require("vl_convert", "report", "make report")
     print(write_report(args.base, rev_to_report(args.rev), args.out))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -66,6 +67,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
+def require(module: str, extra: str, command: str) -> None:
+    """Stop in one line when `command` needs an optional dependency that is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise StageError(
+            f"{command} needs {module}, from the {extra} extra: pip install -e '.[{extra}]' "
+            "(make install installs it)"
+        )
 
 
 def run_stage(main: Callable[[], None]) -> None:

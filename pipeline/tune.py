@@ -39,7 +39,7 @@ from pipeline.search_space import (
     load_spec,
     value_of,
 )
-from pipeline.stage_io import Interrupted, repo_root, run_stage
+from pipeline.stage_io import Interrupted, repo_root, require, run_stage
 from pipeline.stopping import default_stop_signals
 from pipeline.strict_yaml import flatten
 from pipeline.tune_results import best_summary, log_parent_run, write_plots
@@ -248,9 +248,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    require("optuna", "tune", "python -m pipeline.tune")
     import optuna
 
-    args = parse_args(argv)
     params = flatten(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")))
     spec = load_spec(SPEC_FILE, params, args.demo)
     if args.n_trials is not None:
