@@ -19,8 +19,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 
 from pipeline.data.prompts import encode, encode_prompt
 from pipeline.data.schema import TURN
-from pipeline.judge.figures import repetition_loop
 from pipeline.judge.reward import open_reward_model, score_rows
+from pipeline.judge.statistics import repetition_loop
 from pipeline.model.loading import Runtime, freeze, load_causal_lm, pad_token_id
 from pipeline.model.positions import check_positions
 from pipeline.params import Params

@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.fingerprint import fingerprint
-from pipeline.judge.figures import Answers, judge_figures
 from pipeline.judge.generate import (
     ANSWERS_FILE,
     Question,
@@ -24,6 +23,7 @@ from pipeline.judge.generate import (
     model_answers,
     scored,
 )
+from pipeline.judge.statistics import Answers, judge_figures
 from pipeline.judge.trust import judge_trust, reward_model_phrase, unreliable_reason
 from pipeline.model.loading import Runtime
 from pipeline.params import EvalSetParams, Params
@@ -90,7 +90,7 @@ def _grid(table: pa.Table, column: str) -> np.ndarray:
 
 
 def figures_of(policy: pa.Table, base: pa.Table, seed: int) -> dict[str, float]:
-    """Every judge figure (pipeline/judge/figures.py) of the policy's rows against the base's."""
+    """Every judge figure (pipeline/judge/statistics.py) of the policy's rows against the base's."""
     base_rows, humans = source(base, "base"), source(base, "human")
     return judge_figures(
         _answers(policy),

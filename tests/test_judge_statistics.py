@@ -12,7 +12,7 @@ import pytest
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
-from pipeline.judge.figures import (
+from pipeline.judge.statistics import (
     LC_RIDGE,
     Answers,
     bootstrap_interval,

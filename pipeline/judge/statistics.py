@@ -1,4 +1,4 @@
-"""Judge figures: a trained policy's generated answers against the base model's, numpy only.
+"""The judge's statistics: a policy's generated answers against the base model's, numpy only.
 
 Every input is indexed (P, S): P held-out prompts, S samples per prompt. Sample s of the policy
 and sample s of the base were generated with the same seed, so they form a pair; a reward model
