@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import figures  # noqa: E402
 import yaml
 from scale_data import generate  # noqa: E402
 
@@ -216,6 +217,11 @@ def main() -> None:
         default=True,
         help="also time the one-text-per-call map",
     )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="add the full-fraction row to docs/figures.jsonl and its table",
+    )
     if sys.argv[1:2] == ["generate"]:
         generate(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
         return print("{}")
@@ -227,29 +233,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="data-scale-") as scratch:
         top = Path(scratch)
         old = None if args.before == "none" else top / "before-code"
+        worktree = ["git", "-C", str(REPO), "worktree"]
         if old is not None:
-            subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    str(REPO),
-                    "worktree",
-                    "add",
-                    "-q",
-                    "--detach",
-                    str(old),
-                    args.before,
-                ],
-                check=True,
-            )
+            subprocess.run([*worktree, "add", "-q", "--detach", str(old), args.before], check=True)
         try:
             dataset = top / "dataset"
             in_child("generate", str(dataset), str(args.pairs), args.format)
             rows = [measure(dataset, f, args, top, old) for f in args.fractions]
         finally:
             if old is not None:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
+                subprocess.run([*worktree, "remove", "--force", str(old)])
     report(rows, args)
+    if args.record:
+        last = rows[-1]
+        stages = ("download_data", "subsample", "tokenize")
+        figures.record(
+            f"the data stages on {last['pairs']:,} pairs ({args.format}): seconds, peak RSS",
+            ", ".join(
+                f"{stage} {last[stage]['seconds']:.1f} s, {last[stage]['peak_rss_mb']:.0f} MB"
+                for stage in stages
+            ),
+            "python bench/data_scale.py " + " ".join(sys.argv[1:]),
+        )
+        figures.main([])
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -270,11 +276,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             "per_text_map",
         )
         for stage in (s for s in stages if s in row):
-            figures = row[stage]
-            rate = figures.get("pairs_per_s") or row["pairs"] / figures["seconds"]
+            measured = row[stage]
+            rate = measured.get("pairs_per_s") or row["pairs"] / measured["seconds"]
             print(
-                f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {figures['seconds']:>8.1f} "
-                f"{rate:>8.0f} {figures.get('peak_rss_mb', float('nan')):>8.0f}"
+                f"{row['fraction']:>8} {row['pairs']:>7} {stage:<16} {measured['seconds']:>8.1f} "
+                f"{rate:>8.0f} {measured.get('peak_rss_mb', float('nan')):>8.0f}"
             )
     out = REPO / "bench" / "results" / "data_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import figures  # noqa: E402
 from measure import (  # noqa: E402
     STEADY_FROM,
     installed_version,
@@ -132,6 +133,9 @@ def main() -> None:
     parser.add_argument(
         "--keep-going", action="store_true", help="report a failed row's error; run the others"
     )
+    parser.add_argument(
+        "--record", action="store_true", help="add the ratios to docs/figures.jsonl and its table"
+    )
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,6 +157,13 @@ def main() -> None:
     name = "latest.json" if default else f"{args.device}-{model}.json"
     write_report(report, args.out or REPO / "bench" / "results" / name)
     print_table(report)
+    if args.record and report["ratios"]:
+        figures.record(
+            f"training against TRL ({args.device}, model {model}, batch {args.batch})",
+            ", ".join(f"{key} {value:.2f}" for key, value in report["ratios"].items()),
+            "python bench/dpo_vs_trl.py " + " ".join(sys.argv[1:]),
+        )
+        figures.main([])
 
 
 def run_rows(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, list[dict]], dict]:
