@@ -8,7 +8,7 @@ newest record of each `what`, in the order first recorded; the dated sections be
 log of older runs. tests/test_figures_table.py fails when the table and the records disagree.
 
     python bench/figures.py                 # rewrite the table from docs/figures.jsonl
-    python bench/figures.py add --what "..." --figure "..." --command "..."
+    python bench/figures.py add --what "..." --figure "..." --command "..." [--commit SHA]
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
 
 
-def record(what: str, figure: str, command: str) -> dict[str, str]:
-    """Append a measured figure, with this machine, commit and date, to docs/figures.jsonl."""
+def record(what: str, figure: str, command: str, measured: str | None = None) -> dict[str, str]:
+    """Append a measured figure, with this machine, commit and date, to docs/figures.jsonl.
+    `measured`: the commit measured, when it is not the checkout's (a clean clone's CI run)."""
     entry = {
         "what": what,
         "figure": figure,
         "command": command,
         "machine": machine(),
-        "commit": commit(),
+        "commit": measured or commit(),
         "date": datetime.date.today().isoformat(),
     }
     with open(RECORDS, "a", encoding="utf-8") as out:
@@ -118,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     add = sub.add_parser("add", help="record a figure measured by hand, then rewrite the table")
     for name in ("what", "figure", "command"):
         add.add_argument(f"--{name}", required=True)
+    add.add_argument("--commit", help="the commit measured (default: this checkout's)")
     args = parser.parse_args(argv)
     if args.action == "add":
-        record(args.what, args.figure, args.command)
+        record(args.what, args.figure, args.command, args.commit)
     PAGE.write_text(render(PAGE.read_text(encoding="utf-8"), read_records()), encoding="utf-8")
     print(f"wrote the current figures of {PAGE.relative_to(REPO)}")
 
