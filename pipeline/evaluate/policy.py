@@ -52,8 +52,8 @@ def evaluate(policy_dir: Path, params: Params, runtime: Runtime) -> Evaluation:
 def write_reports(evaluation: Evaluation, key: dict[str, str]) -> None:
     """reports/eval.json (every held-out figure and its comparison key: the register stage
     compares versions only on equal keys), reports/eval_extra.json (every figure of each extra
-    set: apart, so another extra set is no reason to register the same policy again) and
-    metrics/eval.json (the headline figures, each extra set's under sets.<name>), and
+    set: apart, so another extra set is no reason to register the same policy again),
+    metrics/eval.json (the headline figures, each extra set's under sets.<name>) and
     plots/eval_margins.csv (the held-out reward margins' histogram)."""
     headlines = json_safe(headline(evaluation.metrics))
     if evaluation.sets:
