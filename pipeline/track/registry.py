@@ -168,7 +168,8 @@ def already_registered(
     """The version of `name` that already holds `run_id` with these figures and keys (`tags` but
     where they were registered from), if any. The register stage re-runs with unchanged inputs
     when DVC cannot restore it from its run cache; it must not add a copy of that version."""
-    same = {k: str(v) for k, v in tags.items() if k not in provenance_tags()}
+    provenance = provenance_tags().keys()  # reads git once
+    same = {k: str(v) for k, v in tags.items() if k not in provenance}
     client = MlflowClient()
     for held in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if all(held.tags.get(k) == v for k, v in same.items()):

@@ -60,6 +60,9 @@ class Window:
     pairs, and when the first of them began."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.sums: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | float = 0.0
         self.steps = self.pairs = 0
@@ -79,5 +82,5 @@ class Window:
         assert self.sums is not None and self.started is not None, "no step in the window"
         sums, grad_norm = self.sums.tolist(), float(self.grad_norm) / self.steps
         seconds = time.perf_counter() - self.started
-        self.__init__()  # type: ignore[misc]
+        self.reset()
         return sums, grad_norm, seconds
